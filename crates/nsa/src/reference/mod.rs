@@ -1,0 +1,1 @@
+//! float64 reference (to be written)
