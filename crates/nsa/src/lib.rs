@@ -7,10 +7,12 @@
 //! - [`config`]: hyper-parameters and their rules; [`error`]: the typed errors;
 //! - [`inputs`]: the tensors of a call (packed, `cu_seqlens`), `phi` parameters, outputs, grads;
 //! - [`blocks`]: the block index arithmetic every backend shares;
+//! - [`cache`]: decoding state (raw K/V, rolling compression buffer, compressed K/V);
 //! - [`reference`]: float64 forward, backward and decoding, plain loops: the oracle;
 //! - [`testing`]: comparison helpers.
 
 pub mod blocks;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod inputs;
