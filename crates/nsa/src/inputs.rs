@@ -437,3 +437,49 @@ impl PhiParams<f32> {
         }
     }
 }
+
+impl<T: Copy> NsaOutput<T> {
+    /// Converts every element of `o`.
+    pub fn map<U>(&self, f: impl Fn(T) -> U) -> NsaOutput<U> {
+        NsaOutput {
+            o: self.o.iter().map(|&x| f(x)).collect(),
+            sel_idx: self.sel_idx.clone(),
+        }
+    }
+}
+
+impl<T: Copy> NsaGrads<T> {
+    /// Converts every element.
+    pub fn map<U>(&self, f: impl Fn(T) -> U + Copy) -> NsaGrads<U> {
+        let m = |v: &Vec<T>| v.iter().map(|&x| f(x)).collect::<Vec<U>>();
+        NsaGrads {
+            dq: m(&self.dq),
+            dk_cmp: m(&self.dk_cmp),
+            dv_cmp: m(&self.dv_cmp),
+            dk_slc: m(&self.dk_slc),
+            dv_slc: m(&self.dv_slc),
+            dk_win: m(&self.dk_win),
+            dv_win: m(&self.dv_win),
+            dg_cmp: m(&self.dg_cmp),
+            dg_slc: m(&self.dg_slc),
+            dg_win: m(&self.dg_win),
+            dphi: self.dphi.map(f),
+        }
+    }
+
+    /// The gradients with their names (`dq`, `dk_cmp`, ..., `dg_win`), phi gradients excluded.
+    pub fn named(&self) -> [(&'static str, &Vec<T>); 10] {
+        [
+            ("dq", &self.dq),
+            ("dk_cmp", &self.dk_cmp),
+            ("dv_cmp", &self.dv_cmp),
+            ("dk_slc", &self.dk_slc),
+            ("dv_slc", &self.dv_slc),
+            ("dk_win", &self.dk_win),
+            ("dv_win", &self.dv_win),
+            ("dg_cmp", &self.dg_cmp),
+            ("dg_slc", &self.dg_slc),
+            ("dg_win", &self.dg_win),
+        ]
+    }
+}
