@@ -245,6 +245,16 @@ impl<T: Copy + Default> SeqCache<T> {
         self.dv
     }
 
+    /// Compression block length `l` the cache was made for.
+    pub fn cmp_block(&self) -> usize {
+        self.cmp_block
+    }
+
+    /// Compression stride `d` the cache was made for.
+    pub fn cmp_stride(&self) -> usize {
+        self.cmp_stride
+    }
+
     /// `[len, HKV, dk]` raw keys of the selection branch.
     pub fn k_slc(&self) -> &[T] {
         &self.k_slc
@@ -319,7 +329,8 @@ impl<T: Copy + Default> DecodeCache<T> {
         self.seqs.iter().map(|s| s.len()).collect()
     }
 
-    /// Checks that `x` has the cache's head dims and KV heads (errors are `NsaError::Decode`).
+    /// Checks that `x` has the cache's head dims and that `cfg` has its KV heads and
+    /// compression geometry (errors are `NsaError::Decode`).
     pub fn check_dims(&self, cfg: &NsaConfig, x: &NsaInputs<T>) -> Result<()> {
         if x.dk != self.dk || x.dv != self.dv {
             return Err(NsaError::Decode(format!(
@@ -332,6 +343,16 @@ impl<T: Copy + Default> DecodeCache<T> {
             return Err(NsaError::Decode(format!(
                 "config has {} KV heads but the cache was made for {hkv}",
                 cfg.kv_heads
+            )));
+        }
+        let s0 = &self.seqs[0];
+        if (cfg.cmp_block, cfg.cmp_stride) != (s0.cmp_block(), s0.cmp_stride()) {
+            return Err(NsaError::Decode(format!(
+                "config has l={}, d={} but the cache was made for l={}, d={}",
+                cfg.cmp_block,
+                cfg.cmp_stride,
+                s0.cmp_block(),
+                s0.cmp_stride()
             )));
         }
         Ok(())

@@ -36,3 +36,97 @@ pub fn max_abs<A: Copy + Into<f64>, B: Copy + Into<f64>>(got: &[A], want: &[B]) 
         }
     })
 }
+
+/// Parses one `sel_idx` row: the valid entries (a prefix of non-negative indices, strictly
+/// ascending, each `< admissible`) followed only by `-1`.
+fn parse_sel_row(row: &[i32], admissible: usize) -> std::result::Result<Vec<usize>, String> {
+    let valid = row.iter().take_while(|&&j| j >= 0).count();
+    if let Some(bad) = row[valid..].iter().find(|&&j| j != -1) {
+        return Err(format!("{row:?}: entry {bad} after the padding"));
+    }
+    let blocks: Vec<usize> = row[..valid].iter().map(|&j| j as usize).collect();
+    if blocks.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!("{row:?}: not strictly ascending"));
+    }
+    if let Some(j) = blocks.iter().find(|&&j| j >= admissible) {
+        return Err(format!(
+            "{row:?}: block {j} is not admissible ({admissible} are)"
+        ));
+    }
+    Ok(blocks)
+}
+
+/// SPEC.md "Top-n is compared tie-aware": forced blocks must match exactly; a differing free
+/// block is accepted only when its score equals (within 1e-5 relative) that of the block it
+/// replaced. Returns `Err(description)` on the first violation.
+///
+/// `want`/`got` are `sel_idx` tensors `[N, HKV, n]`; `scores` are the reference group scores
+/// `[N, HKV, max_blocks]` (`reference::selection_scores`). Both rows must also be well formed
+/// (ascending, admissible, `-1`-padded) and hold the same number of blocks. The blocks only in
+/// `want` and those only in `got` are paired after sorting each by score, and each pair must
+/// satisfy `|a - b| <= 1e-5 * max(|a|, |b|)` (relative to the larger of the two scores).
+pub fn check_selection_tie_aware(
+    cfg: &crate::NsaConfig,
+    cu_seqlens: &[usize],
+    want: &[i32],
+    got: &[i32],
+    scores: &[f64],
+    max_blocks: usize,
+) -> std::result::Result<(), String> {
+    const REL: f64 = 1e-5;
+    let (hkv, n) = (cfg.kv_heads, cfg.sel_count);
+    let ntok = cu_seqlens.last().copied().unwrap_or(0);
+    if want.len() != ntok * hkv * n || got.len() != want.len() {
+        return Err(format!(
+            "sel_idx sizes: want {}, got {}, expected {} = {ntok} x {hkv} x {n}",
+            want.len(),
+            got.len(),
+            ntok * hkv * n
+        ));
+    }
+    if scores.len() != ntok * hkv * max_blocks {
+        return Err(format!(
+            "scores size {} != {ntok} x {hkv} x {max_blocks}",
+            scores.len()
+        ));
+    }
+    for (b, seq) in cu_seqlens.windows(2).enumerate() {
+        for i in seq[0]..seq[1] {
+            let t = i - seq[0];
+            let admissible = crate::blocks::sel_admissible(t, cfg.sel_block).min(max_blocks);
+            for g in 0..hkv {
+                let at = (i * hkv + g) * n;
+                let here = format!("sequence {b}, token {t}, group {g}");
+                let w = parse_sel_row(&want[at..at + n], admissible)
+                    .map_err(|e| format!("{here}: want {e}"))?;
+                let gt = parse_sel_row(&got[at..at + n], admissible)
+                    .map_err(|e| format!("{here}: got {e}"))?;
+                if w.len() != gt.len() {
+                    return Err(format!("{here}: want {w:?}, got {gt:?} (different counts)"));
+                }
+                for f in crate::blocks::forced_blocks(t, cfg) {
+                    if !gt.contains(&f) {
+                        return Err(format!("{here}: forced block {f} missing from {gt:?}"));
+                    }
+                }
+                let score = |j: usize| scores[(i * hkv + g) * max_blocks + j];
+                let by_score = |mut v: Vec<usize>| {
+                    v.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
+                    v
+                };
+                let only_w = by_score(w.iter().copied().filter(|j| !gt.contains(j)).collect());
+                let only_g = by_score(gt.iter().copied().filter(|j| !w.contains(j)).collect());
+                for (&a, &c) in only_w.iter().zip(&only_g) {
+                    let (sa, sc) = (score(a), score(c));
+                    if !(sa == sc || (sa - sc).abs() <= REL * sa.abs().max(sc.abs())) {
+                        return Err(format!(
+                            "{here}: got block {c} (score {sc}) instead of {a} (score {sa}); \
+                             want {w:?}, got {gt:?}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
