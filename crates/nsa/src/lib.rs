@@ -14,6 +14,7 @@
 pub mod blocks;
 pub mod cache;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod inputs;
 pub mod reference;

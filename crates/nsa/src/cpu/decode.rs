@@ -1,0 +1,1 @@
+//! Decoding on f32 (to be written).

@@ -1,0 +1,1 @@
+//! Dense causal attention baseline (to be written).

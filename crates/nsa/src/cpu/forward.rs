@@ -1,0 +1,198 @@
+//! The forward driver: query tiles in parallel (rayon), each running the three branches for
+//! every KV group and mixing them (see the module documentation of [`super`]).
+
+use super::attend::{self, gather_rows, Seg};
+use super::compress::{self, CmpKv};
+use super::phi::{self, BlockLayout};
+use super::tile::{ensure, MatRef};
+use super::{combine, kv_rows, select, split_tiles, tiles, window, Dims, Saved};
+use crate::blocks;
+use crate::config::NsaConfig;
+use crate::inputs::{NsaInputs, NsaOutput, PhiParams};
+use rayon::prelude::*;
+
+/// Per-thread scratch of a forward tile (contents are always written before being read).
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    s: Vec<f32>,
+    s2: Vec<f32>,
+    ob: [Vec<f32>; 3],
+    lse: [Vec<f32>; 3],
+    ranges: Vec<(usize, usize)>,
+    runs: Vec<(usize, usize)>,
+    psum: Vec<f32>,
+    scores: Vec<f32>,
+    best: Vec<(f32, usize)>,
+}
+
+/// The outputs one tile owns.
+struct TileOut<'a> {
+    b: usize,
+    t0: usize,
+    t1: usize,
+    o: &'a mut [f32],
+    ob: [&'a mut [f32]; 3],
+    lse: [&'a mut [f32]; 3],
+    sel: &'a mut [i32],
+}
+
+pub(crate) fn run(
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi_params: &PhiParams<f32>,
+) -> (NsaOutput<f32>, Saved) {
+    let dims = Dims::new(cfg, x.dk, x.dv);
+    let lay = BlockLayout::new(cfg, &x.cu_seqlens);
+    let (pk, pv) = phi::phis(cfg, phi_params, x.dk, x.dv);
+    let (kc, vc) = rayon::join(|| pk.forward(&lay, &x.k_cmp), || pv.forward(&lay, &x.v_cmp));
+    let n = x.num_tokens();
+    let (hq, dv) = (dims.hq, dims.dv);
+    let mut o = vec![0.0f32; n * hq * dv];
+    let mut ob: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; n * hq * dv]);
+    let mut lse: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; n * hq]);
+    let mut sel = vec![-1i32; n * dims.hkv * dims.n];
+    {
+        let tl = tiles(&x.cu_seqlens, dims.tile_tokens());
+        let [ob0, ob1, ob2] = &mut ob;
+        let [l0, l1, l2] = &mut lse;
+        let mut parts: Vec<TileOut<'_>> = Vec::with_capacity(tl.len());
+        let mut o_it = split_tiles(&mut o, hq * dv, &tl).into_iter();
+        let mut ob_it = [ob0, ob1, ob2].map(|v| split_tiles(v, hq * dv, &tl).into_iter());
+        let mut l_it = [l0, l1, l2].map(|v| split_tiles(v, hq, &tl).into_iter());
+        let mut s_it = split_tiles(&mut sel, dims.hkv * dims.n, &tl).into_iter();
+        for &(b, t0, t1) in &tl {
+            parts.push(TileOut {
+                b,
+                t0,
+                t1,
+                o: o_it.next().unwrap(),
+                ob: std::array::from_fn(|k| ob_it[k].next().unwrap()),
+                lse: std::array::from_fn(|k| l_it[k].next().unwrap()),
+                sel: s_it.next().unwrap(),
+            });
+        }
+        let kv = CmpKv::new(&lay, &kc, &vc);
+        parts
+            .into_par_iter()
+            .for_each_init(Scratch::default, |scr, part| {
+                tile(&dims, x, &kv, part, scr);
+            });
+    }
+    let saved = Saved {
+        lay,
+        kc,
+        vc,
+        o_branch: ob,
+        lse,
+        sel_idx: sel.clone(),
+    };
+    (NsaOutput { o, sel_idx: sel }, saved)
+}
+
+fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr: &mut Scratch) {
+    let TileOut {
+        b,
+        t0,
+        t1,
+        o,
+        ob,
+        lse,
+        sel,
+    } = part;
+    let Scratch {
+        q,
+        s,
+        s2,
+        ob: sob,
+        lse: slse,
+        ranges,
+        runs,
+        psum,
+        scores,
+        best,
+    } = scr;
+    let (hq, hkv, gs, dk, dv, n) = (dims.hq, dims.hkv, dims.g, dims.dk, dims.dv, dims.n);
+    let s0 = x.cu_seqlens[b];
+    let rows = (t1 - t0) * gs;
+    for k in 0..3 {
+        ensure(&mut sob[k], rows * dv);
+        ensure(&mut slse[k], rows);
+    }
+    let mut segs: Vec<Seg<'_>> = Vec::with_capacity(n);
+    for g in 0..hkv {
+        gather_rows(&x.q, hq, gs, dk, s0, g, t0..t1, q, dims.scale);
+        let qm = MatRef::rows(q, rows, dk);
+        let [oc, os, ow] = sob;
+        let [lc, ls, lw] = slse;
+
+        // Compression branch; its probabilities stay in `s` for the importance scores.
+        let ncols = compress::forward_tile(
+            dims,
+            kv,
+            b,
+            g,
+            t0,
+            t1,
+            qm,
+            ranges,
+            s,
+            &mut oc[..rows * dv],
+            &mut lc[..rows],
+        );
+
+        // Selection: streaming importance + top-n per token, then the selected attention.
+        for t in t0..t1 {
+            let r0 = (t - t0) * gs;
+            let nvis = blocks::cmp_visible(t, dims.l, dims.d);
+            select::importance(dims, t, &s[r0 * ncols..], ncols, nvis, psum, scores);
+            let row = &mut sel[((t - t0) * hkv + g) * n..][..n];
+            select::top_n(dims, scores, best, row);
+            select::runs(dims.lp, t, row, runs);
+            select::segments(dims, &x.k_slc, &x.v_slc, s0, g, runs, &mut segs);
+            let qt = MatRef::rows(&q[r0 * dk..], gs, dk);
+            select::forward_token(
+                dims,
+                qt,
+                &segs,
+                ranges,
+                s2,
+                &mut os[r0 * dv..(r0 + gs) * dv],
+                &mut ls[r0..r0 + gs],
+            );
+        }
+
+        // Sliding window: one key span for the tile.
+        let (k0, k1) = window::span(dims, t0, t1);
+        window::ranges(dims, t0, t1, k0, k1, ranges);
+        let seg = Seg {
+            k: kv_rows(&x.k_win, hkv, dk, g, s0 + k0, k1 - k0),
+            v: kv_rows(&x.v_win, hkv, dv, g, s0 + k0, k1 - k0),
+        };
+        attend::forward(
+            qm,
+            &[seg],
+            ranges,
+            s,
+            &mut ow[..rows * dv],
+            dv,
+            &mut lw[..rows],
+        );
+
+        // Scatter the group's rows to (token, head) order.
+        for t in t0..t1 {
+            let (r0, h0) = ((t - t0) * gs, (t - t0) * hq + g * gs);
+            for k in 0..3 {
+                ob[k][h0 * dv..(h0 + gs) * dv].copy_from_slice(&sob[k][r0 * dv..(r0 + gs) * dv]);
+                lse[k][h0..h0 + gs].copy_from_slice(&slse[k][r0..r0 + gs]);
+            }
+        }
+    }
+    let at = (s0 + t0) * hq..(s0 + t1) * hq;
+    combine::mix(
+        [&x.g_cmp[at.clone()], &x.g_slc[at.clone()], &x.g_win[at]],
+        [&*ob[0], &*ob[1], &*ob[2]],
+        o,
+        dv,
+    );
+}
