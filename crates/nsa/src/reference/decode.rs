@@ -112,6 +112,9 @@ pub fn prefill(
 /// [0, 1, .., B]`, `B` = the cache's batch); token `b` is appended to sequence `b` (which may
 /// be empty or of any length) and the outputs `o` `[B, HQ, dv]`, `sel_idx` `[B, HKV, n]` are
 /// returned. Errors: `NsaError::Decode` when the batch or the dims do not match the cache.
+///
+/// Every sequence advances by one token. To advance only some of them, call [`prefill`]
+/// with a one-token input for each of those (it gives the same row).
 pub fn step(
     cfg: &NsaConfig,
     cache: &mut DecodeCache<f64>,

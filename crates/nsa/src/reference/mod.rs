@@ -13,6 +13,19 @@
 //!
 //! Every sequence of a packed batch is processed on its own (`cu_seqlens`); masked positions
 //! are never in a key list, so no finite mask value appears anywhere.
+//!
+//! Choices where SPEC.md leaves room (each is also noted where it is implemented):
+//! - Compressed block `i` is visible iff `i*d + l - 1 <= t` (count `floor((t+1-l)/d) + 1`,
+//!   the settled erratum of SPEC's `floor((t-l)/d) + 1`); see [`crate::blocks::cmp_visible`].
+//! - With no compressed token visible, the compressed branch gives `o = 0`, `lse = -inf`,
+//!   `p_cmp` empty, hence every admissible selection block scores exactly 0 and the top-n
+//!   falls back to "forced, then lowest indices" (ties to the lower index).
+//! - Blocks that no visible compressed block overlaps (typically the query's own, still
+//!   incomplete block) score 0 and compete like any other; they are never excluded.
+//! - Gradients of the gates are taken w.r.t. the gate *values* that the op receives (the
+//!   sigmoid, if any, belongs to the caller).
+//! - `selection_scores` gives `-inf` for non-admissible blocks and finite scores (possibly 0)
+//!   for every admissible one.
 
 // Index loops mirror the equations (`for c in 0..dim { .. w[(h*ld + i)*dim + c] .. }`); in an
 // oracle that is meant to be read against the paper they are clearer than iterator chains.

@@ -90,3 +90,53 @@ pub fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 pub fn all_finite(a: &[f64]) -> bool {
     a.iter().all(|v| v.is_finite())
 }
+
+/// Packs several batches (each any number of sequences) into one, in order.
+pub fn concat(parts: &[NsaInputs<f64>]) -> NsaInputs<f64> {
+    let mut out = NsaInputs {
+        dk: parts[0].dk,
+        dv: parts[0].dv,
+        cu_seqlens: vec![0],
+        q: vec![],
+        k_cmp: vec![],
+        v_cmp: vec![],
+        k_slc: vec![],
+        v_slc: vec![],
+        k_win: vec![],
+        v_win: vec![],
+        g_cmp: vec![],
+        g_slc: vec![],
+        g_win: vec![],
+    };
+    for p in parts {
+        let base = *out.cu_seqlens.last().unwrap();
+        out.cu_seqlens
+            .extend(p.cu_seqlens[1..].iter().map(|c| c + base));
+        out.q.extend(&p.q);
+        out.k_cmp.extend(&p.k_cmp);
+        out.v_cmp.extend(&p.v_cmp);
+        out.k_slc.extend(&p.k_slc);
+        out.v_slc.extend(&p.v_slc);
+        out.k_win.extend(&p.k_win);
+        out.v_win.extend(&p.v_win);
+        out.g_cmp.extend(&p.g_cmp);
+        out.g_slc.extend(&p.g_slc);
+        out.g_win.extend(&p.g_win);
+    }
+    out
+}
+
+/// Tokens `range` of a one-sequence batch, as a one-sequence batch.
+pub fn tokens(x: &NsaInputs<f64>, range: std::ops::Range<usize>) -> NsaInputs<f64> {
+    assert_eq!(x.num_seqs(), 1);
+    let n = x.num_tokens();
+    let mut y = x.clone();
+    let cuts: Vec<usize> = [0, range.start, range.end, n]
+        .into_iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    y.cu_seqlens = cuts.clone();
+    let b = cuts.iter().position(|&c| c == range.start).unwrap();
+    y.sequence(b)
+}
