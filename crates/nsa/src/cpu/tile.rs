@@ -89,17 +89,6 @@ impl<'a> MatMut<'a> {
     pub fn rows(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
         Self::new(data, rows, cols, cols, 1)
     }
-
-    /// The transposed view (no copy).
-    pub fn t(self) -> Self {
-        MatMut {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
 }
 
 /// `C = alpha * A @ B + beta * C` through `matrixmultiply::sgemm` (runtime-selected AVX2/FMA or
