@@ -17,6 +17,8 @@ pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod inputs;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod reference;
 pub mod testing;
 

@@ -1,0 +1,234 @@
+// Shared prelude of every NSA kernel family (prepended by the Rust side before NVRTC).
+//
+// Header-free on purpose: NVRTC 13.0 on the GPU machine ships no headers, so the few things we
+// need (bf16 <-> f32, mma.sync, ldmatrix, cp.async) are written here through inline PTX.
+//
+// Shape constants arrive as -D defines from the launcher (see cuda/module.rs):
+//   DK, DV        query/key and value head dims (multiples of 16, <= 256)
+//   HQ, HKV, G    query heads, KV heads, group size G = HQ / HKV
+//   CMP_L, CMP_D  compression block length l and stride d
+//   SEL_L         selection block length l'
+//   NSEL, NINIT, NLOCAL   selected blocks n, forced initial / local blocks
+//   WIN           sliding window w
+//   SCALE_LOG2    softmax scale * log2(e): scores are kept in the log2 domain (exp2f)
+
+typedef unsigned short bf16_t;   // raw bfloat16 bits
+typedef unsigned int u32;
+typedef long long i64;
+
+#define NEG_INF (__int_as_float(0xff800000))
+#define POS_INF (__int_as_float(0x7f800000))
+
+// Key tile: 64 keys per step of every attention loop.
+#define KT 64
+// Padded smem row strides (in bf16 elements): +8 elements = 16 bytes shifts consecutive rows by
+// 4 banks, so the 8 rows touched by one mma fragment load (or one ldmatrix) hit distinct banks.
+#define QS_STRIDE (DK + 8)
+#define KS_STRIDE (DK + 8)
+#define VS_STRIDE (DV + 8)
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t h) {
+    return __uint_as_float(((u32)h) << 16);
+}
+
+// Round-to-nearest-even f32 -> bf16 (NaN stays NaN).
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Two floats -> one bf16x2 register, `lo` in the low half (the lower k/column index).
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// D = A * B + D, m16n8k16, bf16 inputs, f32 accumulators.
+// Fragment layouts (lane = threadIdx.x % 32, gr = lane / 4, gc = (lane % 4) * 2):
+//   A (16x16, row-major): a0 = A[gr][gc..gc+1], a1 = A[gr+8][gc..], a2 = A[gr][gc+8..], a3 = A[gr+8][gc+8..]
+//   B (16x8, k x n):      b0 = B[gc..gc+1][gr],  b1 = B[gc+8..gc+9][gr]
+//   C (16x8):             c0,c1 = C[gr][gc..gc+1], c2,c3 = C[gr+8][gc..gc+1]
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+// Four 8x8 bf16 matrices, transposed on the way: lane i gives the row address of row i%8 of
+// matrix i/8; register j receives matrix j in the B-fragment layout.
+__device__ __forceinline__ void ldmatrix_x4_trans(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(smem_addr(p)));
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 fills the destination with zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Loads `nrows` rows of `D` bf16 each into smem (row stride `STRIDE`), zero-filling rows
+// `nrows .. ROWS`. Row r comes from `base + row_off(r)` (element offset, 64-bit).
+template <int ROWS, int D, int STRIDE, int NTHREADS, class RowOff>
+__device__ __forceinline__ void load_rows_async(bf16_t* dst, const bf16_t* base, int nrows,
+                                                RowOff row_off) {
+    constexpr int CHUNKS = D / 8;   // 16-byte chunks per row
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
+        const int r = c / CHUNKS, k = (c % CHUNKS) * 8;
+        const bool ok = r < nrows;
+        const bf16_t* src = ok ? base + row_off(r) + k : base;
+        cp_async16(dst + r * STRIDE + k, src, ok ? 16 : 0);
+    }
+}
+
+// Per-warp state of one flash-attention row block (16 rows): the thread owns rows
+// gr and gr + 8 of the warp's 16, columns gc, gc+1 of every 8-wide n-tile.
+struct RowStats {
+    float m[2];   // running max (log2 domain), -inf while nothing was seen
+    float l[2];   // running sum of exp2 (this thread's columns only; reduced at the end)
+};
+
+// S = Q K^T for the warp's 16 query rows (q_row0 .. q_row0+15 of Qs) against the KT keys of Ks.
+__device__ __forceinline__ void qk_tile(const bf16_t* Qs, const bf16_t* Ks, int q_row0,
+                                        float (&s)[KT / 8][4]) {
+    const int lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DK; kk += 16) {
+        u32 a[4];
+        const bf16_t* q0 = Qs + (q_row0 + gr) * QS_STRIDE + kk + gc;
+        a[0] = *(const u32*)(q0);
+        a[1] = *(const u32*)(q0 + 8 * QS_STRIDE);
+        a[2] = *(const u32*)(q0 + 8);
+        a[3] = *(const u32*)(q0 + 8 * QS_STRIDE + 8);
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt) {
+            const bf16_t* k0 = Ks + (nt * 8 + gr) * KS_STRIDE + kk + gc;
+            mma_bf16(s[nt], a, *(const u32*)(k0), *(const u32*)(k0 + 8));
+        }
+    }
+}
+
+// One key tile of flash attention for the warp's 16 query rows (rows q_row0 .. q_row0+15 of Qs):
+//   S = Q K^T (tensor cores), masked by [lo, hi) per row (key index in the tile), then the online
+//   softmax update and O += P V.  `lo/hi[i]` are for the thread's two rows (gr, gr+8).
+__device__ __forceinline__ void attn_tile(const bf16_t* Qs, const bf16_t* Ks, const bf16_t* Vs,
+                                          int q_row0, const int (&lo)[2], const int (&hi)[2],
+                                          RowStats& st, float (&o)[DV / 8][4]) {
+    const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
+    float s[KT / 8][4];
+    qk_tile(Qs, Ks, q_row0, s);
+    // mask and scale, row max
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int h = e >> 1, key = nt * 8 + gc + (e & 1);
+            const float v = (key >= lo[h] && key < hi[h]) ? s[nt][e] * SCALE_LOG2 : NEG_INF;
+            s[nt][e] = v;
+            mx[h] = fmaxf(mx[h], v);
+        }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+    }
+    float alpha[2], mu[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float mn = fmaxf(st.m[h], mx[h]);
+        mu[h] = (mn == NEG_INF) ? 0.f : mn;   // all masked so far: keep exp2 finite (gives 0)
+        alpha[h] = exp2f(st.m[h] - mu[h]);
+        st.m[h] = mn;
+    }
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int h = e >> 1;
+            const float p = exp2f(s[nt][e] - mu[h]);
+            s[nt][e] = p;
+            rs[h] += p;
+        }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) st.l[h] = st.l[h] * alpha[h] + rs[h];
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; ++nt) {
+        o[nt][0] *= alpha[0];
+        o[nt][1] *= alpha[0];
+        o[nt][2] *= alpha[1];
+        o[nt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kc = 0; kc < KT / 16; ++kc) {
+        u32 a[4];
+        a[0] = pack_bf16x2(s[2 * kc][0], s[2 * kc][1]);
+        a[1] = pack_bf16x2(s[2 * kc][2], s[2 * kc][3]);
+        a[2] = pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        a[3] = pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+        const int vrow = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int vcol = (lane >> 4) * 8;
+#pragma unroll
+        for (int n2 = 0; n2 < DV / 16; ++n2) {
+            u32 b0, b1, b2, b3;
+            ldmatrix_x4_trans(b0, b1, b2, b3, Vs + vrow * VS_STRIDE + n2 * 16 + vcol);
+            mma_bf16(o[2 * n2], a, b0, b1);
+            mma_bf16(o[2 * n2 + 1], a, b2, b3);
+        }
+    }
+}
+
+__device__ __forceinline__ void rowstats_init(RowStats& st) {
+    st.m[0] = st.m[1] = NEG_INF;
+    st.l[0] = st.l[1] = 0.f;
+}
+
+// Completes the row sums across the 4 lanes that share a row; returns 1/l (0 when l == 0:
+// a row that saw no key gives exactly 0, never NaN).
+__device__ __forceinline__ void rowstats_finish(RowStats& st, float (&inv)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        st.l[h] += __shfl_xor_sync(0xffffffff, st.l[h], 1);
+        st.l[h] += __shfl_xor_sync(0xffffffff, st.l[h], 2);
+        inv[h] = st.l[h] > 0.f ? 1.f / st.l[h] : 0.f;
+    }
+}
+
+// Writes (or adds) gate * O / l for the thread's two rows. `row_ptr(h)` gives the f32 output row
+// (nullptr: row not written), `gate[h]` its gate value.
+template <bool ACCUMULATE>
+__device__ __forceinline__ void store_rows(float* const (&dst)[2], const float (&scale)[2],
+                                           const float (&o)[DV / 8][4]) {
+    const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (dst[h] == nullptr) continue;
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt) {
+            float2* p = (float2*)(dst[h] + nt * 8 + gc);
+            float2 v = make_float2(o[nt][2 * h] * scale[h], o[nt][2 * h + 1] * scale[h]);
+            if (ACCUMULATE) {
+                const float2 old = *p;
+                v.x += old.x;
+                v.y += old.y;
+            }
+            *p = v;
+        }
+    }
+}

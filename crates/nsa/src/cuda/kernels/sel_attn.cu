@@ -1,0 +1,108 @@
+// Selection branch (SPEC.md "Selection branch"): attention over the tokens s <= t of the n
+// selected blocks, added to the output as g_slc * o_slc.
+//
+// Group-centric: one CTA serves one KV group g, so the G query heads of a position share every
+// K/V block loaded into shared memory. Small groups would fill only G of the 16 rows of an
+// m16n8k16 tile; instead the CTA packs P_SEL = 16 / G consecutive positions into the rows
+// (row r -> position t0 + r / G, head g*G + r % G) and walks the *union* of their selected blocks
+// in ascending order (a P-way merge of the sorted index lists, one lane per position): each block
+// is loaded once, and the rows of positions that did not choose it are masked out. Neighbouring
+// positions share the forced blocks and usually most of the chosen ones, so the union stays close
+// to n while the tensor core rows are full. For G >= 16 one position fills G / 16 warps.
+
+#define P_SEL (G >= 16 ? 1 : 16 / G)
+#define SEL_WARPS ((P_SEL * G + 15) / 16)
+#define SEL_ROWS (SEL_WARPS * 16)
+#define INT_MAX_ 0x7fffffff
+
+extern "C" __global__ void __launch_bounds__(SEL_WARPS * 32) sel_attn(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
+    const float* __restrict__ gate, const int4* __restrict__ items, const int* __restrict__ sel_idx,
+    float* __restrict__ out) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* Qs = (bf16_t*)smem;
+    bf16_t* Ks = Qs + SEL_ROWS * QS_STRIDE;
+    bf16_t* Vs = Ks + KT * KS_STRIDE;
+    int* idx_s = (int*)(Vs + KT * VS_STRIDE);   // [P_SEL][NSEL]
+
+    const int4 it = items[blockIdx.x];
+    const int start = it.x, len = it.y, t0 = it.z;
+    const int g = blockIdx.y;
+    const int npos = min(P_SEL, len - t0), nrows = npos * G;
+    const int tmax = t0 + npos - 1;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2;
+    const int row0 = warp * 16;
+
+    load_rows_async<SEL_ROWS, DK, QS_STRIDE, SEL_WARPS * 32>(Qs, q, nrows, [&](int r) {
+        return ((i64)(start + t0 + r / G) * HQ + g * G + r % G) * DK;
+    });
+    cp_async_commit();
+    for (int e = tid; e < P_SEL * NSEL; e += SEL_WARPS * 32) {
+        const int p = e / NSEL;
+        int v = p < npos ? sel_idx[((i64)(start + t0 + p) * HKV + g) * NSEL + e % NSEL] : -1;
+        idx_s[e] = v < 0 ? INT_MAX_ : v;
+    }
+    __syncthreads();
+
+    int rr[2], tt[2], pp[2];
+    bool valid[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        rr[h] = row0 + gr + 8 * h;
+        valid[h] = rr[h] < nrows;
+        pp[h] = rr[h] / G;
+        tt[h] = t0 + pp[h];
+    }
+
+    RowStats st;
+    rowstats_init(st);
+    float o[DV / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+
+    // P-way merge of the sorted block lists: lane p < P_SEL holds position p's next block.
+    int ptr = 0;
+    int cur = lane < P_SEL ? idx_s[lane * NSEL] : INT_MAX_;
+    while (true) {
+        int b = cur;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
+        if (b == INT_MAX_) break;
+        const unsigned chose = __ballot_sync(0xffffffff, lane < P_SEL && cur == b);
+        if (lane < P_SEL && cur == b) {
+            ++ptr;
+            cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
+        }
+        const int bend = min((b + 1) * SEL_L, tmax + 1);
+        for (int k0 = b * SEL_L; k0 < bend; k0 += KT) {
+            const int nk = min(KT, bend - k0);
+            __syncthreads();
+            load_rows_async<KT, DK, KS_STRIDE, SEL_WARPS * 32>(Ks, ks + ((i64)(start + k0) * HKV + g) * DK, nk,
+                                                               [&](int r) { return (i64)r * HKV * DK; });
+            load_rows_async<KT, DV, VS_STRIDE, SEL_WARPS * 32>(Vs, vs + ((i64)(start + k0) * HKV + g) * DV, nk,
+                                                               [&](int r) { return (i64)r * HKV * DV; });
+            cp_async_commit();
+            cp_async_wait_all();
+            __syncthreads();
+            int lo[2] = {0, 0}, hi[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const bool sel = valid[h] && ((chose >> pp[h]) & 1u);
+                hi[h] = sel ? min(max(tt[h] + 1 - k0, 0), nk) : 0;
+            }
+            attn_tile(Qs, Ks, Vs, row0, lo, hi, st, o);
+        }
+    }
+    cp_async_wait_all();
+    float inv[2];
+    rowstats_finish(st, inv);
+    float* dst[2];
+    float sc[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const i64 qrow = (i64)(start + tt[h]) * HQ + g * G + rr[h] % G;
+        dst[h] = valid[h] ? out + qrow * DV : nullptr;
+        sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
+    }
+    store_rows<true>(dst, sc, o);
+}

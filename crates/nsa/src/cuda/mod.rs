@@ -1,0 +1,529 @@
+//! CUDA forward pass of NSA for Hopper (sm_90a), bf16 inputs with f32 accumulation.
+//!
+//! Kernels live in `kernels/*.cu`, one family per file (see `module.rs`), compiled by NVRTC at
+//! first use with the shapes baked in. The pipeline of one forward call (SPEC.md):
+//!
+//! 1. `compress_mean`   phi = mean: compressed K/V per sequence (bf16).
+//! 2. `cmp_attn_topn`   compressed attention (writes `g_cmp * o_cmp`), then, from the same tiles
+//!    and the row log-sum-exp, the Eq. 9 selection scores, the group sum, forced blocks and the
+//!    streaming top-n (writes `sel_idx`).
+//! 3. `sel_attn`        attention over the selected blocks (adds `g_slc * o_slc`).
+//! 4. `win_attn`        sliding window (adds `g_win * o_win`): the gated sum is complete.
+//!
+//! Every tensor offset inside the kernels is 64-bit; token counts must fit in `i32`.
+
+mod module;
+
+pub use module::{compile, Compiled, Family, Shape};
+
+use crate::config::{NsaConfig, PhiKind};
+use crate::error::{NsaError, Result};
+use crate::inputs::{NsaInputs, NsaOutput, PhiParams};
+use cudarc::driver::{self, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Largest head dimension the kernels take (registers hold a 16 x dv accumulator per warp).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Largest `n` (the running top list is one warp wide).
+pub const MAX_SEL_COUNT: usize = 32;
+/// Largest group size (one CTA holds the G heads of a position in its 64 rows).
+pub const MAX_GROUP: usize = 64;
+
+pub(crate) fn driver_err(e: driver::DriverError) -> NsaError {
+    use cudarc::driver::sys::cudaError_enum as E;
+    match e.0 {
+        E::CUDA_ERROR_OUT_OF_MEMORY => NsaError::OutOfMemory(format!("{e:?}")),
+        E::CUDA_ERROR_NO_DEVICE | E::CUDA_ERROR_NOT_INITIALIZED | E::CUDA_ERROR_INVALID_DEVICE => {
+            NsaError::CudaUnavailable(format!("{e:?}"))
+        }
+        _ => NsaError::Cuda(format!("{e:?}")),
+    }
+}
+
+/// A GPU, its stream and the kernels compiled for it so far.
+pub struct CudaContext {
+    ctx: Arc<driver::CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    max_smem: usize,
+    functions: Mutex<HashMap<(Family, Vec<String>), CudaFunction>>,
+}
+
+impl CudaContext {
+    /// Opens device `ordinal`. Fails with `CudaUnavailable` when there is no driver library,
+    /// no such device, or no NVRTC library.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { driver::sys::is_culib_present() } {
+            return Err(NsaError::CudaUnavailable(
+                "the CUDA driver library (libcuda) was not found".into(),
+            ));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(NsaError::CudaUnavailable(
+                "the NVRTC library (libnvrtc) was not found".into(),
+            ));
+        }
+        let n = driver::CudaContext::device_count().map_err(driver_err)?;
+        if ordinal >= n.max(0) as usize {
+            return Err(NsaError::CudaUnavailable(format!(
+                "no CUDA device {ordinal} ({n} present)"
+            )));
+        }
+        let ctx = driver::CudaContext::new(ordinal).map_err(driver_err)?;
+        let (major, minor) = ctx.compute_capability().map_err(driver_err)?;
+        if major < 8 {
+            return Err(NsaError::Unsupported(format!(
+                "compute capability {major}.{minor}: the kernels need sm_80 or newer (bf16 mma.sync)"
+            )));
+        }
+        // sm_90a unlocks Hopper-only instructions; the kernels need nothing newer than sm_80 today.
+        let arch = if major == 9 && minor == 0 {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{major}{minor}")
+        };
+        let max_smem = ctx
+            .attribute(driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(driver_err)? as usize;
+        let stream = ctx.default_stream();
+        Ok(CudaContext {
+            ctx,
+            stream,
+            arch,
+            max_smem,
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The NVRTC architecture the kernels are compiled for (e.g. `sm_90a`).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> Result<String> {
+        self.ctx.name().map_err(driver_err)
+    }
+
+    fn function(&self, family: Family, shape: &Shape, smem: usize) -> Result<CudaFunction> {
+        let key = (family, module::options(shape, &self.arch));
+        let mut map = self
+            .functions
+            .lock()
+            .map_err(|_| NsaError::Cuda("kernel cache poisoned".into()))?;
+        if let Some(f) = map.get(&key) {
+            return Ok(f.clone());
+        }
+        let compiled = module::compile(family, shape, &self.arch, &[])?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
+            .map_err(driver_err)?;
+        let f = module.load_function(family.kernel()).map_err(driver_err)?;
+        f.set_attribute(
+            driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(driver_err)?;
+        map.insert(key, f.clone());
+        Ok(f)
+    }
+}
+
+/// Threads and dynamic shared memory of each kernel for a shape (mirrors the `.cu` layouts).
+#[derive(Debug, Clone, Copy)]
+struct Footprint {
+    cmp_smem: usize,
+    sel_smem: usize,
+    sel_threads: usize,
+    sel_positions: usize,
+    win_smem: usize,
+    positions_64: usize,
+}
+
+fn footprint(shape: &Shape) -> Footprint {
+    let g = shape.hq / shape.hkv;
+    let (qs, ks, vs) = (shape.dk + 8, shape.dk + 8, shape.dv + 8);
+    let p64 = 64 / g;
+    let p_sel = if g >= 16 { 1 } else { 16 / g };
+    let sel_warps = (p_sel * g).div_ceil(16);
+    let tiles = |rows: usize| (rows * qs + 64 * ks + 64 * vs) * 2;
+    Footprint {
+        cmp_smem: tiles(64) + 64 * (64 + 4) * 4 + p64 * 128 * 4 + p64 * 32 * 8,
+        sel_smem: tiles(sel_warps * 16) + p_sel * shape.nsel * 4,
+        sel_threads: sel_warps * 32,
+        sel_positions: p_sel,
+        win_smem: tiles(64),
+        positions_64: p64,
+    }
+}
+
+/// Checks what the kernels support; every refusal is a typed `Unsupported`.
+pub fn check_supported(cfg: &NsaConfig, dk: usize, dv: usize) -> Result<()> {
+    cfg.validate()?;
+    cfg.validate_dims(dk, dv)?;
+    for (name, d) in [("dk", dk), ("dv", dv)] {
+        if d % 16 != 0 || d > MAX_HEAD_DIM {
+            return Err(NsaError::Unsupported(format!(
+                "CUDA kernels need {name} to be a multiple of 16 and at most {MAX_HEAD_DIM}, got {d}"
+            )));
+        }
+    }
+    if cfg.sel_count > MAX_SEL_COUNT {
+        return Err(NsaError::Unsupported(format!(
+            "CUDA kernels select at most {MAX_SEL_COUNT} blocks, got n = {}",
+            cfg.sel_count
+        )));
+    }
+    if cfg.group_size() > MAX_GROUP {
+        return Err(NsaError::Unsupported(format!(
+            "CUDA kernels need a group size G <= {MAX_GROUP}, got {}",
+            cfg.group_size()
+        )));
+    }
+    if cfg.phi != PhiKind::Mean {
+        return Err(NsaError::Unsupported(format!(
+            "CUDA forward implements phi = mean only so far, got {:?}",
+            cfg.phi
+        )));
+    }
+    Ok(())
+}
+
+fn shape_of(cfg: &NsaConfig, dk: usize, dv: usize) -> Shape {
+    Shape {
+        dk,
+        dv,
+        hq: cfg.heads,
+        hkv: cfg.kv_heads,
+        cmp_l: cfg.cmp_block,
+        cmp_d: cfg.cmp_stride,
+        sel_l: cfg.sel_block,
+        nsel: cfg.sel_count,
+        ninit: cfg.init_blocks,
+        nlocal: cfg.local_blocks,
+        win: cfg.window,
+        scale: cfg.softmax_scale(dk),
+    }
+}
+
+/// The work lists of one batch layout (device copies), built once per upload.
+struct Plan {
+    /// `(src token, dst compressed index)` per compressed token.
+    compress: CudaSlice<i32>,
+    n_compress: usize,
+    n_cmp_total: usize,
+    /// `(seq start, seq len, t0, cmp start)` per 64-row tile (compressed and window kernels).
+    tiles64: CudaSlice<i32>,
+    n_tiles64: usize,
+    /// `(seq start, seq len, t0, 0)` per selection CTA.
+    tiles_sel: CudaSlice<i32>,
+    n_tiles_sel: usize,
+}
+
+fn build_plan(ctx: &CudaContext, cfg: &NsaConfig, cu: &[usize], fp: &Footprint) -> Result<Plan> {
+    let (l, d) = (cfg.cmp_block, cfg.cmp_stride);
+    let mut compress = Vec::new();
+    let mut tiles64 = Vec::new();
+    let mut tiles_sel = Vec::new();
+    let mut cstart = 0usize;
+    for w in cu.windows(2) {
+        let (start, len) = (w[0], w[1] - w[0]);
+        let ncmp = crate::blocks::cmp_blocks_in(len, l, d);
+        for i in 0..ncmp {
+            compress.extend([(start + i * d) as i32, (cstart + i) as i32]);
+        }
+        for t0 in (0..len).step_by(fp.positions_64) {
+            tiles64.extend([start as i32, len as i32, t0 as i32, cstart as i32]);
+        }
+        for t0 in (0..len).step_by(fp.sel_positions) {
+            tiles_sel.extend([start as i32, len as i32, t0 as i32, 0]);
+        }
+        cstart += ncmp;
+    }
+    let up = |v: &Vec<i32>| -> Result<CudaSlice<i32>> {
+        let v = if v.is_empty() { vec![0; 4] } else { v.clone() };
+        ctx.stream.clone_htod(&v).map_err(driver_err)
+    };
+    Ok(Plan {
+        n_compress: compress.len() / 2,
+        compress: up(&compress)?,
+        n_cmp_total: cstart,
+        n_tiles64: tiles64.len() / 4,
+        tiles64: up(&tiles64)?,
+        n_tiles_sel: tiles_sel.len() / 4,
+        tiles_sel: up(&tiles_sel)?,
+    })
+}
+
+/// Inputs, scratch and outputs of one batch layout, resident on the GPU: upload once, run
+/// [`forward_device`] many times (benchmarks), read back with [`DeviceInputs::download`].
+pub struct DeviceInputs {
+    cfg: NsaConfig,
+    shape: Shape,
+    fp: Footprint,
+    n_tokens: usize,
+    plan: Plan,
+    q: CudaSlice<u16>,
+    k: [CudaSlice<u16>; 3],
+    v: [CudaSlice<u16>; 3],
+    gates: [CudaSlice<f32>; 3],
+    kc: CudaSlice<u16>,
+    vc: CudaSlice<u16>,
+    /// `[N, HKV, n]`
+    pub sel_idx: CudaSlice<i32>,
+    /// `[N, HQ, dv]`
+    pub out: CudaSlice<f32>,
+}
+
+/// f32 -> bf16 bits, round to nearest even (the rounding the tests apply to the reference inputs).
+pub fn to_bf16_bits(x: &[f32]) -> Vec<u16> {
+    use rayon::prelude::*;
+    x.par_iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect()
+}
+
+impl DeviceInputs {
+    /// Validates the inputs, converts them to bf16 and uploads them.
+    pub fn upload(ctx: &CudaContext, cfg: &NsaConfig, x: &NsaInputs<f32>) -> Result<Self> {
+        x.validate(cfg)?;
+        check_supported(cfg, x.dk, x.dv)?;
+        let n = x.num_tokens();
+        if n >= i32::MAX as usize / 2 {
+            return Err(NsaError::IndexOverflow {
+                what: "tokens",
+                value: n as u128,
+                limit: 31,
+            });
+        }
+        let shape = shape_of(cfg, x.dk, x.dv);
+        let fp = footprint(&shape);
+        let need = fp.cmp_smem.max(fp.sel_smem).max(fp.win_smem);
+        if need > ctx.max_smem {
+            return Err(NsaError::Unsupported(format!(
+                "kernels need {need} bytes of shared memory per block, the device offers {}",
+                ctx.max_smem
+            )));
+        }
+        let plan = build_plan(ctx, cfg, &x.cu_seqlens, &fp)?;
+        let s = &ctx.stream;
+        let bf = |v: &Vec<f32>| s.clone_htod(&to_bf16_bits(v)).map_err(driver_err);
+        let f = |v: &Vec<f32>| s.clone_htod(v).map_err(driver_err);
+        let hkv = cfg.kv_heads;
+        let ncmp = plan.n_cmp_total.max(1);
+        // SAFETY: the scratch buffers are fully written by the kernels before any read.
+        let (kc, vc, sel_idx, out) = unsafe {
+            (
+                s.alloc::<u16>(ncmp * hkv * x.dk).map_err(driver_err)?,
+                s.alloc::<u16>(ncmp * hkv * x.dv).map_err(driver_err)?,
+                s.alloc::<i32>(n * hkv * cfg.sel_count)
+                    .map_err(driver_err)?,
+                s.alloc::<f32>(n * cfg.heads * x.dv).map_err(driver_err)?,
+            )
+        };
+        Ok(DeviceInputs {
+            cfg: cfg.clone(),
+            shape,
+            fp,
+            n_tokens: n,
+            plan,
+            q: bf(&x.q)?,
+            k: [bf(&x.k_cmp)?, bf(&x.k_slc)?, bf(&x.k_win)?],
+            v: [bf(&x.v_cmp)?, bf(&x.v_slc)?, bf(&x.v_win)?],
+            gates: [f(&x.g_cmp)?, f(&x.g_slc)?, f(&x.g_win)?],
+            kc,
+            vc,
+            sel_idx,
+            out,
+        })
+    }
+
+    /// Fills the outputs with NaN (tests: every element must be written by the kernels).
+    pub fn poison_outputs(&mut self, ctx: &CudaContext) -> Result<()> {
+        let nan = vec![f32::NAN; self.out.len()];
+        ctx.stream
+            .memcpy_htod(&nan, &mut self.out)
+            .map_err(driver_err)?;
+        let bad = vec![i32::MIN; self.sel_idx.len()];
+        ctx.stream
+            .memcpy_htod(&bad, &mut self.sel_idx)
+            .map_err(driver_err)
+    }
+
+    /// Copies the outputs back.
+    pub fn download(&self, ctx: &CudaContext) -> Result<NsaOutput<f32>> {
+        let o = ctx.stream.clone_dtoh(&self.out).map_err(driver_err)?;
+        let sel_idx = ctx.stream.clone_dtoh(&self.sel_idx).map_err(driver_err)?;
+        ctx.stream.synchronize().map_err(driver_err)?;
+        Ok(NsaOutput { o, sel_idx })
+    }
+
+    /// Number of tokens of the batch.
+    pub fn num_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// The configuration the inputs were uploaded for.
+    pub fn config(&self) -> &NsaConfig {
+        &self.cfg
+    }
+}
+
+/// Milliseconds spent in each kernel of one forward call (CUDA events).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KernelTimes {
+    pub compress: f32,
+    pub cmp_topn: f32,
+    pub selected: f32,
+    pub window: f32,
+    pub total: f32,
+}
+
+/// Runs the forward pass on device-resident inputs; with `times`, records events around each
+/// kernel and waits for them.
+pub fn forward_device(
+    ctx: &CudaContext,
+    x: &mut DeviceInputs,
+    times: Option<&mut KernelTimes>,
+) -> Result<()> {
+    let shape = &x.shape;
+    let fp = x.fp;
+    let f_compress = ctx.function(Family::Compress, shape, 0)?;
+    let f_cmp = ctx.function(Family::CmpAttn, shape, fp.cmp_smem)?;
+    let f_sel = ctx.function(Family::SelAttn, shape, fp.sel_smem)?;
+    let f_win = ctx.function(Family::WinAttn, shape, fp.win_smem)?;
+    let s = &ctx.stream;
+    let hkv = shape.hkv as u32;
+    let events = if times.is_some() {
+        let mk = || {
+            ctx.ctx
+                .new_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(driver_err)
+        };
+        Some([mk()?, mk()?, mk()?, mk()?, mk()?])
+    } else {
+        None
+    };
+    let rec = |i: usize| -> Result<()> {
+        if let Some(ev) = &events {
+            ev[i].record(s).map_err(driver_err)?;
+        }
+        Ok(())
+    };
+    rec(0)?;
+    // 1. phi = mean
+    if x.plan.n_compress > 0 {
+        let per = x.plan.n_compress * shape.hkv * (shape.dk + shape.dv) / 8;
+        let threads = 256u32;
+        let blocks = per.div_ceil(threads as usize) as u32;
+        let n_items = x.plan.n_compress as i32;
+        let mut b = s.launch_builder(&f_compress);
+        b.arg(&x.k[0])
+            .arg(&x.v[0])
+            .arg(&x.plan.compress)
+            .arg(&n_items)
+            .arg(&mut x.kc)
+            .arg(&mut x.vc);
+        // SAFETY: argument list matches `compress_mean`; the grid covers exactly the items.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(driver_err)?;
+    }
+    rec(1)?;
+    // 2. compressed attention + selection
+    {
+        let mut b = s.launch_builder(&f_cmp);
+        b.arg(&x.q)
+            .arg(&x.kc)
+            .arg(&x.vc)
+            .arg(&x.gates[0])
+            .arg(&x.plan.tiles64)
+            .arg(&mut x.out)
+            .arg(&mut x.sel_idx);
+        // SAFETY: matches `cmp_attn_topn`; one CTA per (tile, KV head).
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (x.plan.n_tiles64 as u32, hkv, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: fp.cmp_smem as u32,
+            })
+        }
+        .map_err(driver_err)?;
+    }
+    rec(2)?;
+    // 3. selected attention
+    {
+        let mut b = s.launch_builder(&f_sel);
+        b.arg(&x.q)
+            .arg(&x.k[1])
+            .arg(&x.v[1])
+            .arg(&x.gates[1])
+            .arg(&x.plan.tiles_sel)
+            .arg(&x.sel_idx)
+            .arg(&mut x.out);
+        // SAFETY: matches `sel_attn`.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (x.plan.n_tiles_sel as u32, hkv, 1),
+                block_dim: (fp.sel_threads as u32, 1, 1),
+                shared_mem_bytes: fp.sel_smem as u32,
+            })
+        }
+        .map_err(driver_err)?;
+    }
+    rec(3)?;
+    // 4. sliding window, completing the gated sum
+    {
+        let mut b = s.launch_builder(&f_win);
+        b.arg(&x.q)
+            .arg(&x.k[2])
+            .arg(&x.v[2])
+            .arg(&x.gates[2])
+            .arg(&x.plan.tiles64)
+            .arg(&mut x.out);
+        // SAFETY: matches `win_attn`.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (x.plan.n_tiles64 as u32, hkv, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: fp.win_smem as u32,
+            })
+        }
+        .map_err(driver_err)?;
+    }
+    rec(4)?;
+    if let (Some(t), Some(ev)) = (times, &events) {
+        let el = |a: usize, b: usize| ev[a].elapsed_ms(&ev[b]).map_err(driver_err);
+        *t = KernelTimes {
+            compress: el(0, 1)?,
+            cmp_topn: el(1, 2)?,
+            selected: el(2, 3)?,
+            window: el(3, 4)?,
+            total: el(0, 4)?,
+        };
+    }
+    Ok(())
+}
+
+/// Full forward pass: upload (bf16), run, download. `phi` must match `cfg.phi`.
+pub fn forward(
+    ctx: &CudaContext,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+) -> Result<NsaOutput<f32>> {
+    phi.validate(cfg, x.dk, x.dv)?;
+    let mut dev = DeviceInputs::upload(ctx, cfg, x)?;
+    dev.poison_outputs(ctx)?;
+    forward_device(ctx, &mut dev, None)?;
+    dev.download(ctx)
+}

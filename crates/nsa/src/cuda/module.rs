@@ -1,0 +1,227 @@
+//! NVRTC compilation of the kernel families, with the shape constants baked in as `-D` defines,
+//! straight to a CUBIN for the device's architecture (no PTX JIT, so the driver's PTX version
+//! limit never matters), cached in memory per process and on disk (keyed by a hash of source,
+//! options and architecture).
+
+use crate::error::{NsaError, Result};
+use cudarc::nvrtc::{result as nvrtc_result, sys as nvrtc_sys};
+use std::collections::hash_map::DefaultHasher;
+use std::ffi::{CStr, CString};
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+
+/// The shared prelude (bf16 helpers, mma.sync / ldmatrix / cp.async wrappers, the flash tile).
+const COMMON: &str = include_str!("kernels/common.cu");
+
+/// One kernel family: its source file and the kernels it defines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `phi = mean`: compressed K/V.
+    Compress,
+    /// Compressed attention + selection scores + top-n.
+    CmpAttn,
+    /// Attention over the selected blocks.
+    SelAttn,
+    /// Sliding-window attention.
+    WinAttn,
+}
+
+impl Family {
+    /// Every family, for compile-only checks.
+    pub const ALL: [Family; 4] = [
+        Family::Compress,
+        Family::CmpAttn,
+        Family::SelAttn,
+        Family::WinAttn,
+    ];
+
+    /// The `.cu` source of the family (without the prelude).
+    pub fn source(self) -> &'static str {
+        match self {
+            Family::Compress => include_str!("kernels/compress.cu"),
+            Family::CmpAttn => include_str!("kernels/cmp_attn.cu"),
+            Family::SelAttn => include_str!("kernels/sel_attn.cu"),
+            Family::WinAttn => include_str!("kernels/win_attn.cu"),
+        }
+    }
+
+    /// The name of the family's `extern "C"` kernel.
+    pub fn kernel(self) -> &'static str {
+        match self {
+            Family::Compress => "compress_mean",
+            Family::CmpAttn => "cmp_attn_topn",
+            Family::SelAttn => "sel_attn",
+            Family::WinAttn => "win_attn",
+        }
+    }
+}
+
+/// Shape constants baked into every kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    pub dk: usize,
+    pub dv: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub cmp_l: usize,
+    pub cmp_d: usize,
+    pub sel_l: usize,
+    pub nsel: usize,
+    pub ninit: usize,
+    pub nlocal: usize,
+    pub win: usize,
+    /// softmax scale (natural units); the kernels get `scale * log2(e)`.
+    pub scale: f64,
+}
+
+impl Shape {
+    /// The `-D` options of this shape.
+    pub fn defines(&self) -> Vec<String> {
+        let scale_log2 = self.scale * std::f64::consts::LOG2_E;
+        vec![
+            format!("-DDK={}", self.dk),
+            format!("-DDV={}", self.dv),
+            format!("-DHQ={}", self.hq),
+            format!("-DHKV={}", self.hkv),
+            format!("-DG={}", self.hq / self.hkv),
+            format!("-DCMP_L={}", self.cmp_l),
+            format!("-DCMP_D={}", self.cmp_d),
+            format!("-DSEL_L={}", self.sel_l),
+            format!("-DNSEL={}", self.nsel),
+            format!("-DNINIT={}", self.ninit),
+            format!("-DNLOCAL={}", self.nlocal),
+            format!("-DWIN={}", self.win),
+            // exact f32 value as a hex-float literal, no rounding through decimal
+            format!(
+                "-DSCALE_LOG2=__int_as_float({:#x})",
+                (scale_log2 as f32).to_bits()
+            ),
+        ]
+    }
+}
+
+/// The full option list for one compilation.
+pub fn options(shape: &Shape, arch: &str) -> Vec<String> {
+    let mut o = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "-default-device".to_string(),
+        "--use_fast_math".to_string(),
+    ];
+    o.extend(shape.defines());
+    o
+}
+
+/// Result of one NVRTC compilation.
+pub struct Compiled {
+    /// The CUBIN image.
+    pub cubin: Vec<u8>,
+    /// NVRTC's log (warnings; resource usage when asked for).
+    pub log: String,
+}
+
+fn disk_cache_path(key: u64) -> Option<PathBuf> {
+    let base = std::env::var_os("NSA_KERNEL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/nsa-kernels"))
+        })?;
+    Some(base.join(format!("{key:016x}.cubin")))
+}
+
+/// Hash of everything that determines the CUBIN.
+pub fn cache_key(family: Family, opts: &[String]) -> u64 {
+    let mut h = DefaultHasher::new();
+    COMMON.hash(&mut h);
+    family.source().hash(&mut h);
+    opts.hash(&mut h);
+    h.finish()
+}
+
+/// Compiles one family to a CUBIN for `arch` (e.g. `sm_90a`), through the disk cache.
+/// Needs only the NVRTC library, no GPU.
+pub fn compile(family: Family, shape: &Shape, arch: &str, extra: &[&str]) -> Result<Compiled> {
+    let mut opts = options(shape, arch);
+    opts.extend(extra.iter().map(|s| s.to_string()));
+    let key = cache_key(family, &opts);
+    let path = disk_cache_path(key);
+    if extra.is_empty() {
+        if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+            return Ok(Compiled {
+                cubin: bytes,
+                log: String::new(),
+            });
+        }
+    }
+    let compiled = compile_uncached(family, &opts)?;
+    if let Some(p) = path {
+        // best effort: a read-only home only costs a recompilation next time
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &compiled.cubin).is_ok() {
+            let _ = std::fs::rename(&tmp, &p);
+        }
+    }
+    Ok(compiled)
+}
+
+fn nvrtc_err(family: Family, what: &str, e: impl std::fmt::Debug) -> NsaError {
+    NsaError::KernelCompile {
+        kernel: family.kernel().to_string(),
+        log: format!("{what}: {e:?}"),
+    }
+}
+
+fn compile_uncached(family: Family, opts: &[String]) -> Result<Compiled> {
+    if !unsafe { nvrtc_sys::is_culib_present() } {
+        return Err(NsaError::CudaUnavailable(
+            "the NVRTC library (libnvrtc) was not found".into(),
+        ));
+    }
+    let src = format!(
+        "{COMMON}\n// ---- family {:?} ----\n{}",
+        family,
+        family.source()
+    );
+    let csrc = CString::new(src).map_err(|e| nvrtc_err(family, "source", e))?;
+    let name = CString::new(format!("{}.cu", family.kernel())).expect("no NUL in names");
+    let prog = nvrtc_result::create_program(&csrc, Some(&name))
+        .map_err(|e| nvrtc_err(family, "create", e))?;
+    // SAFETY: `prog` comes from create_program and is destroyed exactly once below; the source
+    // and name CStrings outlive it.
+    let res = unsafe { nvrtc_result::compile_program(prog, opts) };
+    let log = unsafe { nvrtc_result::get_program_log(prog) }
+        .map(|v| {
+            let bytes: Vec<u8> = v.iter().map(|&c| c as u8).collect();
+            CStr::from_bytes_until_nul(&bytes)
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let out = match res {
+        Err(e) => Err(NsaError::KernelCompile {
+            kernel: family.kernel().to_string(),
+            log: format!("{e:?} with options {opts:?}\n{log}"),
+        }),
+        Ok(()) => {
+            let mut size = 0usize;
+            let mut cubin = Vec::new();
+            // SAFETY: `prog` compiled successfully; the buffer has the size NVRTC reported.
+            let r = unsafe {
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .and_then(|_| {
+                        cubin.resize(size, 0u8);
+                        nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _).result()
+                    })
+            };
+            r.map(|_| Compiled { cubin, log })
+                .map_err(|e| nvrtc_err(family, "get cubin", e))
+        }
+    };
+    // SAFETY: created above, not destroyed before.
+    let _ = unsafe { nvrtc_result::destroy_program(prog) };
+    out
+}

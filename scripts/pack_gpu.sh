@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the CUDA test (and benchmark) executables here and copies them into gpu-pack/, which
+# travels to the GPU machine (device tool: carry ["gpu-pack"]); scripts/run_gpu.sh runs them there.
+# The GPU machine has no Rust toolchain: everything is built on this side.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PACK=gpu-pack
+rm -rf "$PACK"
+mkdir -p "$PACK/tests" "$PACK/bin"
+
+# test executables of the cuda feature (only the CUDA suites: the CPU ones run in CI)
+cargo test -p nsa --features cuda --release --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except Exception: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda"):
+        print(m["executable"])
+' | while read -r exe; do cp "$exe" "$PACK/tests/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
+
+# the CLI (benchmarks), when it builds with the cuda feature
+if cargo build -p nsa-cli --features cuda --release 2>/dev/null; then
+  cp target/release/nsa "$PACK/bin/" 2>/dev/null || true
+fi
+cp scripts/run_gpu.sh "$PACK/"
+ls -la "$PACK" "$PACK/tests" "$PACK/bin"
+du -sh "$PACK"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, with gpu-pack/ carried along:
+#   bash gpu-pack/run_gpu.sh [tests|bench|all] [extra bench args...]
+# Tests first (each CUDA test executable), then the benchmark. Logs go to $OUT when set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:-all}; shift || true
+LOG=${OUT:-/tmp}
+export NSA_KERNEL_CACHE=${NSA_KERNEL_CACHE:-/tmp/nsa-kernels}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+status=0
+if [[ $WHAT == tests || $WHAT == all ]]; then
+  for t in gpu-pack/tests/*; do
+    [[ -x $t ]] || continue
+    echo "=== $t"
+    "$t" --test-threads=16 --nocapture 2>&1 | tee "$LOG/$(basename "$t").log" | grep -E "^(test |seed|selection|.*rel RMS|.*panicked|thread|failures|---- )|test result" || true
+    [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+  done
+fi
+if [[ $WHAT == bench || $WHAT == all ]] && [[ -x gpu-pack/bin/nsa ]]; then
+  echo "=== bench"
+  gpu-pack/bin/nsa bench --backend cuda "$@" 2>&1 | tee "$LOG/bench.log"
+fi
+exit $status
