@@ -107,7 +107,13 @@ mod tests {
 
     #[test]
     fn overlap_range_matches_weights_for_other_geometries() {
-        for (l, d, lp) in [(32, 16, 64), (64, 64, 64), (16, 8, 64), (32, 32, 32), (48, 16, 96)] {
+        for (l, d, lp) in [
+            (32, 16, 64),
+            (64, 64, 64),
+            (16, 8, 64),
+            (32, 32, 32),
+            (48, 16, 96),
+        ] {
             let cfg = NsaConfig::builder()
                 .cmp_block(l)
                 .cmp_stride(d)

@@ -25,7 +25,9 @@ pub enum NsaError {
     #[error("compression block l={cmp_block} must not exceed selection block l'={sel_block}")]
     CmpBlockTooLarge { cmp_block: usize, sel_block: usize },
     /// `n < n_init + n_local`.
-    #[error("sel_count n={sel_count} is smaller than the forced blocks (init {init} + local {local})")]
+    #[error(
+        "sel_count n={sel_count} is smaller than the forced blocks (init {init} + local {local})"
+    )]
     TooFewSelected {
         sel_count: usize,
         init: usize,

@@ -123,14 +123,19 @@ pub fn validate_cu_seqlens(cu: &[usize], n: usize) -> Result<()> {
         ));
     }
     if cu[0] != 0 {
-        return Err(NsaError::BadSeqLens(format!("must start at 0, starts at {}", cu[0])));
+        return Err(NsaError::BadSeqLens(format!(
+            "must start at 0, starts at {}",
+            cu[0]
+        )));
     }
     for (b, w) in cu.windows(2).enumerate() {
         if w[1] < w[0] {
             return Err(NsaError::BadSeqLens(format!("decreases at sequence {b}")));
         }
         if w[1] == w[0] {
-            return Err(NsaError::EmptySequence(format!("sequence {b} has no tokens")));
+            return Err(NsaError::EmptySequence(format!(
+                "sequence {b} has no tokens"
+            )));
         }
     }
     if *cu.last().unwrap() != n {
@@ -176,7 +181,11 @@ impl<T: Copy> NsaInputs<T> {
         ] {
             check_len(name, t.len(), &[n, hkv, d])?;
         }
-        for (name, t) in [("g_cmp", &self.g_cmp), ("g_slc", &self.g_slc), ("g_win", &self.g_win)] {
+        for (name, t) in [
+            ("g_cmp", &self.g_cmp),
+            ("g_slc", &self.g_slc),
+            ("g_win", &self.g_win),
+        ] {
             check_len(name, t.len(), &[n, hq])?;
         }
         Ok(())
@@ -206,7 +215,8 @@ impl<T: Copy> NsaInputs<T> {
     pub fn sequence(&self, b: usize) -> NsaInputs<T> {
         let r = self.seq_range(b);
         let len = r.len();
-        let slice = |v: &Vec<T>, per_token: usize| v[r.start * per_token..r.end * per_token].to_vec();
+        let slice =
+            |v: &Vec<T>, per_token: usize| v[r.start * per_token..r.end * per_token].to_vec();
         let n = self.num_tokens().max(1);
         NsaInputs {
             dk: self.dk,
@@ -409,7 +419,9 @@ impl PhiParams<f32> {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
         let (hkv, l) = (cfg.kv_heads, cfg.cmp_block);
         let mut unif = |len: usize, a: f32| -> Vec<f32> {
-            (0..len).map(|_| (rng.gen::<f32>() * 2.0 - 1.0) * a).collect()
+            (0..len)
+                .map(|_| (rng.gen::<f32>() * 2.0 - 1.0) * a)
+                .collect()
         };
         let mut make = |d: usize| -> PhiWeights<f32> {
             let fan_in = (l * d) as f32;
