@@ -54,13 +54,15 @@ struct Scratch {
     best: Vec<(f32, usize)>,
 }
 
-/// The output row (`o` `[HQ, dv]`, `sel` `[HKV, n]`) of the last token of `seq` for the query
-/// row `q` (`[HQ, dk]`) and gates (`[HQ]` each).
-fn row(
+/// The output rows of KV group `g` (`o` `[G, dv]`, `sel` `[n]`) for the last token of `seq`,
+/// with the token's query row `q` (`[HQ, dk]`) and gates (`[HQ]` each).
+#[allow(clippy::too_many_arguments)]
+fn group_row(
     dims: &Dims,
     seq: &SeqCache<f32>,
     q: &[f32],
     gates: [&[f32]; 3],
+    g: usize,
     o: &mut [f32],
     sel: &mut [i32],
     scr: &mut Scratch,
@@ -80,54 +82,52 @@ fn row(
         best,
     } = scr;
     for v in ob.iter_mut() {
-        ensure(v, dims.hq * dv);
+        ensure(v, gs * dv);
     }
     ensure(lse, gs);
-    let mut segs: Vec<Seg<'_>> = Vec::with_capacity(n);
-    for g in 0..hkv {
-        ensure(qs, gs * dk);
-        for (d, &v) in qs.iter_mut().zip(&q[g * gs * dk..(g + 1) * gs * dk]) {
-            *d = dims.scale * v;
-        }
-        let qm = MatRef::rows(qs, gs, dk);
-        let rows = g * gs * dv..(g + 1) * gs * dv;
-        let [oc, os, ow] = ob;
-
-        // Compression branch over every compressed token made so far (all visible to t).
-        let nvis = seq.num_cmp();
-        let cseg = Seg {
-            k: kv_rows(seq.k_cmp(), hkv, dk, g, 0, nvis),
-            v: kv_rows(seq.v_cmp(), hkv, dv, g, 0, nvis),
-        };
-        ranges.clear();
-        ranges.resize(gs, (0, nvis));
-        let ncols = attend::forward(qm, &[cseg], ranges, s, &mut oc[rows.clone()], dv, lse);
-
-        // Selection.
-        select::importance(dims, t, s, ncols, nvis, psum, scores);
-        let srow = &mut sel[g * n..(g + 1) * n];
-        select::top_n(dims, scores, best, srow);
-        select::runs(dims.lp, t, srow, runs);
-        select::segments(dims, seq.k_slc(), seq.v_slc(), 0, g, runs, &mut segs);
-        select::forward_token(dims, qm, &segs, ranges, s2, &mut os[rows.clone()], lse);
-
-        // Window.
-        let (k0, k1) = window::span(dims, t, t + 1);
-        let wseg = Seg {
-            k: kv_rows(seq.k_win(), hkv, dk, g, k0, k1 - k0),
-            v: kv_rows(seq.v_win(), hkv, dv, g, k0, k1 - k0),
-        };
-        ranges.clear();
-        ranges.resize(gs, (0, k1 - k0));
-        attend::forward(qm, &[wseg], ranges, s, &mut ow[rows], dv, lse);
+    ensure(qs, gs * dk);
+    for (d, &v) in qs.iter_mut().zip(&q[g * gs * dk..(g + 1) * gs * dk]) {
+        *d = dims.scale * v;
     }
+    let qm = MatRef::rows(qs, gs, dk);
+    let [oc, os, ow] = ob;
+
+    // Compression branch over every compressed token made so far (all visible to t).
+    let nvis = seq.num_cmp();
+    let cseg = Seg {
+        k: kv_rows(seq.k_cmp(), hkv, dk, g, 0, nvis),
+        v: kv_rows(seq.v_cmp(), hkv, dv, g, 0, nvis),
+    };
+    ranges.clear();
+    ranges.resize(gs, (0, nvis));
+    let ncols = attend::forward(qm, &[cseg], ranges, s, oc, dv, lse);
+
+    // Selection.
+    select::importance(dims, t, s, ncols, nvis, psum, scores);
+    select::top_n(dims, scores, best, sel);
+    select::runs(dims.lp, t, sel, runs);
+    let mut segs: Vec<Seg<'_>> = Vec::with_capacity(n);
+    select::segments(dims, seq.k_slc(), seq.v_slc(), 0, g, runs, &mut segs);
+    select::forward_token(dims, qm, &segs, ranges, s2, os, lse);
+
+    // Window.
+    let (k0, k1) = window::span(dims, t, t + 1);
+    let wseg = Seg {
+        k: kv_rows(seq.k_win(), hkv, dk, g, k0, k1 - k0),
+        v: kv_rows(seq.v_win(), hkv, dv, g, k0, k1 - k0),
+    };
+    ranges.clear();
+    ranges.resize(gs, (0, k1 - k0));
+    attend::forward(qm, &[wseg], ranges, s, ow, dv, lse);
+
+    let heads = g * gs..(g + 1) * gs;
     combine::mix(
-        gates,
         [
-            &ob[0][..dims.hq * dv],
-            &ob[1][..dims.hq * dv],
-            &ob[2][..dims.hq * dv],
+            &gates[0][heads.clone()],
+            &gates[1][heads.clone()],
+            &gates[2][heads],
         ],
+        [&ob[0][..gs * dv], &ob[1][..gs * dv], &ob[2][..gs * dv]],
         o,
         dv,
     );
@@ -197,22 +197,32 @@ pub fn prefill(
     let mut scr = Scratch::default();
     for i in 0..len {
         seq.append(TokenKv::from_inputs(x, dims.hkv, i), &comp)?;
-        row(
-            &dims,
-            seq,
-            &x.q[i * hq * dk..(i + 1) * hq * dk],
-            gates_of(x, hq, i),
-            &mut out.o[i * hq * dv..(i + 1) * hq * dv],
-            &mut out.sel_idx[i * dims.hkv * n..(i + 1) * dims.hkv * n],
-            &mut scr,
-        );
+        let o_row = &mut out.o[i * hq * dv..(i + 1) * hq * dv];
+        let s_row = &mut out.sel_idx[i * dims.hkv * n..(i + 1) * dims.hkv * n];
+        for (g, (o, sel)) in o_row
+            .chunks_mut(dims.g * dv)
+            .zip(s_row.chunks_mut(n))
+            .enumerate()
+        {
+            group_row(
+                &dims,
+                seq,
+                &x.q[i * hq * dk..(i + 1) * hq * dk],
+                gates_of(x, hq, i),
+                g,
+                o,
+                sel,
+                &mut scr,
+            );
+        }
     }
     Ok(out)
 }
 
 /// One decode step for the whole batch: `x` holds one token per sequence (`cu_seqlens = [0, 1,
 /// .., B]`); token `b` is appended to sequence `b` (any length, possibly empty) and the rows
-/// `o` `[B, HQ, dv]`, `sel_idx` `[B, HKV, n]` are returned. Sequences run in parallel.
+/// `o` `[B, HQ, dv]`, `sel_idx` `[B, HKV, n]` are returned. (Sequence, KV group) pairs run in
+/// parallel.
 pub fn step(
     cfg: &NsaConfig,
     cache: &mut DecodeCache<f32>,
@@ -238,17 +248,19 @@ pub fn step(
         o: vec![0.0; batch * hq * dv],
         sel_idx: vec![-1; batch * dims.hkv * n],
     };
+    let seqs = &cache.seqs;
     out.o
-        .par_chunks_mut(hq * dv)
-        .zip(out.sel_idx.par_chunks_mut(dims.hkv * n))
-        .zip(cache.seqs.par_iter())
+        .par_chunks_mut(dims.g * dv)
+        .zip(out.sel_idx.par_chunks_mut(n))
         .enumerate()
-        .for_each_init(Scratch::default, |scr, (b, ((o, sel), seq))| {
-            row(
+        .for_each_init(Scratch::default, |scr, (k, (o, sel))| {
+            let (b, g) = (k / dims.hkv, k % dims.hkv);
+            group_row(
                 &dims,
-                seq,
+                &seqs[b],
                 &x.q[b * hq * dk..(b + 1) * hq * dk],
                 gates_of(x, hq, b),
+                g,
                 o,
                 sel,
                 scr,
