@@ -215,23 +215,35 @@ impl<T: Copy> NsaInputs<T> {
     pub fn sequence(&self, b: usize) -> NsaInputs<T> {
         let r = self.seq_range(b);
         let len = r.len();
-        let slice =
-            |v: &Vec<T>, per_token: usize| v[r.start * per_token..r.end * per_token].to_vec();
+        self.gather(&r.collect::<Vec<_>>(), vec![0, len])
+    }
+
+    /// A new batch made of the packed tokens `rows` (in that order) with boundaries
+    /// `cu_seqlens` (which must end at `rows.len()`). Panics if a row is out of range.
+    pub fn gather(&self, rows: &[usize], cu_seqlens: Vec<usize>) -> NsaInputs<T> {
         let n = self.num_tokens().max(1);
+        let pick = |v: &Vec<T>| {
+            let per = v.len() / n;
+            let mut out = Vec::with_capacity(rows.len() * per);
+            for &r in rows {
+                out.extend_from_slice(&v[r * per..(r + 1) * per]);
+            }
+            out
+        };
         NsaInputs {
             dk: self.dk,
             dv: self.dv,
-            cu_seqlens: vec![0, len],
-            q: slice(&self.q, self.q.len() / n),
-            k_cmp: slice(&self.k_cmp, self.k_cmp.len() / n),
-            v_cmp: slice(&self.v_cmp, self.v_cmp.len() / n),
-            k_slc: slice(&self.k_slc, self.k_slc.len() / n),
-            v_slc: slice(&self.v_slc, self.v_slc.len() / n),
-            k_win: slice(&self.k_win, self.k_win.len() / n),
-            v_win: slice(&self.v_win, self.v_win.len() / n),
-            g_cmp: slice(&self.g_cmp, self.g_cmp.len() / n),
-            g_slc: slice(&self.g_slc, self.g_slc.len() / n),
-            g_win: slice(&self.g_win, self.g_win.len() / n),
+            cu_seqlens,
+            q: pick(&self.q),
+            k_cmp: pick(&self.k_cmp),
+            v_cmp: pick(&self.v_cmp),
+            k_slc: pick(&self.k_slc),
+            v_slc: pick(&self.v_slc),
+            k_win: pick(&self.k_win),
+            v_win: pick(&self.v_win),
+            g_cmp: pick(&self.g_cmp),
+            g_slc: pick(&self.g_slc),
+            g_win: pick(&self.g_win),
         }
     }
 }

@@ -8,8 +8,12 @@
 //! - [`inputs`]: the tensors of a call (packed, `cu_seqlens`), `phi` parameters, outputs, grads;
 //! - [`blocks`]: the block index arithmetic every backend shares;
 //! - [`cache`]: decoding state (raw K/V, rolling compression buffer, compressed K/V);
-//! - [`reference`]: float64 forward, backward and decoding, plain loops: the oracle;
+//! - [`reference`](mod@reference): float64 forward, backward and decoding, plain loops: the oracle;
+//! - [`cpu`]: the fast f32 path (blocked, multi-threaded); `cuda` (feature `cuda`): the GPU kernels;
+//! - [`replay`]: prefill-then-decode through a cache, reassembled like a forward;
 //! - [`testing`]: comparison helpers.
+//!
+//! The entry points [`forward`], [`backward`] and [`decode_replay`] dispatch on a [`Device`].
 
 pub mod blocks;
 pub mod cache;
@@ -17,6 +21,8 @@ pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod inputs;
+mod op;
+pub mod replay;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod reference;
@@ -24,4 +30,8 @@ pub mod testing;
 
 pub use config::{NsaConfig, NsaConfigBuilder, PhiKind};
 pub use error::{NsaError, Result};
+pub use op::{
+    backward, decode_replay, forward, reference_backward, reference_decode_replay,
+    reference_forward, Device,
+};
 pub use inputs::{NsaGrads, NsaInputs, NsaOutput, PhiParams, PhiShapes, PhiWeights};

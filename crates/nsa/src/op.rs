@@ -1,0 +1,148 @@
+//! The one public op with its backends behind it: the caller picks a device and gets the same
+//! function (SPEC.md) and the same errors. Inputs are f32 (bf16/f16 files are widened on load).
+
+use crate::config::NsaConfig;
+use crate::error::{NsaError, Result};
+use crate::inputs::{NsaGrads, NsaInputs, NsaOutput, PhiParams};
+use std::str::FromStr;
+
+/// Where the fast path runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The multi-threaded f32 CPU path.
+    Cpu,
+    /// A CUDA GPU by ordinal (needs the `cuda` feature).
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = NsaError;
+    /// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    NsaError::Unsupported(format!("device `{s}` (use cpu, cuda or cuda:N)"))
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda<T>() -> Result<T> {
+    Err(NsaError::CudaUnavailable(
+        "this build has no CUDA support (rebuild with `--features cuda`)".into(),
+    ))
+}
+
+/// NSA forward on `device`.
+pub fn forward(
+    device: &Device,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+) -> Result<NsaOutput<f32>> {
+    match device {
+        Device::Cpu => crate::cpu::forward(cfg, x, phi),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let ctx = crate::cuda::CudaContext::new(*ordinal)?;
+            crate::cuda::forward(&ctx, cfg, x, phi)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => no_cuda(),
+    }
+}
+
+/// NSA backward on `device`: gradients of `sum(o * d_o)` with respect to every input.
+pub fn backward(
+    device: &Device,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    d_o: &[f32],
+) -> Result<NsaGrads<f32>> {
+    match device {
+        Device::Cpu => crate::cpu::backward(cfg, x, phi, d_o),
+        Device::Cuda(_) => Err(NsaError::Unsupported(
+            "the CUDA backward pass is not implemented yet; use --device cpu".into(),
+        )),
+    }
+}
+
+/// The float64 reference on f32 inputs (widened, then rounded back).
+pub fn reference_forward(
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+) -> Result<NsaOutput<f32>> {
+    let out = crate::reference::forward(cfg, &x.map(f64::from), &phi.map(f64::from))?;
+    Ok(out.map(|v| v as f32))
+}
+
+/// The float64 reference backward on f32 inputs.
+pub fn reference_backward(
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    d_o: &[f32],
+) -> Result<NsaGrads<f32>> {
+    let d_o: Vec<f64> = d_o.iter().map(|&v| v as f64).collect();
+    let g = crate::reference::backward(cfg, &x.map(f64::from), &phi.map(f64::from), &d_o)?;
+    Ok(g.map(|v| v as f32))
+}
+
+/// Prefill `[0, prefill)` of every sequence, then decode the rest token by token through the
+/// cache of `device`'s backend; the rows equal [`forward`]'s.
+pub fn decode_replay(
+    device: &Device,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    prefill: usize,
+) -> Result<NsaOutput<f32>> {
+    match device {
+        Device::Cpu => crate::replay::replay(
+            cfg,
+            x,
+            prefill,
+            |c, cache, b, xs| crate::cpu::decode::prefill(c, cache, b, xs, phi),
+            |c, cache, xs| crate::cpu::decode::step(c, cache, xs, phi),
+        ),
+        Device::Cuda(_) => Err(NsaError::Unsupported(
+            "GPU decoding is not implemented yet; use --device cpu".into(),
+        )),
+    }
+}
+
+/// [`decode_replay`] through the float64 reference's cache.
+pub fn reference_decode_replay(
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    prefill: usize,
+) -> Result<NsaOutput<f32>> {
+    let phi = phi.map(f64::from);
+    let out = crate::replay::replay(
+        cfg,
+        &x.map(f64::from),
+        prefill,
+        |c, cache, b, xs| crate::reference::decode::prefill(c, cache, b, xs, &phi),
+        |c, cache, xs| crate::reference::decode::step(c, cache, xs, &phi),
+    )?;
+    Ok(out.map(|v| v as f32))
+}
