@@ -1,0 +1,145 @@
+//! `nsa bench`: timing sweeps of NSA against dense attention, written to
+//! `bench/results/<device>-<date>.{md,json}` (see [`records`] for the schema, shared with the
+//! Python peer script, and [`cpu`] for what is measured and how flops are counted).
+
+pub mod cpu;
+pub mod records;
+
+use clap::{Args, ValueEnum};
+use records::{fill_speedups, read_records, today, write_results, BenchRecord};
+use std::path::PathBuf;
+
+/// Where the benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDevice {
+    Cpu,
+    Cuda,
+}
+
+/// Arguments of `nsa bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Device to benchmark.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: BenchDevice,
+    /// Where the `.md` and `.json` results go.
+    #[arg(long, default_value = "bench/results")]
+    pub out_dir: PathBuf,
+    /// Sequence lengths for forward and forward+backward (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub lengths: Option<Vec<usize>>,
+    /// Context lengths for the decode step (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub decode: Option<Vec<usize>>,
+    /// Head configurations `HQxHKVxD` (comma separated), e.g. `16x1x64,32x2x128`.
+    #[arg(long, value_delimiter = ',')]
+    pub configs: Option<Vec<cpu::HeadConfig>>,
+    /// Ops to run: forward, forward_backward, decode (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub ops: Option<Vec<String>>,
+    /// Timed repetitions per measurement (median reported).
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// Batch size of forward/backward runs.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Sequences per decode step.
+    #[arg(long, default_value_t = 8)]
+    pub decode_batch: usize,
+    /// Rayon threads (default: all logical CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Smoke-sized sweep (lengths 1k, 2k; decode 2k, 4k; 3 reps).
+    #[arg(long)]
+    pub quick: bool,
+    /// Skip the dense baseline.
+    #[arg(long)]
+    pub no_dense: bool,
+    /// JSON files of peer records (same schema, e.g. `impl: "torch-cpu"`) to merge into the table.
+    #[arg(long)]
+    pub peers: Vec<PathBuf>,
+    /// Name prefix of the result files (default: the device).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+impl BenchArgs {
+    /// The CPU sweep these arguments ask for.
+    pub fn cpu_args(&self) -> cpu::CpuBenchArgs {
+        let mut a = cpu::CpuBenchArgs::default();
+        if self.quick {
+            a.lengths = vec![1024, 2048];
+            a.decode_lengths = vec![2048, 4096];
+            a.reps = 3;
+        }
+        if let Some(l) = &self.lengths {
+            a.lengths = l.clone();
+        }
+        if let Some(l) = &self.decode {
+            a.decode_lengths = l.clone();
+        }
+        if let Some(c) = &self.configs {
+            a.configs = c.clone();
+        }
+        if let Some(o) = &self.ops {
+            a.ops = o.clone();
+        }
+        if let Some(r) = self.reps {
+            a.reps = r;
+        }
+        a.batch = self.batch;
+        a.decode_batch = self.decode_batch;
+        a.no_dense = self.no_dense;
+        a
+    }
+}
+
+fn check_ops(ops: &[String]) -> nsa::Result<()> {
+    for o in ops {
+        if !["forward", "forward_backward", "decode"].contains(&o.as_str()) {
+            return Err(nsa::NsaError::Unsupported(format!(
+                "bench op `{o}` (expected forward, forward_backward or decode)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the benchmark, prints the table and writes the result files.
+pub fn run(args: &BenchArgs) -> nsa::Result<()> {
+    if args.device == BenchDevice::Cuda {
+        return Err(nsa::NsaError::CudaUnavailable(
+            "the CUDA benchmark is not built into this binary yet".into(),
+        ));
+    }
+    let cargs = args.cpu_args();
+    check_ops(&cargs.ops)?;
+    for l in cargs.lengths.iter().chain(&cargs.decode_lengths) {
+        if *l < 2 {
+            return Err(nsa::NsaError::Unsupported(format!(
+                "bench length {l} (need at least 2)"
+            )));
+        }
+    }
+    let mut peers: Vec<BenchRecord> = Vec::new();
+    for p in &args.peers {
+        peers.extend(read_records(p)?);
+    }
+    let mut records = match args.threads {
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| nsa::NsaError::Unsupported(format!("thread pool: {e}")))?
+            .install(|| cpu::run_cpu(&cargs))?,
+        None => cpu::run_cpu(&cargs)?,
+    };
+    records.extend(peers);
+    fill_speedups(&mut records, "dense-cpu");
+    let date = today();
+    let name = args.name.clone().unwrap_or_else(|| "cpu".into());
+    let title = format!("NSA CPU benchmark, {date}");
+    println!("{}", records::markdown(&title, &records, "nsa"));
+    let (md, js) = write_results(&args.out_dir, &name, &date, &title, &records, "nsa")?;
+    eprintln!("wrote {} and {}", md.display(), js.display());
+    Ok(())
+}
