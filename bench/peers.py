@@ -23,6 +23,7 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -260,6 +261,18 @@ def short(err, limit=240):
     return f"{type(err).__name__}: {text[:limit]}"
 
 
+def refusal_reason(caught, err):
+    """The backend's own reasons (PyTorch's UserWarnings) for refusing a shape, trimmed."""
+    msgs = []
+    for w in caught:
+        m = re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", str(w.message))
+        m = " ".join(m.split())
+        if not m or m.endswith("because:") or "runtime disabled" in m:
+            continue
+        msgs.append(m[:200])
+    return "; ".join(dict.fromkeys(msgs)) or short(err)
+
+
 def free_memory():
     gc.collect()
     if torch is not None and torch.cuda.is_available():
@@ -492,8 +505,7 @@ class Bench:
                         torch.cuda.synchronize()
                 except RuntimeError as e:
                     if not is_oom(e) and "no available kernel" in str(e).lower():
-                        why = "; ".join(" ".join(str(w.message).split())[:200] for w in caught[:3])
-                        raise Skip(f"backend refused ({why or short(e)})") from None
+                        raise Skip(f"backend refused ({refusal_reason(caught, e)})") from None
                     raise
             finite = all_finite(out)
             del out
@@ -603,6 +615,9 @@ class Bench:
     def run_case(self, impl, op, b, hq, hkv, t, dk, dv):
         g = hq // hkv
         what = f"{impl} {op} B={b} T={t} HQ={hq} HKV={hkv} dk={dk} dv={dv}"
+        if self.args.budget_s and time.perf_counter() - self.t0 > self.args.budget_s:
+            skip(what, f"--budget-s {self.args.budget_s:g} spent")
+            return
         if impl == IMPL_FLA:
             if g < 16 or (g & (g - 1)) != 0:
                 skip(what, f"fla parallel_nsa needs HQ/HKV a power of 2 >= 16 (G={g})")
@@ -805,6 +820,8 @@ def parse_args(argv):
     p.add_argument("--decode-eager", action="store_true", help="time decode without CUDA graphs")
     p.add_argument("--check-len", type=int, default=1024, help="T of the correctness check")
     p.add_argument("--no-check", action="store_true", help="skip the dense correctness check")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="start no new measurement after this many seconds (0: no limit)")
     p.add_argument("--out", default=None, help="JSON output path (a list of records)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed measurements")
     a = p.parse_args(argv)

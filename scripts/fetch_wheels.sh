@@ -13,6 +13,9 @@ set -euo pipefail
 
 cd "$(git rev-parse --show-toplevel)"
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+# Triton's on-disk cache (compiled kernels + fla's autotune results), brought back from the GPU
+# machine and carried to skip fla's autotuning on the next call (bench/README.md).
+grep -qx '/.triton-cache/' .git/info/exclude 2>/dev/null || echo '/.triton-cache/' >> .git/info/exclude
 
 FLA_VERSION=0.6.0
 WHEELS=("flash-linear-attention==${FLA_VERSION}" "fla-core==${FLA_VERSION}")
