@@ -48,6 +48,7 @@ fn logits(q: MatRef<'_>, segs: &[Seg<'_>], s: &mut [f32], ncols: usize) {
 
 /// `out (+)= alpha * M[:, seg cols] @ X_seg` summed over segments; `m` is `rows x ncols`.
 /// `beta` applies to the first segment (0 overwrites `out`).
+#[allow(clippy::too_many_arguments)]
 fn times_segments(
     alpha: f32,
     m: &[f32],

@@ -11,7 +11,7 @@
 //!   (flash-decoding) whose partial results are merged in a fixed order.
 
 use super::attend::{self, gather_heads, gather_rows, Seg};
-use super::tile::{ensure, exp_f32, gemm, max_of, sum_of, MatMut, MatRef};
+use super::tile::{ensure, exp_f32, exp_shift_sum, gemm, max_of, MatMut, MatRef};
 use super::{head_chunks, kv_rows, split_tiles, tiles, to_token_major};
 use crate::error::{NsaError, Result};
 use crate::inputs::validate_cu_seqlens;
@@ -117,15 +117,13 @@ fn online_block(
         }
         let kept = &mut row[..h];
         let m_new = st.m[r].max(max_of(kept));
-        for x in kept.iter_mut() {
-            *x = exp_f32(*x - m_new);
-        }
+        let sum = exp_shift_sum(kept, m_new);
         let alpha = if st.m[r] == f32::NEG_INFINITY {
             0.0
         } else {
             exp_f32(st.m[r] - m_new)
         };
-        st.l[r] = st.l[r] * alpha + sum_of(kept);
+        st.l[r] = st.l[r] * alpha + sum;
         st.m[r] = m_new;
         st.o[r * dv..(r + 1) * dv]
             .iter_mut()

@@ -69,6 +69,7 @@ impl BlockLayout {
     }
 
     /// `X_r` of sequence `b`, head `g`, blocks `i0 .. i0 + rows`: `[rows, D]` strided view.
+    #[allow(clippy::too_many_arguments)]
     fn x_r<'a>(
         &self,
         x: &'a [f32],

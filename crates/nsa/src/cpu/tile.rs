@@ -140,7 +140,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * r2 + r + 1.0;
     // n sits in the low mantissa bits of `big`; 2^n is built from the exponent field.
     let ni = (big.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
@@ -148,7 +148,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 }
 
 /// Largest element (8 independent lanes so it vectorises); `-inf` for an empty slice.
-#[inline]
+#[inline(always)]
 pub(crate) fn max_of(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let mut it = x.chunks_exact(8);
@@ -165,7 +165,7 @@ pub(crate) fn max_of(x: &[f32]) -> f32 {
 }
 
 /// Sum with 8 lanes (a fixed order, so the result is reproducible).
-#[inline]
+#[inline(always)]
 pub(crate) fn sum_of(x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let mut it = x.chunks_exact(8);
@@ -222,6 +222,34 @@ pub(crate) fn softmax_rows(
     ranges: &[(usize, usize)],
     lse: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { softmax_rows_avx2(s, ld, ncols, ranges, lse) };
+    }
+    softmax_rows_body(s, ld, ncols, ranges, lse)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2(
+    s: &mut [f32],
+    ld: usize,
+    ncols: usize,
+    ranges: &[(usize, usize)],
+    lse: &mut [f32],
+) {
+    softmax_rows_body(s, ld, ncols, ranges, lse)
+}
+
+#[inline(always)]
+fn softmax_rows_body(
+    s: &mut [f32],
+    ld: usize,
+    ncols: usize,
+    ranges: &[(usize, usize)],
+    lse: &mut [f32],
+) {
     for (r, (&(lo, hi), l)) in ranges.iter().zip(lse.iter_mut()).enumerate() {
         let row = &mut s[r * ld..r * ld + ncols];
         let (lo, hi) = (lo.min(ncols), hi.min(ncols));
@@ -259,6 +287,39 @@ pub(crate) fn probs_and_dscores(
     lse: &[f32],
     delta: &[f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { probs_and_dscores_avx2(s, dp, ld, ncols, ranges, lse, delta) };
+    }
+    probs_and_dscores_body(s, dp, ld, ncols, ranges, lse, delta)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn probs_and_dscores_avx2(
+    s: &mut [f32],
+    dp: &mut [f32],
+    ld: usize,
+    ncols: usize,
+    ranges: &[(usize, usize)],
+    lse: &[f32],
+    delta: &[f32],
+) {
+    probs_and_dscores_body(s, dp, ld, ncols, ranges, lse, delta)
+}
+
+#[inline(always)]
+fn probs_and_dscores_body(
+    s: &mut [f32],
+    dp: &mut [f32],
+    ld: usize,
+    ncols: usize,
+    ranges: &[(usize, usize)],
+    lse: &[f32],
+    delta: &[f32],
+) {
     for (r, &(lo, hi)) in ranges.iter().enumerate() {
         let prow = &mut s[r * ld..r * ld + ncols];
         let drow = &mut dp[r * ld..r * ld + ncols];
@@ -279,6 +340,40 @@ pub(crate) fn probs_and_dscores(
             *d = pv * (*d - dl);
         }
     }
+}
+
+/// `x <- exp(x - m)` for every element; returns the sum (the online softmax of the dense
+/// baseline).
+pub(crate) fn exp_shift_sum(x: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { exp_shift_sum_avx2(x, m) };
+    }
+    exp_shift_sum_body(x, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shift_sum_avx2(x: &mut [f32], m: f32) -> f32 {
+    exp_shift_sum_body(x, m)
+}
+
+#[inline(always)]
+fn exp_shift_sum_body(x: &mut [f32], m: f32) -> f32 {
+    for v in x.iter_mut() {
+        *v = exp_f32(*v - m);
+    }
+    sum_of(x)
+}
+
+/// Whether the elementwise kernels may run their AVX2 build. The AVX2 and baseline builds
+/// compute bitwise the same values: the code has no fused multiply-adds for the compiler to
+/// form (Rust never contracts `a * b + c`) and every reduction has a fixed 8-lane order.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Grows `v` to at least `n` elements (contents unspecified: callers write before reading).
