@@ -15,14 +15,20 @@ import json, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except Exception: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"] and m["target"]["name"].startswith("cuda"):
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" "$PACK/tests/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
+
+# standalone CUDA timing (examples/cuda_bench.rs)
+cargo build -p nsa --features cuda --release --example cuda_bench
+cp target/release/examples/cuda_bench "$PACK/bin/"
 
 # the CLI (benchmarks), when it builds with the cuda feature
 if cargo build -p nsa-cli --features cuda --release 2>/dev/null; then
   cp target/release/nsa "$PACK/bin/" 2>/dev/null || true
 fi
 cp scripts/run_gpu.sh "$PACK/"
+# the release profile keeps debug info; the device tool carries at most 64 MiB
+strip "$PACK"/tests/* "$PACK"/bin/* 2>/dev/null || true
 ls -la "$PACK" "$PACK/tests" "$PACK/bin"
 du -sh "$PACK"

@@ -17,8 +17,8 @@ if [[ $WHAT == tests || $WHAT == all ]]; then
     [[ ${PIPESTATUS[0]} == 0 ]] || status=1
   done
 fi
-if [[ $WHAT == bench || $WHAT == all ]] && [[ -x gpu-pack/bin/nsa ]]; then
+if [[ $WHAT == bench || $WHAT == all ]] && [[ -x gpu-pack/bin/cuda_bench ]]; then
   echo "=== bench"
-  gpu-pack/bin/nsa bench --backend cuda "$@" 2>&1 | tee "$LOG/bench.log"
+  gpu-pack/bin/cuda_bench "$@" 2>&1 | tee "$LOG/bench.log"
 fi
 exit $status

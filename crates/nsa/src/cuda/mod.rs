@@ -12,6 +12,7 @@
 //!
 //! Every tensor offset inside the kernels is 64-bit; token counts must fit in `i32`.
 
+pub mod bench;
 mod module;
 
 pub use module::{compile, Compiled, Family, Shape};
@@ -41,13 +42,16 @@ pub(crate) fn driver_err(e: driver::DriverError) -> NsaError {
     }
 }
 
+/// Family, kernel name and compile options of a loaded kernel.
+type FunctionKey = (Family, String, Vec<String>);
+
 /// A GPU, its stream and the kernels compiled for it so far.
 pub struct CudaContext {
     ctx: Arc<driver::CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
     max_smem: usize,
-    functions: Mutex<HashMap<(Family, Vec<String>), CudaFunction>>,
+    functions: Mutex<HashMap<FunctionKey, CudaFunction>>,
 }
 
 impl CudaContext {
@@ -109,7 +113,19 @@ impl CudaContext {
     }
 
     fn function(&self, family: Family, shape: &Shape, smem: usize) -> Result<CudaFunction> {
-        let key = (family, module::options(shape, &self.arch));
+        self.named_function(family, family.kernel(), shape, smem)
+    }
+
+    /// Kernel `name` of `family` compiled for `shape` (compiled and loaded on first use), with
+    /// its dynamic shared memory limit raised to `smem` bytes.
+    fn named_function(
+        &self,
+        family: Family,
+        name: &str,
+        shape: &Shape,
+        smem: usize,
+    ) -> Result<CudaFunction> {
+        let key = (family, name.to_string(), module::options(shape, &self.arch));
         let mut map = self
             .functions
             .lock()
@@ -122,12 +138,14 @@ impl CudaContext {
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
             .map_err(driver_err)?;
-        let f = module.load_function(family.kernel()).map_err(driver_err)?;
-        f.set_attribute(
-            driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(driver_err)?;
+        let f = module.load_function(name).map_err(driver_err)?;
+        if smem > 0 {
+            f.set_attribute(
+                driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(driver_err)?;
+        }
         map.insert(key, f.clone());
         Ok(f)
     }
@@ -292,7 +310,38 @@ impl DeviceInputs {
     pub fn upload(ctx: &CudaContext, cfg: &NsaConfig, x: &NsaInputs<f32>) -> Result<Self> {
         x.validate(cfg)?;
         check_supported(cfg, x.dk, x.dv)?;
-        let n = x.num_tokens();
+        let mut dev = Self::allocate(ctx, cfg, &x.cu_seqlens, x.dk, x.dv)?;
+        let s = &ctx.stream;
+        let bf = |v: &Vec<f32>, dst: &mut CudaSlice<u16>| {
+            s.memcpy_htod(&to_bf16_bits(v), dst).map_err(driver_err)
+        };
+        bf(&x.q, &mut dev.q)?;
+        for (br, (k, v)) in [
+            (&x.k_cmp, &x.v_cmp),
+            (&x.k_slc, &x.v_slc),
+            (&x.k_win, &x.v_win),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            bf(k, &mut dev.k[br])?;
+            bf(v, &mut dev.v[br])?;
+        }
+        for (br, g) in [&x.g_cmp, &x.g_slc, &x.g_win].into_iter().enumerate() {
+            s.memcpy_htod(g, &mut dev.gates[br]).map_err(driver_err)?;
+        }
+        Ok(dev)
+    }
+
+    /// Allocates every buffer of a batch layout (contents undefined) and uploads the plan.
+    fn allocate(
+        ctx: &CudaContext,
+        cfg: &NsaConfig,
+        cu_seqlens: &[usize],
+        dk: usize,
+        dv: usize,
+    ) -> Result<Self> {
+        let n = *cu_seqlens.last().unwrap_or(&0);
         if n >= i32::MAX as usize / 2 {
             return Err(NsaError::IndexOverflow {
                 what: "tokens",
@@ -300,7 +349,7 @@ impl DeviceInputs {
                 limit: 31,
             });
         }
-        let shape = shape_of(cfg, x.dk, x.dv);
+        let shape = shape_of(cfg, dk, dv);
         let fp = footprint(&shape);
         let need = fp.cmp_smem.max(fp.sel_smem).max(fp.win_smem);
         if need > ctx.max_smem {
@@ -309,21 +358,17 @@ impl DeviceInputs {
                 ctx.max_smem
             )));
         }
-        let plan = build_plan(ctx, cfg, &x.cu_seqlens, &fp)?;
+        let plan = build_plan(ctx, cfg, cu_seqlens, &fp)?;
         let s = &ctx.stream;
-        let bf = |v: &Vec<f32>| s.clone_htod(&to_bf16_bits(v)).map_err(driver_err);
-        let f = |v: &Vec<f32>| s.clone_htod(v).map_err(driver_err);
-        let hkv = cfg.kv_heads;
+        let (hq, hkv) = (cfg.heads, cfg.kv_heads);
         let ncmp = plan.n_cmp_total.max(1);
-        // SAFETY: the scratch buffers are fully written by the kernels before any read.
-        let (kc, vc, sel_idx, out) = unsafe {
-            (
-                s.alloc::<u16>(ncmp * hkv * x.dk).map_err(driver_err)?,
-                s.alloc::<u16>(ncmp * hkv * x.dv).map_err(driver_err)?,
-                s.alloc::<i32>(n * hkv * cfg.sel_count)
-                    .map_err(driver_err)?,
-                s.alloc::<f32>(n * cfg.heads * x.dv).map_err(driver_err)?,
-            )
+        let bf = |len: usize| -> Result<CudaSlice<u16>> {
+            // SAFETY: every buffer is written (upload, fill or a kernel) before it is read.
+            unsafe { s.alloc::<u16>(len) }.map_err(driver_err)
+        };
+        let f = |len: usize| -> Result<CudaSlice<f32>> {
+            // SAFETY: as above.
+            unsafe { s.alloc::<f32>(len) }.map_err(driver_err)
         };
         Ok(DeviceInputs {
             cfg: cfg.clone(),
@@ -331,15 +376,84 @@ impl DeviceInputs {
             fp,
             n_tokens: n,
             plan,
-            q: bf(&x.q)?,
-            k: [bf(&x.k_cmp)?, bf(&x.k_slc)?, bf(&x.k_win)?],
-            v: [bf(&x.v_cmp)?, bf(&x.v_slc)?, bf(&x.v_win)?],
-            gates: [f(&x.g_cmp)?, f(&x.g_slc)?, f(&x.g_win)?],
-            kc,
-            vc,
-            sel_idx,
-            out,
+            q: bf(n * hq * dk)?,
+            k: [bf(n * hkv * dk)?, bf(n * hkv * dk)?, bf(n * hkv * dk)?],
+            v: [bf(n * hkv * dv)?, bf(n * hkv * dv)?, bf(n * hkv * dv)?],
+            gates: [f(n * hq)?, f(n * hq)?, f(n * hq)?],
+            kc: bf(ncmp * hkv * dk)?,
+            vc: bf(ncmp * hkv * dv)?,
+            // SAFETY: as above.
+            sel_idx: unsafe { s.alloc::<i32>(n * hkv * cfg.sel_count) }.map_err(driver_err)?,
+            out: f(n * hq * dv)?,
         })
+    }
+
+    /// Random inputs generated on the device (benchmarks: no host copy of the activations):
+    /// q, k, v ~ N(0, 1) in bf16, gates ~ U(0, 1); with `shared_kv` the branches' K/V are
+    /// equal (separate buffers with the same content).
+    pub fn random(
+        ctx: &CudaContext,
+        cfg: &NsaConfig,
+        seqlens: &[usize],
+        dk: usize,
+        dv: usize,
+        shared_kv: bool,
+        seed: u64,
+    ) -> Result<Self> {
+        check_supported(cfg, dk, dv)?;
+        let mut cu = vec![0usize];
+        for &l in seqlens {
+            cu.push(cu.last().unwrap() + l);
+        }
+        crate::inputs::validate_cu_seqlens(&cu, *cu.last().unwrap())?;
+        let n = *cu.last().unwrap();
+        let mut dev = Self::allocate(ctx, cfg, &cu, dk, dv)?;
+        let shape = dev.shape.clone();
+        let f_norm = ctx.named_function(Family::Fill, "fill_normal_bf16", &shape, 0)?;
+        let f_unif = ctx.named_function(Family::Fill, "fill_uniform_f32", &shape, 0)?;
+        let s = &ctx.stream;
+        let cfg_launch = LaunchConfig {
+            grid_dim: (4096, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut tag = 0u64;
+        let mut next_seed = || {
+            tag += 1;
+            seed ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        };
+        let sq = next_seed();
+        let (sk, sv) = (next_seed(), next_seed());
+        let fill_bf = |buf: &mut CudaSlice<u16>, sd: u64| -> Result<()> {
+            let len = buf.len() as i64;
+            let mut b = s.launch_builder(&f_norm);
+            b.arg(buf).arg(&len).arg(&sd);
+            // SAFETY: matches `fill_normal_bf16`; the grid-stride loop covers `len` elements.
+            unsafe { b.launch(cfg_launch) }
+                .map(|_| ())
+                .map_err(driver_err)
+        };
+        fill_bf(&mut dev.q, sq)?;
+        for br in 0..3 {
+            let (kseed, vseed) = if shared_kv || br == 0 {
+                (sk, sv)
+            } else {
+                (next_seed(), next_seed())
+            };
+            fill_bf(&mut dev.k[br], kseed)?;
+            fill_bf(&mut dev.v[br], vseed)?;
+        }
+        for br in 0..3 {
+            let sd = next_seed();
+            let len = dev.gates[br].len() as i64;
+            let mut b = s.launch_builder(&f_unif);
+            b.arg(&mut dev.gates[br]).arg(&len).arg(&sd);
+            // SAFETY: matches `fill_uniform_f32`.
+            unsafe { b.launch(cfg_launch) }.map_err(driver_err)?;
+        }
+        s.synchronize().map_err(driver_err)?;
+        debug_assert_eq!(dev.n_tokens, n);
+        Ok(dev)
     }
 
     /// Fills the outputs with NaN (tests: every element must be written by the kernels).

@@ -24,15 +24,18 @@ pub enum Family {
     SelAttn,
     /// Sliding-window attention.
     WinAttn,
+    /// Device-side random inputs (benchmarks).
+    Fill,
 }
 
 impl Family {
     /// Every family, for compile-only checks.
-    pub const ALL: [Family; 4] = [
+    pub const ALL: [Family; 5] = [
         Family::Compress,
         Family::CmpAttn,
         Family::SelAttn,
         Family::WinAttn,
+        Family::Fill,
     ];
 
     /// The `.cu` source of the family (without the prelude).
@@ -42,6 +45,7 @@ impl Family {
             Family::CmpAttn => include_str!("kernels/cmp_attn.cu"),
             Family::SelAttn => include_str!("kernels/sel_attn.cu"),
             Family::WinAttn => include_str!("kernels/win_attn.cu"),
+            Family::Fill => include_str!("kernels/fill.cu"),
         }
     }
 
@@ -52,6 +56,7 @@ impl Family {
             Family::CmpAttn => "cmp_attn_topn",
             Family::SelAttn => "sel_attn",
             Family::WinAttn => "win_attn",
+            Family::Fill => "fill_normal_bf16",
         }
     }
 }
