@@ -91,7 +91,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     println!("nsa demo: Native Sparse Attention on the CPU ({threads} threads)");
     println!(
         "  config: HQ={} HKV={} dk={dk} dv={dv}, l={} d={} l'={} n={} w={}, phi=mlp",
-        cfg.heads, cfg.kv_heads, cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, cfg.sel_count, cfg.window
+        cfg.heads,
+        cfg.kv_heads,
+        cfg.cmp_block,
+        cfg.cmp_stride,
+        cfg.sel_block,
+        cfg.sel_count,
+        cfg.window
     );
 
     // 1. Correctness against the float64 reference, on a varlen batch of two sequences.
@@ -103,7 +109,9 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let d_o = NsaInputs::random(&cfg, &[x.num_tokens()], dv, dv, true, seed ^ 1).q;
     let mut checks = Checks { failed: 0 };
 
-    let want = step("reference forward", || nsa::reference_forward(&cfg, &x, &phi))?;
+    let want = step("reference forward", || {
+        nsa::reference_forward(&cfg, &x, &phi)
+    })?;
     let got = nsa::forward(&Device::Cpu, &cfg, &x, &phi)?;
     checks.rms("forward o", &got.o, &want.o);
     let (scores, max_blocks) = step("reference selection scores", || {
@@ -111,10 +119,19 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     })?;
     checks.flag(
         "top-n (tie-aware)",
-        check_selection_tie_aware(&cfg, &x.cu_seqlens, &want.sel_idx, &got.sel_idx, &scores, max_blocks),
+        check_selection_tie_aware(
+            &cfg,
+            &x.cu_seqlens,
+            &want.sel_idx,
+            &got.sel_idx,
+            &scores,
+            max_blocks,
+        ),
     );
 
-    let gwant = step("reference backward", || nsa::reference_backward(&cfg, &x, &phi, &d_o))?;
+    let gwant = step("reference backward", || {
+        nsa::reference_backward(&cfg, &x, &phi, &d_o)
+    })?;
     let ggot = nsa::backward(&Device::Cpu, &cfg, &x, &phi, &d_o)?;
     for ((name, g), (_, w)) in ggot.named().into_iter().zip(gwant.named()) {
         checks.rms(&format!("backward {name}"), g, w);
@@ -131,7 +148,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             let m = max_abs(g, w);
             let ok = m < 1e-4;
             checks.failed += usize::from(!ok);
-            println!("  {:<28} max |err| {m:>9.2e} (true gradient 0)  {}", format!("backward d{name}"), if ok { "ok" } else { "FAIL" });
+            println!(
+                "  {:<28} max |err| {m:>9.2e} (true gradient 0)  {}",
+                format!("backward d{name}"),
+                if ok { "ok" } else { "FAIL" }
+            );
         } else {
             checks.rms(&format!("backward d{name}"), g, w);
         }
@@ -139,31 +160,57 @@ pub fn run(a: &DemoArgs) -> Result<()> {
 
     let prefill = seqlens[1] / 2;
     let replayed = nsa::decode_replay(&Device::Cpu, &cfg, &x, &phi, prefill)?;
-    checks.rms(&format!("decode from {prefill} vs fwd"), &replayed.o, &got.o);
+    checks.rms(
+        &format!("decode from {prefill} vs fwd"),
+        &replayed.o,
+        &got.o,
+    );
     checks.flag(
         "decode top-n (tie-aware)",
-        check_selection_tie_aware(&cfg, &x.cu_seqlens, &want.sel_idx, &replayed.sel_idx, &scores, max_blocks),
+        check_selection_tie_aware(
+            &cfg,
+            &x.cu_seqlens,
+            &want.sel_idx,
+            &replayed.sel_idx,
+            &scores,
+            max_blocks,
+        ),
     );
 
     // 2. Speed against dense causal attention (same machine, same threads).
     let t = a.speed_len.unwrap_or(if a.quick { 2048 } else { 8192 });
-    println!("\n2. speed at T = {t} (one sequence), {threads} threads: median of {reps} forward runs,\n   one forward+backward run, median of 21 decode steps");
     let xs = NsaInputs::random(&cfg, &[t], dk, dv, true, seed ^ 2);
     let d_os = NsaInputs::random(&cfg, &[t], dv, dv, true, seed ^ 3).q;
-    let sh = DenseShape { heads: cfg.heads, kv_heads: cfg.kv_heads, dk, dv, scale: None };
+    let sh = DenseShape {
+        heads: cfg.heads,
+        kv_heads: cfg.kv_heads,
+        dk,
+        dv,
+        scale: None,
+    };
     let cu = xs.cu_seqlens.clone();
     let reps = if a.quick { 1 } else { 3 };
+    println!("\n2. speed at T = {t} (one sequence), {threads} threads: median of {reps} forward runs,\n   one forward+backward run, median of 21 decode steps");
     let bar = ProgressBar::new(6);
-    bar.set_style(ProgressStyle::with_template("  [{bar:30}] {pos}/{len} {msg} ({elapsed})").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template("  [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("template"),
+    );
     bar.set_message("NSA forward");
-    let nsa_fwd = median_ms(reps, || nsa::forward(&Device::Cpu, &cfg, &xs, &phi).map(|_| ()))?;
+    let nsa_fwd = median_ms(reps, || {
+        nsa::forward(&Device::Cpu, &cfg, &xs, &phi).map(|_| ())
+    })?;
     bar.inc(1);
     bar.set_message("dense forward");
-    let dense_fwd = median_ms(reps, || dense::forward(&sh, &cu, &xs.q, &xs.k_slc, &xs.v_slc).map(|_| ()))?;
+    let dense_fwd = median_ms(reps, || {
+        dense::forward(&sh, &cu, &xs.q, &xs.k_slc, &xs.v_slc).map(|_| ())
+    })?;
     bar.inc(1);
     bar.set_message("NSA forward+backward");
     // forward+backward once: dense backward at 8k is the longest step of the demo.
-    let nsa_fb = median_ms(1, || nsa::backward(&Device::Cpu, &cfg, &xs, &phi, &d_os).map(|_| ()))?;
+    let nsa_fb = median_ms(1, || {
+        nsa::backward(&Device::Cpu, &cfg, &xs, &phi, &d_os).map(|_| ())
+    })?;
     bar.inc(1);
     bar.set_message("dense forward+backward");
     let dense_fb = median_ms(1, || {
@@ -191,7 +238,10 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     })?;
     bar.inc(1);
     bar.finish_and_clear();
-    println!("  {:<24} {:>12} {:>12} {:>9}", "op", "NSA ms", "dense ms", "speedup");
+    println!(
+        "  {:<24} {:>12} {:>12} {:>9}",
+        "op", "NSA ms", "dense ms", "speedup"
+    );
     for (op, n, d) in [
         ("forward", nsa_fwd, dense_fwd),
         ("forward+backward", nsa_fb, dense_fb),

@@ -1,30 +1,50 @@
-//! TEMPORARY entry point (written by the CPU-path helper so that `nsa bench` can be built and
-//! smoke-run); the lead engineer's CLI replaces it and dispatches `nsa bench` to `bench::run`.
+//! `nsa`: the command-line face of the library (README, "The CLI").
 
 mod bench;
+mod demo;
+mod problem;
+mod run;
+mod tensors;
 
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "nsa", about = "Native Sparse Attention")]
+#[command(
+    name = "nsa",
+    version,
+    about = "Native Sparse Attention: reference, fast CPU path and CUDA kernels"
+)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Command,
 }
 
 #[derive(Subcommand)]
-enum Cmd {
-    /// Time NSA against dense attention and write bench/results/<device>-<date>.{md,json}.
+enum Command {
+    /// Run the NSA forward pass on a safetensors problem file.
+    Forward(run::ForwardArgs),
+    /// Run the NSA backward pass (needs `do` in the input file).
+    Backward(run::BackwardArgs),
+    /// A small end-to-end problem: correctness against the reference and speed against dense.
+    Demo(demo::DemoArgs),
+    /// Benchmarks against dense attention (and peers, through bench/peers.py results).
     Bench(bench::BenchArgs),
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let res = match cli.cmd {
-        Cmd::Bench(a) => bench::run(&a),
+    let res = match &cli.cmd {
+        Command::Forward(a) => run::forward(a),
+        Command::Backward(a) => run::backward(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Bench(a) => bench::run(a),
     };
-    if let Err(e) = res {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nsa: error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
