@@ -8,7 +8,9 @@
 //! parameters are `phi_k.*` / `phi_v.*` when `phi` is not `mean`.
 
 use crate::tensors::{OutFile, TensorFile};
-use nsa::{NsaConfig, NsaError, NsaGrads, NsaInputs, NsaOutput, PhiKind, PhiParams, PhiWeights, Result};
+use nsa::{
+    NsaConfig, NsaError, NsaGrads, NsaInputs, NsaOutput, PhiKind, PhiParams, PhiWeights, Result,
+};
 
 /// Token dimensions of the file: `[B, T]` (dense) or `[N]` (packed).
 #[derive(Debug, Clone)]
@@ -40,10 +42,18 @@ pub fn read_problem(cfg: &NsaConfig, file: &TensorFile) -> Result<Problem> {
         4 => {
             let (b, t) = (q.shape[0], q.shape[1]);
             if b == 0 || t == 0 {
-                return Err(NsaError::EmptySequence(format!("q has shape {:?}", q.shape)));
+                return Err(NsaError::EmptySequence(format!(
+                    "q has shape {:?}",
+                    q.shape
+                )));
             }
             let cu = (0..=b).map(|i| i * t).collect();
-            (Layout { token_dims: vec![b, t] }, cu)
+            (
+                Layout {
+                    token_dims: vec![b, t],
+                },
+                cu,
+            )
         }
         3 => {
             let n = q.shape[0];
@@ -58,7 +68,12 @@ pub fn read_problem(cfg: &NsaConfig, file: &TensorFile) -> Result<Problem> {
                     .collect::<Result<Vec<usize>>>()?,
                 None => vec![0, n],
             };
-            (Layout { token_dims: vec![n] }, cu)
+            (
+                Layout {
+                    token_dims: vec![n],
+                },
+                cu,
+            )
         }
         _ => {
             return Err(NsaError::ShapeMismatch {
@@ -85,14 +100,23 @@ pub fn read_problem(cfg: &NsaConfig, file: &TensorFile) -> Result<Problem> {
     let hkv = cfg.kv_heads;
     let branch = |name: &str, shared: &str, d: usize| -> Result<Vec<f32>> {
         let shape = layout.shape(&[hkv, d]);
-        let src = if file.floats.contains_key(name) { name } else { shared };
+        let src = if file.floats.contains_key(name) {
+            name
+        } else {
+            shared
+        };
         if !file.floats.contains_key(src) {
-            return Err(NsaError::MissingTensor(format!("{name} (or shared {shared})")));
+            return Err(NsaError::MissingTensor(format!(
+                "{name} (or shared {shared})"
+            )));
         }
         Ok(file.get_shaped(src, &shape)?.data.clone())
     };
     let gate = |name: &str| -> Result<Vec<f32>> {
-        Ok(file.get_shaped(name, &layout.shape(&[cfg.heads]))?.data.clone())
+        Ok(file
+            .get_shaped(name, &layout.shape(&[cfg.heads]))?
+            .data
+            .clone())
     };
     let inputs = NsaInputs {
         dk,
@@ -112,7 +136,11 @@ pub fn read_problem(cfg: &NsaConfig, file: &TensorFile) -> Result<Problem> {
     let phi = read_phi(cfg, file, dk, dv)?;
     inputs.validate(cfg)?;
     phi.validate(cfg, dk, dv)?;
-    Ok(Problem { layout, inputs, phi })
+    Ok(Problem {
+        layout,
+        inputs,
+        phi,
+    })
 }
 
 fn read_phi(cfg: &NsaConfig, file: &TensorFile, dk: usize, dv: usize) -> Result<PhiParams<f32>> {
@@ -126,7 +154,10 @@ fn read_phi(cfg: &NsaConfig, file: &TensorFile, dk: usize, dv: usize) -> Result<
     };
     let one = |prefix: &str, d: usize| -> Result<PhiWeights<f32>> {
         let get = |s: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            Ok(file.get_shaped(&format!("{prefix}.{s}"), shape)?.data.clone())
+            Ok(file
+                .get_shaped(&format!("{prefix}.{s}"), shape)?
+                .data
+                .clone())
         };
         Ok(match cfg.phi {
             PhiKind::Mean => PhiWeights::Mean,
@@ -181,7 +212,11 @@ pub fn write_grads(cfg: &NsaConfig, p: &Problem, g: &NsaGrads<f32>, file: &mut O
     ] {
         file.f32(name, l.shape(&[hkv, d]), t);
     }
-    for (name, t) in [("dg_cmp", &g.dg_cmp), ("dg_slc", &g.dg_slc), ("dg_win", &g.dg_win)] {
+    for (name, t) in [
+        ("dg_cmp", &g.dg_cmp),
+        ("dg_slc", &g.dg_slc),
+        ("dg_win", &g.dg_win),
+    ] {
         file.f32(name, l.shape(&[hq]), t);
     }
     for (name, shape, t) in g.dphi.named_tensors(cfg, dk, dv) {

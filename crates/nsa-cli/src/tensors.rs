@@ -115,13 +115,15 @@ impl OutFile {
     pub fn f32(&mut self, name: &str, shape: Vec<usize>, data: &[f32]) {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.entries.push((name.to_string(), Dtype::F32, shape, bytes));
+        self.entries
+            .push((name.to_string(), Dtype::F32, shape, bytes));
     }
 
     pub fn i32(&mut self, name: &str, shape: Vec<usize>, data: &[i32]) {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.entries.push((name.to_string(), Dtype::I32, shape, bytes));
+        self.entries
+            .push((name.to_string(), Dtype::I32, shape, bytes));
     }
 
     /// Writes the file (safetensors format).
