@@ -19,19 +19,19 @@ pub mod blocks;
 pub mod cache;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod inputs;
 mod op;
-pub mod replay;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod reference;
+pub mod replay;
 pub mod testing;
 
 pub use config::{NsaConfig, NsaConfigBuilder, PhiKind};
 pub use error::{NsaError, Result};
+pub use inputs::{NsaGrads, NsaInputs, NsaOutput, PhiParams, PhiShapes, PhiWeights};
 pub use op::{
     backward, decode_replay, forward, reference_backward, reference_decode_replay,
     reference_forward, Device,
 };
-pub use inputs::{NsaGrads, NsaInputs, NsaOutput, PhiParams, PhiShapes, PhiWeights};
