@@ -216,3 +216,82 @@ fn step_rejects_bad_batches() {
         Err(nsa::NsaError::Decode(_))
     ));
 }
+
+/// Steps split into small key chunks (flash-decoding: several chunks per branch, merged in
+/// order) still equal the forward's rows, and are bitwise identical for 1 and 3 threads.
+#[test]
+fn split_steps_equal_forward_rows_for_any_thread_count() {
+    let prefix = [0usize, 9, 40, 77];
+    let steps = 6;
+    let lens: Vec<usize> = prefix.iter().map(|&p| p + steps).collect();
+    let c = case(
+        "split G=4 mlp",
+        cfg(8, 2, 8, 4, 16, 4, 24, PhiKind::Mlp),
+        &lens,
+        16,
+        8,
+        false,
+        51,
+    );
+    let full = nsa::cpu::forward(&c.cfg, &c.x, &c.phi).unwrap();
+    let (hq, hkv, dv, n) = (c.cfg.heads, c.cfg.kv_heads, c.x.dv, c.cfg.sel_count);
+    let run = |threads: usize, split: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut cache = DecodeCache::<f32>::new(&c.cfg, prefix.len(), c.x.dk, dv).unwrap();
+            for (b, &p) in prefix.iter().enumerate() {
+                if p > 0 {
+                    nsa::cpu::decode::prefill(&c.cfg, &mut cache, b, &slice(&c.x, b, 0, p), &c.phi)
+                        .unwrap();
+                }
+            }
+            (0..steps)
+                .map(|k| {
+                    let ts: Vec<usize> = prefix.iter().map(|&p| p + k).collect();
+                    let xs = step_batch(&c.x, &ts);
+                    nsa::cpu::decode::step_split(&c.cfg, &mut cache, &xs, &c.phi, split).unwrap()
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    for split in [1usize, 3, 7] {
+        let one = run(1, split);
+        let three = run(3, split);
+        for (k, (a, b)) in one.iter().zip(&three).enumerate() {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(
+                bits(&a.o),
+                bits(&b.o),
+                "split {split} step {k}: 1 vs 3 threads"
+            );
+            assert_eq!(a.sel_idx, b.sel_idx);
+            for (bb, &p) in prefix.iter().enumerate() {
+                let i = c.x.cu_seqlens[bb] + p + k;
+                let want: Vec<f64> = full.o[i * hq * dv..(i + 1) * hq * dv]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                assert_close(
+                    &format!("split {split} step {k} seq {bb}"),
+                    &a.o[bb * hq * dv..(bb + 1) * hq * dv],
+                    &want,
+                    1e-5,
+                );
+                assert_eq!(
+                    &a.sel_idx[bb * hkv * n..(bb + 1) * hkv * n],
+                    &full.sel_idx[i * hkv * n..(i + 1) * hkv * n],
+                    "split {split} step {k} seq {bb}: sel_idx"
+                );
+            }
+        }
+    }
+    let mut cache = DecodeCache::<f32>::new(&c.cfg, prefix.len(), c.x.dk, dv).unwrap();
+    let xs = step_batch(&c.x, &[0, 0, 0, 0]);
+    assert!(matches!(
+        nsa::cpu::decode::step_split(&c.cfg, &mut cache, &xs, &c.phi, 0),
+        Err(nsa::NsaError::Decode(_))
+    ));
+}

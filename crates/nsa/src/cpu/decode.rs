@@ -7,7 +7,7 @@
 
 use super::attend::{self, Seg};
 use super::phi::PhiF32;
-use super::tile::{ensure, MatRef};
+use super::tile::{ensure, exp_f32, MatRef};
 use super::{combine, kv_rows, select, window, Dims};
 use crate::cache::{BlockCompressor, DecodeCache, KvPart, SeqCache, TokenKv};
 use crate::config::NsaConfig;
@@ -219,17 +219,40 @@ pub fn prefill(
     Ok(out)
 }
 
+/// Keys per chunk of a decode step's split (flash-decoding): compressed tokens per task of the
+/// compression branch, selected or window tokens per task of the other two.
+pub const DECODE_SPLIT: usize = 256;
+
 /// One decode step for the whole batch: `x` holds one token per sequence (`cu_seqlens = [0, 1,
 /// .., B]`); token `b` is appended to sequence `b` (any length, possibly empty) and the rows
-/// `o` `[B, HQ, dv]`, `sel_idx` `[B, HKV, n]` are returned. (Sequence, KV group) pairs run in
-/// parallel.
+/// `o` `[B, HQ, dv]`, `sel_idx` `[B, HKV, n]` are returned.
+///
+/// Parallel over (sequence, KV group, key chunk of [`DECODE_SPLIT`] keys), so one long
+/// sequence with one KV head still uses every thread (flash-decoding): each chunk gives a
+/// normalised partial output and its log-sum-exp, merged per branch in chunk order (bitwise
+/// identical for any thread count). See [`step_split`].
 pub fn step(
     cfg: &NsaConfig,
     cache: &mut DecodeCache<f32>,
     x: &NsaInputs<f32>,
     phi: &PhiParams<f32>,
 ) -> Result<NsaOutput<f32>> {
+    step_split(cfg, cache, x, phi, DECODE_SPLIT)
+}
+
+/// [`step`] with `split` keys per chunk (any `split >= 1` gives the same result within
+/// rounding; tests use small ones to exercise the merge).
+pub fn step_split(
+    cfg: &NsaConfig,
+    cache: &mut DecodeCache<f32>,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    split: usize,
+) -> Result<NsaOutput<f32>> {
     check(cfg, cache, x, phi)?;
+    if split == 0 {
+        return Err(NsaError::Decode("decode split of 0 keys".into()));
+    }
     let batch = cache.batch();
     let one_each: Vec<usize> = (0..=batch).collect();
     if x.cu_seqlens != one_each {
@@ -243,28 +266,249 @@ pub fn step(
     for (b, seq) in cache.seqs.iter_mut().enumerate() {
         seq.append(TokenKv::from_inputs(x, dims.hkv, b), &comp)?;
     }
-    let (hq, dk, dv, n) = (dims.hq, dims.dk, dims.dv, dims.n);
+    let (hq, hkv, gs, dk, dv, n) = (dims.hq, dims.hkv, dims.g, dims.dk, dims.dv, dims.n);
+    let seqs = &cache.seqs;
+    let npairs = batch * hkv;
+    // The scaled query rows of pair (b, g): `[G, dk]`.
+    let qrows = |p: usize| -> Vec<f32> {
+        let (b, g) = (p / hkv, p % hkv);
+        x.q[(b * hq + g * gs) * dk..(b * hq + (g + 1) * gs) * dk]
+            .iter()
+            .map(|&v| dims.scale * v)
+            .collect()
+    };
+    let qs: Vec<Vec<f32>> = (0..npairs).map(qrows).collect();
+
+    // 1. Compression branch, split over chunks of compressed tokens.
+    let mut cjobs: Vec<(usize, usize, usize)> = Vec::new();
+    for p in 0..npairs {
+        let nvis = seqs[p / hkv].num_cmp();
+        cjobs
+            .extend((0..nvis.div_ceil(split)).map(|c| (p, c * split, ((c + 1) * split).min(nvis))));
+    }
+    let cparts: Vec<Partial> = cjobs
+        .par_iter()
+        .map_init(Scratch::default, |scr, &(p, i0, i1)| {
+            let (seq, g) = (&seqs[p / hkv], p % hkv);
+            let seg = Seg {
+                k: kv_rows(seq.k_cmp(), hkv, dk, g, i0, i1 - i0),
+                v: kv_rows(seq.v_cmp(), hkv, dv, g, i0, i1 - i0),
+            };
+            let mut part = Partial::new(gs, dv);
+            scr.ranges.clear();
+            scr.ranges.resize(gs, (0, i1 - i0));
+            let nk = attend::forward(
+                MatRef::rows(&qs[p], gs, dk),
+                &[seg],
+                &scr.ranges,
+                &mut scr.s,
+                &mut part.o,
+                dv,
+                &mut part.lse,
+            );
+            part.p = scr.s[..gs * nk].to_vec();
+            part
+        })
+        .collect();
+
+    // 2. Per pair: merge the compression chunks, importance, top-n; the selected runs.
     let mut out = NsaOutput {
         o: vec![0.0; batch * hq * dv],
-        sel_idx: vec![-1; batch * dims.hkv * n],
+        sel_idx: vec![-1; batch * hkv * n],
     };
-    let seqs = &cache.seqs;
-    out.o
-        .par_chunks_mut(dims.g * dv)
+    let mut first = vec![0usize; npairs + 1];
+    for &(p, _, _) in &cjobs {
+        first[p + 1] += 1;
+    }
+    for p in 0..npairs {
+        first[p + 1] += first[p];
+    }
+    let mut o_cmp = vec![0.0f32; npairs * gs * dv];
+    let runs: Vec<Vec<(usize, usize)>> = o_cmp
+        .par_chunks_mut(gs * dv)
         .zip(out.sel_idx.par_chunks_mut(n))
         .enumerate()
-        .for_each_init(Scratch::default, |scr, (k, (o, sel))| {
-            let (b, g) = (k / dims.hkv, k % dims.hkv);
-            group_row(
+        .map_init(Scratch::default, |scr, (p, (oc, sel))| {
+            let seq = &seqs[p / hkv];
+            let t = seq.len() - 1;
+            let nvis = seq.num_cmp();
+            let parts = &cparts[first[p]..first[p + 1]];
+            let lse = merge(parts, gs, dv, oc);
+            // Global probabilities `[G, nvis]` (row-major) from the chunks' local ones.
+            ensure(&mut scr.s2, gs * nvis);
+            let mut i0 = 0;
+            for part in parts {
+                let nk = part.p.len() / gs;
+                for r in 0..gs {
+                    let w = if lse[r] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        exp_f32(part.lse[r] - lse[r])
+                    };
+                    for (d, &v) in scr.s2[r * nvis + i0..r * nvis + i0 + nk]
+                        .iter_mut()
+                        .zip(&part.p[r * nk..(r + 1) * nk])
+                    {
+                        *d = w * v;
+                    }
+                }
+                i0 += nk;
+            }
+            select::importance(
                 &dims,
-                &seqs[b],
-                &x.q[b * hq * dk..(b + 1) * hq * dk],
-                gates_of(x, hq, b),
-                g,
+                t,
+                &scr.s2,
+                nvis,
+                nvis,
+                &mut scr.psum,
+                &mut scr.scores,
+            );
+            select::top_n(&dims, &scr.scores, &mut scr.best, sel);
+            let mut r = Vec::new();
+            select::runs(dims.lp, t, sel, &mut r);
+            r
+        })
+        .collect();
+
+    // 3. Selected and window tokens, split over chunks of at most `split` tokens.
+    // Job: (pair, branch 1 = slc / 2 = win, token ranges of the chunk).
+    let mut ajobs: Vec<(usize, usize, Vec<(usize, usize)>)> = Vec::new();
+    for p in 0..npairs {
+        let t = seqs[p / hkv].len() - 1;
+        let (k0, k1) = window::span(&dims, t, t + 1);
+        for (branch, list) in [(1usize, runs[p].clone()), (2usize, vec![(k0, k1)])] {
+            let mut cur: Vec<(usize, usize)> = Vec::new();
+            let mut len = 0;
+            for (mut a, e) in list {
+                while a < e {
+                    let take = (e - a).min(split - len);
+                    cur.push((a, a + take));
+                    a += take;
+                    len += take;
+                    if len == split {
+                        ajobs.push((p, branch, std::mem::take(&mut cur)));
+                        len = 0;
+                    }
+                }
+            }
+            if len > 0 {
+                ajobs.push((p, branch, cur));
+            }
+        }
+    }
+    let aparts: Vec<Partial> = ajobs
+        .par_iter()
+        .map_init(Scratch::default, |scr, (p, branch, list)| {
+            let p = *p;
+            let (seq, g) = (&seqs[p / hkv], p % hkv);
+            let (k, v) = if *branch == 1 {
+                (seq.k_slc(), seq.v_slc())
+            } else {
+                (seq.k_win(), seq.v_win())
+            };
+            let segs: Vec<Seg<'_>> = list
+                .iter()
+                .map(|&(a, e)| Seg {
+                    k: kv_rows(k, hkv, dk, g, a, e - a),
+                    v: kv_rows(v, hkv, dv, g, a, e - a),
+                })
+                .collect();
+            let nk: usize = list.iter().map(|&(a, e)| e - a).sum();
+            let mut part = Partial::new(gs, dv);
+            scr.ranges.clear();
+            scr.ranges.resize(gs, (0, nk));
+            attend::forward(
+                MatRef::rows(&qs[p], gs, dk),
+                &segs,
+                &scr.ranges,
+                &mut scr.s,
+                &mut part.o,
+                dv,
+                &mut part.lse,
+            );
+            part
+        })
+        .collect();
+
+    // 4. Merge per (pair, branch) in chunk order and mix the gates.
+    let mut bounds = vec![(0usize, 0usize); npairs * 2];
+    for (i, (p, branch, _)) in ajobs.iter().enumerate() {
+        let e = &mut bounds[p * 2 + branch - 1];
+        if e.1 == 0 {
+            e.0 = i;
+        }
+        e.1 = i + 1;
+    }
+    out.o
+        .par_chunks_mut(gs * dv)
+        .enumerate()
+        .for_each(|(p, o)| {
+            let (b, g) = (p / hkv, p % hkv);
+            let mut os = vec![0.0f32; gs * dv];
+            let mut ow = vec![0.0f32; gs * dv];
+            for (k, dst) in [(0usize, &mut os), (1, &mut ow)] {
+                let (a, e) = bounds[p * 2 + k];
+                merge(&aparts[a..e], gs, dv, dst);
+            }
+            let heads = g * gs..(g + 1) * gs;
+            let gates = gates_of(x, hq, b);
+            combine::mix(
+                [
+                    &gates[0][heads.clone()],
+                    &gates[1][heads.clone()],
+                    &gates[2][heads],
+                ],
+                [&o_cmp[p * gs * dv..(p + 1) * gs * dv], &os, &ow],
                 o,
-                sel,
-                scr,
+                dv,
             );
         });
     Ok(out)
+}
+
+/// A chunk's normalised attention output `[G, dv]`, its log-sum-exp `[G]` and (compression
+/// branch) its local probabilities `[G, nk]`.
+struct Partial {
+    o: Vec<f32>,
+    lse: Vec<f32>,
+    p: Vec<f32>,
+}
+
+impl Partial {
+    fn new(gs: usize, dv: usize) -> Self {
+        Partial {
+            o: vec![0.0; gs * dv],
+            lse: vec![0.0; gs],
+            p: Vec::new(),
+        }
+    }
+}
+
+/// Merges chunk results in order: `lse = log sum_c e^{lse_c}`, `o = sum_c e^{lse_c - lse} o_c`
+/// (rows with nothing visible keep `o = 0`, `lse = -inf`). Returns the merged `lse`.
+fn merge(parts: &[Partial], gs: usize, dv: usize, o: &mut [f32]) -> Vec<f32> {
+    o[..gs * dv].fill(0.0);
+    let mut lse = vec![f32::NEG_INFINITY; gs];
+    for (r, l) in lse.iter_mut().enumerate() {
+        let m = parts
+            .iter()
+            .map(|p| p.lse[r])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            continue;
+        }
+        let sum: f32 = parts.iter().map(|p| exp_f32(p.lse[r] - m)).sum();
+        *l = m + sum.ln();
+        let dst = &mut o[r * dv..(r + 1) * dv];
+        for p in parts {
+            if p.lse[r] == f32::NEG_INFINITY {
+                continue;
+            }
+            let w = exp_f32(p.lse[r] - *l);
+            for (d, &v) in dst.iter_mut().zip(&p.o[r * dv..(r + 1) * dv]) {
+                *d += w * v;
+            }
+        }
+    }
+    lse
 }
