@@ -339,11 +339,11 @@ pub fn step_split(
             let mut i0 = 0;
             for part in parts {
                 let nk = part.p.len() / gs;
-                for r in 0..gs {
-                    let w = if lse[r] == f32::NEG_INFINITY {
+                for (r, (&lt, &lc)) in lse.iter().zip(&part.lse).enumerate() {
+                    let w = if lt == f32::NEG_INFINITY {
                         0.0
                     } else {
-                        exp_f32(part.lse[r] - lse[r])
+                        exp_f32(lc - lt)
                     };
                     for (d, &v) in scr.s2[r * nvis + i0..r * nvis + i0 + nk]
                         .iter_mut()
@@ -372,7 +372,7 @@ pub fn step_split(
 
     // 3. Selected and window tokens, split over chunks of at most `split` tokens.
     // Job: (pair, branch 1 = slc / 2 = win, token ranges of the chunk).
-    let mut ajobs: Vec<(usize, usize, Vec<(usize, usize)>)> = Vec::new();
+    let mut ajobs: Vec<AttnJob> = Vec::new();
     for p in 0..npairs {
         let t = seqs[p / hkv].len() - 1;
         let (k0, k1) = window::span(&dims, t, t + 1);
@@ -465,6 +465,9 @@ pub fn step_split(
         });
     Ok(out)
 }
+
+/// A decode attention task: (pair `b * HKV + g`, branch 1 = selected / 2 = window, token ranges).
+type AttnJob = (usize, usize, Vec<(usize, usize)>);
 
 /// A chunk's normalised attention output `[G, dv]`, its log-sum-exp `[G]` and (compression
 /// branch) its local probabilities `[G, nk]`.
