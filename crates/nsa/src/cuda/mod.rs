@@ -12,10 +12,12 @@
 //!
 //! Every tensor offset inside the kernels is 64-bit; token counts must fit in `i32`.
 
+pub mod backward;
 pub mod bench;
+pub mod decode;
 mod module;
 
-pub use module::{compile, Compiled, Family, Shape};
+pub use module::{compile, default_mt, Compiled, Family, Shape};
 
 use crate::config::{NsaConfig, PhiKind};
 use crate::error::{NsaError, Result};
@@ -28,7 +30,7 @@ use std::sync::{Arc, Mutex};
 pub const MAX_HEAD_DIM: usize = 256;
 /// Largest `n` (the running top list is one warp wide).
 pub const MAX_SEL_COUNT: usize = 32;
-/// Largest group size (one CTA holds the G heads of a position in its 64 rows).
+/// Largest group size (one CTA holds the G heads of a position in its 64 or 128 rows).
 pub const MAX_GROUP: usize = 64;
 
 pub(crate) fn driver_err(e: driver::DriverError) -> NsaError {
@@ -165,17 +167,27 @@ struct Footprint {
 fn footprint(shape: &Shape) -> Footprint {
     let g = shape.hq / shape.hkv;
     let (qs, ks, vs) = (shape.dk + 8, shape.dk + 8, shape.dv + 8);
-    let p64 = 64 / g;
+    // MT_WIDE in common.cu: m16 row tiles per warp
+    let mt = shape.mt;
+    let rows = 64 * mt;
+    let p_rows = rows / g;
     let p_sel = if g >= 16 { 1 } else { 16 / g };
     let sel_warps = (p_sel * g).div_ceil(16);
     let tiles = |rows: usize| (rows * qs + 64 * ks + 64 * vs) * 2;
+    // JSPAN / JW in cmp_attn.cu: selection blocks one tile of 64 compressed blocks touches
+    let jspan = (63 * shape.cmp_d + shape.cmp_l - 1) / shape.sel_l + 2;
+    let jw = jspan.div_ceil(8) * 8;
     Footprint {
-        cmp_smem: tiles(64) + 64 * (64 + 4) * 4 + p64 * 128 * 4 + p64 * 32 * 8,
+        cmp_smem: tiles(rows)
+            + rows * (jw + 4) * 4
+            + p_rows * 128 * 4
+            + p_rows * 32 * 8
+            + jw * (64 + 8) * 2,
         sel_smem: tiles(sel_warps * 16) + p_sel * shape.nsel * 4,
         sel_threads: sel_warps * 32,
         sel_positions: p_sel,
-        win_smem: tiles(64),
-        positions_64: p64,
+        win_smem: tiles(rows),
+        positions_64: p_rows,
     }
 }
 
@@ -225,6 +237,7 @@ fn shape_of(cfg: &NsaConfig, dk: usize, dv: usize) -> Shape {
         nlocal: cfg.local_blocks,
         win: cfg.window,
         scale: cfg.softmax_scale(dk),
+        mt: module::default_mt(dv),
     }
 }
 
@@ -234,7 +247,7 @@ struct Plan {
     compress: CudaSlice<i32>,
     n_compress: usize,
     n_cmp_total: usize,
-    /// `(seq start, seq len, t0, cmp start)` per 64-row tile (compressed and window kernels).
+    /// `(seq start, seq len, t0, cmp start)` per row tile (compressed and window kernels).
     tiles64: CudaSlice<i32>,
     n_tiles64: usize,
     /// `(seq start, seq len, t0, 0)` per selection CTA.
@@ -254,7 +267,9 @@ fn build_plan(ctx: &CudaContext, cfg: &NsaConfig, cu: &[usize], fp: &Footprint) 
         for i in 0..ncmp {
             compress.extend([(start + i * d) as i32, (cstart + i) as i32]);
         }
-        for t0 in (0..len).step_by(fp.positions_64) {
+        // longest rows first: the causal work of a tile grows with t0, so the heavy CTAs start
+        // early and the light ones fill the tail
+        for t0 in (0..len).step_by(fp.positions_64).rev() {
             tiles64.extend([start as i32, len as i32, t0 as i32, cstart as i32]);
         }
         for t0 in (0..len).step_by(fp.sel_positions) {

@@ -26,16 +26,19 @@ pub enum Family {
     WinAttn,
     /// Device-side random inputs (benchmarks).
     Fill,
+    /// Decoding over the paged cache (cuda/decode.rs): write, attention splits, top-n, combine.
+    Decode,
 }
 
 impl Family {
     /// Every family, for compile-only checks.
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 6] = [
         Family::Compress,
         Family::CmpAttn,
         Family::SelAttn,
         Family::WinAttn,
         Family::Fill,
+        Family::Decode,
     ];
 
     /// The `.cu` source of the family (without the prelude).
@@ -46,6 +49,7 @@ impl Family {
             Family::SelAttn => include_str!("kernels/sel_attn.cu"),
             Family::WinAttn => include_str!("kernels/win_attn.cu"),
             Family::Fill => include_str!("kernels/fill.cu"),
+            Family::Decode => include_str!("kernels/decode_attn.cu"),
         }
     }
 
@@ -57,6 +61,23 @@ impl Family {
             Family::SelAttn => "sel_attn",
             Family::WinAttn => "win_attn",
             Family::Fill => "fill_normal_bf16",
+            Family::Decode => "decode_attn_cw",
+        }
+    }
+}
+
+/// Row tiles per warp for a value dim: 2 when the accumulators fit (dv <= 128), else 1;
+/// `NSA_CUDA_MT=1|2` overrides (experiments).
+pub fn default_mt(dv: usize) -> usize {
+    match std::env::var("NSA_CUDA_MT").ok().as_deref() {
+        Some("1") => 1,
+        Some("2") if dv <= 128 => 2,
+        _ => {
+            if dv <= 128 {
+                2
+            } else {
+                1
+            }
         }
     }
 }
@@ -77,6 +98,8 @@ pub struct Shape {
     pub win: usize,
     /// softmax scale (natural units); the kernels get `scale * log2(e)`.
     pub scale: f64,
+    /// m16 row tiles per warp in the compressed and window kernels (1 or 2).
+    pub mt: usize,
 }
 
 impl Shape {
@@ -96,6 +119,7 @@ impl Shape {
             format!("-DNINIT={}", self.ninit),
             format!("-DNLOCAL={}", self.nlocal),
             format!("-DWIN={}", self.win),
+            format!("-DMT_WIDE={}", self.mt),
             // exact f32 value as a hex-float literal, no rounding through decimal
             format!(
                 "-DSCALE_LOG2=__int_as_float({:#x})",
@@ -114,6 +138,10 @@ pub fn options(shape: &Shape, arch: &str) -> Vec<String> {
         "--use_fast_math".to_string(),
     ];
     o.extend(shape.defines());
+    // experiments only (e.g. NSA_CUDA_DEFINES="-DEXP_NO_MERGE"): timing of partial kernels
+    if let Ok(extra) = std::env::var("NSA_CUDA_DEFINES") {
+        o.extend(extra.split_whitespace().map(str::to_string));
+    }
     o
 }
 

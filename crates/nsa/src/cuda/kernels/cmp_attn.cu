@@ -1,23 +1,34 @@
 // Compression branch and block selection, fused (SPEC.md "Compression branch", "Selection branch").
 //
-// One CTA = one KV group g and P_CMP consecutive query positions of one sequence: its 64 rows are
+// One CTA = one KV group g and P_CMP consecutive query positions of one sequence: its rows are
 // the G query heads of each position (row r -> position t0 + r / G, head g*G + r % G), so all rows
 // share the compressed keys of group g and the G heads of a position sit in the same CTA (the group
 // sum of Eq. 10 never leaves shared memory).
 //
 // Pass 1: flash attention over the visible compressed blocks -> o_cmp (written as g_cmp * o_cmp,
 //         the first term of the gated sum) and the log-sum-exp of each row.
-// Pass 2: the same Q Kcmp^T again; p_cmp = exp2(s - lse) goes to shared memory one 64-block tile
-//         at a time, is folded into selection-block scores with the overlap weights of Eq. 9
-//         (|[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d, any l, d, l'), summed over the group's heads, and
-//         each selection block, once no later tile can touch it, is merged into a running top-n per
-//         position (a warp-wide bitonic sort/merge). Forced blocks enter with +inf, inadmissible
-//         ones never. Ties go to the lower block index. Nothing of size [T, T/d] is ever stored.
+// Pass 2: the same Q Kcmp^T again; p_cmp = exp2(s - lse) stays in registers and is folded into
+//         selection-block scores on the tensor cores: S_blk = P (rows x 64 compressed blocks, f16)
+//         x W (64 x JW, the overlap weights of Eq. 9, |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d, any
+//         l, d, l', exact small integers in f16), f32 accumulation. The per-row block scores are
+//         summed over the group's heads (Eq. 10) into a ring of per-position scores, and each
+//         selection block, once no later tile can touch it, enters a running top-n per position
+//         (one warp per position; candidates that do not beat the current n-th best are dropped
+//         with one ballot, the rest are inserted by rank). Forced blocks enter with +inf,
+//         inadmissible ones never; ties go to the lower block index. Nothing of size [T, T/d]
+//         is ever stored.
 
-#define P_CMP (64 / G)          // positions per CTA
+#define CMT MT_WIDE
+#define CMP_ROWS (64 * CMT)     // 4 warps x 16*CMT rows
+#define P_CMP (CMP_ROWS / G)    // positions per CTA
 #define RING 128                // score slots per position (selection blocks j live at j % RING)
 #define TOPW 32                 // width of the running top list (NSEL <= 32)
-#define PS_STRIDE (KT + 4)
+// Selection blocks touched by one tile of 64 compressed blocks (conservative) and the padded
+// width of the per-tile score matrix (n-tiles of 8).
+#define JSPAN ((63 * CMP_D + CMP_L - 1) / SEL_L + 2)
+#define JW (((JSPAN + 7) / 8) * 8)
+#define DS_STRIDE (JW + 4)      // floats per row of the per-row block scores
+#define WT_STRIDE (KT + 8)      // f16 per row of the transposed overlap matrix
 #define INT_MAX_ 0x7fffffff
 
 __device__ __forceinline__ int cmp_visible(int t) { return t + 1 >= CMP_L ? (t + 1 - CMP_L) / CMP_D + 1 : 0; }
@@ -32,29 +43,6 @@ __device__ __forceinline__ float overlap_w(int i, int j) {
 // (v, i) ranks before (w, k): higher score first, then lower block index.
 __device__ __forceinline__ bool better(float v, int i, float w, int k) {
     return v > w || (v == w && i < k);
-}
-
-// Bitonic stage step within the warp: lanes `lane` and `lane ^ j` compare; `up` says the pair is
-// ordered best-first.
-__device__ __forceinline__ void bitonic_step(float& v, int& i, int j, bool up) {
-    const int lane = threadIdx.x & 31;
-    const float ov = __shfl_xor_sync(0xffffffff, v, j);
-    const int oi = __shfl_xor_sync(0xffffffff, i, j);
-    const bool lower = (lane & j) == 0;
-    const bool take = (lower == up) ? better(ov, oi, v, i) : better(v, i, ov, oi);
-    if (take) {
-        v = ov;
-        i = oi;
-    }
-}
-
-// Sorts the warp's 32 (v, i) pairs best-first (lane 0 best).
-__device__ __forceinline__ void warp_sort_desc(float& v, int& i) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int k = 2; k <= 32; k <<= 1)
-#pragma unroll
-        for (int j = k >> 1; j > 0; j >>= 1) bitonic_step(v, i, j, (lane & k) == 0);
 }
 
 // Sorts the warp's 32 ints ascending.
@@ -77,10 +65,11 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn_topn(
     int* __restrict__ sel_idx) {
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
-    bf16_t* Ks = Qs + 64 * QS_STRIDE;
+    bf16_t* Ks = Qs + CMP_ROWS * QS_STRIDE;
     bf16_t* Vs = Ks + KT * KS_STRIDE;
-    float* Ps = (float*)(Vs + KT * VS_STRIDE);
-    float* score = Ps + 64 * PS_STRIDE;
+    float* Ds = (float*)(Vs + KT * VS_STRIDE);          // [CMP_ROWS][DS_STRIDE] per-row block scores
+    float* score = Ds + CMP_ROWS * DS_STRIDE;
+    bf16_t* Wt = (bf16_t*)(score + P_CMP * RING + P_CMP * TOPW * 2);   // [JW][WT_STRIDE] f16 bits
     float* topv = score + P_CMP * RING;
     int* topi = (int*)(topv + P_CMP * TOPW);
 
@@ -91,18 +80,18 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn_topn(
     const int tmax = t0 + npos - 1;
     const int ncmp = cmp_visible(tmax);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, gc = (lane & 3) * 2;
-    const int row0 = warp * 16;
+    const int row0 = warp * 16 * CMT;
 
-    load_rows_async<64, DK, QS_STRIDE, 128>(Qs, q, nrows, [&](int r) {
+    load_rows_async<CMP_ROWS, DK, QS_STRIDE, 128>(Qs, q, nrows, [&](int r) {
         return ((i64)(start + t0 + r / G) * HQ + g * G + r % G) * DK;
     });
     cp_async_commit();
 
-    int rr[2], tt[2], vis[2];
-    bool valid[2];
+    int rr[2 * CMT], tt[2 * CMT], vis[2 * CMT];
+    bool valid[2 * CMT];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        rr[h] = row0 + gr + 8 * h;
+    for (int h = 0; h < 2 * CMT; ++h) {
+        rr[h] = row0 + (h >> 1) * 16 + gr + 8 * (h & 1);
         valid[h] = rr[h] < nrows;
         tt[h] = t0 + rr[h] / G;
         vis[h] = valid[h] ? cmp_visible(tt[h]) : 0;
@@ -111,11 +100,10 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn_topn(
     auto vrow = [&](int r) { return ((i64)(cstart + r) * HKV + g) * DV; };
 
     // ---- pass 1: attention over the compressed tokens ----
-    RowStats st;
+    RowStats<CMT> st;
     rowstats_init(st);
-    float o[DV / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < DV / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+    float o[CMT][DV / 8][4];
+    zero_acc(o);
     for (int c0 = 0; c0 < ncmp; c0 += KT) {
         const int nk = min(KT, ncmp - c0);
         __syncthreads();
@@ -124,26 +112,29 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn_topn(
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
-        int lo[2] = {0, 0}, hi[2];
+        int lo[2 * CMT], hi[2 * CMT];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) hi[h] = min(max(vis[h] - c0, 0), nk);
-        attn_tile(Qs, Ks, Vs, row0, lo, hi, st, o);
+        for (int h = 0; h < 2 * CMT; ++h) {
+            lo[h] = 0;
+            hi[h] = min(max(vis[h] - c0, 0), nk);
+        }
+        attn_tile<CMT>(Qs, Ks, Vs, row0, lo, hi, st, o);
     }
     cp_async_wait_all();
-    float inv[2];
+    float inv[2 * CMT];
     rowstats_finish(st, inv);
-    float lse[2];
+    float lse[2 * CMT];
     {
-        float* dst[2];
-        float sc[2];
+        float* dst[2 * CMT];
+        float sc[2 * CMT];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < 2 * CMT; ++h) {
             lse[h] = st.l[h] > 0.f ? st.m[h] + log2f(st.l[h]) : POS_INF;
             const i64 qrow = (i64)(start + tt[h]) * HQ + g * G + rr[h] % G;
             dst[h] = valid[h] ? out + qrow * DV : nullptr;
             sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
         }
-        store_rows<false>(dst, sc, o);
+        store_rows<false, CMT>(dst, sc, o);
     }
 
     // ---- pass 2: selection scores and streaming top-n ----
@@ -159,6 +150,9 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn_topn(
     auto merge = [&](int j_begin, int j_end) {
         for (int p = warp; p < npos; p += 4) {
             const int t = t0 + p, own = t / SEL_L;
+            float cv = topv[p * TOPW + lane];
+            int ci = topi[p * TOPW + lane];
+            bool changed = false;
             for (int jb = j_begin; jb < j_end; jb += 32) {
                 const int j = jb + lane;
                 float v = NEG_INF;
@@ -174,18 +168,29 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn_topn(
                         i = j;
                     }
                 }
-                warp_sort_desc(v, i);
-                // bitonic merge with the current list: the best 32 of both form a bitonic sequence
-                const float rv = __shfl_sync(0xffffffff, v, 31 - lane);
-                const int ri = __shfl_sync(0xffffffff, i, 31 - lane);
-                float cv = topv[p * TOPW + lane];
-                int ci = topi[p * TOPW + lane];
-                if (better(rv, ri, cv, ci)) {
-                    cv = rv;
-                    ci = ri;
+                // the n-th best so far only improves: most candidates fail this one test
+                const float tv = __shfl_sync(0xffffffff, cv, NSEL - 1);
+                const int ti = __shfl_sync(0xffffffff, ci, NSEL - 1);
+                unsigned m = __ballot_sync(0xffffffff, better(v, i, tv, ti));
+                while (m) {
+                    const int src = __ffs(m) - 1;
+                    m &= m - 1;
+                    const float nv = __shfl_sync(0xffffffff, v, src);
+                    const int ni = __shfl_sync(0xffffffff, i, src);
+                    const int pos = __popc(__ballot_sync(0xffffffff, better(cv, ci, nv, ni)));
+                    const float uv = __shfl_up_sync(0xffffffff, cv, 1);
+                    const int ui = __shfl_up_sync(0xffffffff, ci, 1);
+                    if (lane == pos) {
+                        cv = nv;
+                        ci = ni;
+                    } else if (lane > pos) {
+                        cv = uv;
+                        ci = ui;
+                    }
+                    changed = true;
                 }
-#pragma unroll
-                for (int jj = 16; jj > 0; jj >>= 1) bitonic_step(cv, ci, jj, true);
+            }
+            if (changed) {
                 topv[p * TOPW + lane] = cv;
                 topi[p * TOPW + lane] = ci;
             }
@@ -193,55 +198,91 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn_topn(
     };
 
     __syncthreads();
+#ifndef EXP_NO_PASS2
     for (int c0 = 0; c0 < ncmp; c0 += KT) {
         const int nk = min(KT, ncmp - c0);
-        load_rows_async<KT, DK, KS_STRIDE, 128>(Ks, kc + krow(c0), nk, [&](int r) { return (i64)r * HKV * DK; });
-        cp_async_commit();
-        cp_async_wait_all();
-        __syncthreads();
-        {
-            float s[KT / 8][4];
-            qk_tile(Qs, Ks, row0, s);
-#pragma unroll
-            for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int key = nt * 8 + gc;
-                    const int hi = min(max(vis[h] - c0, 0), nk);
-                    float2 pv;
-                    pv.x = key < hi ? exp2f(s[nt][2 * h] * SCALE_LOG2 - lse[h]) : 0.f;
-                    pv.y = key + 1 < hi ? exp2f(s[nt][2 * h + 1] * SCALE_LOG2 - lse[h]) : 0.f;
-                    *(float2*)(Ps + rr[h] * PS_STRIDE + key) = pv;
-                }
-        }
-        __syncthreads();
-        // fold p_cmp into selection-block scores (Eq. 9, group sum of Eq. 10)
         const int c1 = c0 + nk;
         const int j_lo = (c0 * CMP_D) / SEL_L;
         const int j_hi = ((c1 - 1) * CMP_D + CMP_L - 1) / SEL_L;   // inclusive
-        const int nj = j_hi - j_lo + 1;
-        for (int e = tid; e < npos * nj; e += 128) {
-            const int p = e / nj, j = j_lo + e % nj;
-            const int ilo = max(c0, (j * SEL_L + CMP_D > CMP_L) ? (j * SEL_L + CMP_D - CMP_L) / CMP_D : 0);
-            const int ihi = min(c1, (j + 1) * SEL_L / CMP_D);
-            float acc = 0.f;
-            for (int i = ilo; i < ihi; ++i) {
-                const float w = overlap_w(i, j);
-                float sum = 0.f;
-                for (int hh = 0; hh < G; ++hh) sum += Ps[(p * G + hh) * PS_STRIDE + (i - c0)];
-                acc += w * sum;
+        const int nj = j_hi - j_lo + 1;                           // <= JSPAN <= JW
+        load_rows_async<KT, DK, KS_STRIDE, 128>(Ks, kc + krow(c0), nk, [&](int r) { return (i64)r * HKV * DK; });
+        cp_async_commit();
+        // W^T for this tile: Wt[jj][i] = overlap(c0 + i, j_lo + jj), 0 outside the tile
+        for (int e = tid; e < JW * KT; e += 128) {
+            const int jj = e / KT, i = e % KT;
+            const float w = (i < nk && jj < nj) ? overlap_w(c0 + i, j_lo + jj) : 0.f;
+            Wt[jj * WT_STRIDE + i] = f32_to_f16(w);
+        }
+        cp_async_wait_all();
+        __syncthreads();
+        {
+            float s[CMT][KT / 8][4];
+            qk_tile<CMT>(Qs, Ks, row0, s);
+#pragma unroll
+            for (int mt = 0; mt < CMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int h = 2 * mt + (e >> 1), key = nt * 8 + gc + (e & 1);
+                        const int hi = min(max(vis[h] - c0, 0), nk);
+                        s[mt][nt][e] = key < hi ? exp2f(s[mt][nt][e] * SCALE_LOG2 - lse[h]) : 0.f;
+                    }
+            // per-row block scores D = P W on the tensor cores (f16 operands, f32 accumulation)
+            float d[CMT][JW / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < CMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < JW / 8; ++nt) d[mt][nt][0] = d[mt][nt][1] = d[mt][nt][2] = d[mt][nt][3] = 0.f;
+#pragma unroll
+            for (int kc = 0; kc < KT / 16; ++kc) {
+                u32 a[CMT][4];
+#pragma unroll
+                for (int mt = 0; mt < CMT; ++mt) {
+                    a[mt][0] = pack_f16x2(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                    a[mt][1] = pack_f16x2(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                    a[mt][2] = pack_f16x2(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                    a[mt][3] = pack_f16x2(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+                }
+#pragma unroll
+                for (int nt = 0; nt < JW / 8; ++nt) {
+                    const bf16_t* w0 = Wt + (nt * 8 + gr) * WT_STRIDE + kc * 16 + gc;
+                    const u32 b0 = *(const u32*)w0, b1 = *(const u32*)(w0 + 8);
+#pragma unroll
+                    for (int mt = 0; mt < CMT; ++mt) mma_f16(d[mt][nt], a[mt], b0, b1);
+                }
             }
-            score[p * RING + (j % RING)] += acc;
+#pragma unroll
+            for (int mt = 0; mt < CMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < JW / 8; ++nt) {
+                    const int r = row0 + mt * 16 + gr;
+                    *(float2*)(Ds + r * DS_STRIDE + nt * 8 + gc) = make_float2(d[mt][nt][0], d[mt][nt][1]);
+                    *(float2*)(Ds + (r + 8) * DS_STRIDE + nt * 8 + gc) = make_float2(d[mt][nt][2], d[mt][nt][3]);
+                }
+        }
+        __syncthreads();
+#ifndef EXP_NO_SCORE
+        // group sum (Eq. 10) into the per-position score ring, heads in a fixed order
+        for (int e = tid; e < npos * nj; e += 128) {
+            const int p = e / nj, jj = e % nj;
+            float sum = 0.f;
+            for (int hh = 0; hh < G; ++hh) sum += Ds[(p * G + hh) * DS_STRIDE + jj];
+            score[p * RING + ((j_lo + jj) % RING)] += sum;
         }
         __syncthreads();
         // blocks whose last overlapping compressed block is < c1 are complete
         const int j_fin = min((c1 * CMP_D) / SEL_L, nsel_max);
+#ifndef EXP_NO_MERGE
         if (j_fin > j_done) {
             merge(j_done, j_fin);
             j_done = j_fin;
         }
+#endif
         __syncthreads();
+#endif
     }
+#endif
     merge(j_done, nsel_max);
     __syncwarp();
 

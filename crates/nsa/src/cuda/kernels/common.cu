@@ -45,6 +45,29 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     return r;
 }
 
+// f32 -> f16 bits, round to nearest even.
+__device__ __forceinline__ unsigned short f32_to_f16(float f) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Two floats -> one f16x2 register, `lo` in the low half.
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// D = A * B + D, m16n8k16, f16 inputs, f32 accumulators (same fragment layouts as below).
+__device__ __forceinline__ void mma_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // D = A * B + D, m16n8k16, bf16 inputs, f32 accumulators.
 // Fragment layouts (lane = threadIdx.x % 32, gr = lane / 4, gc = (lane % 4) * 2):
 //   A (16x16, row-major): a0 = A[gr][gc..gc+1], a1 = A[gr+8][gc..], a2 = A[gr][gc+8..], a3 = A[gr+8][gc+8..]
@@ -92,137 +115,179 @@ __device__ __forceinline__ void load_rows_async(bf16_t* dst, const bf16_t* base,
     }
 }
 
-// Per-warp state of one flash-attention row block (16 rows): the thread owns rows
-// gr and gr + 8 of the warp's 16, columns gc, gc+1 of every 8-wide n-tile.
+// Rows per warp = 16 * MT. With MT = 2 a warp runs two m16 tiles against every K/V fragment it
+// reads from shared memory, halving the shared-memory bytes per MMA (the m16n8k16 path moves 8 MAC
+// per smem byte at MT = 1, exactly the SM's MMA/smem ratio). MT = 2 needs 2x the accumulator
+// registers, so it is used for dv <= 128 only (the launcher passes -DMT_WIDE).
+#ifndef MT_WIDE
+#define MT_WIDE (DV <= 128 ? 2 : 1)
+#endif
+
+// Per-warp state of one flash-attention row block (16 * MT rows): the thread owns rows
+// mt*16 + gr and mt*16 + gr + 8 (index i = 2*mt + h) of the warp's block, columns gc, gc+1 of
+// every 8-wide n-tile.
+template <int MT>
 struct RowStats {
-    float m[2];   // running max (log2 domain), -inf while nothing was seen
-    float l[2];   // running sum of exp2 (this thread's columns only; reduced at the end)
+    float m[2 * MT];   // running max (log2 domain), -inf while nothing was seen
+    float l[2 * MT];   // running sum of exp2 (this thread's columns only; reduced at the end)
 };
 
-// S = Q K^T for the warp's 16 query rows (q_row0 .. q_row0+15 of Qs) against the KT keys of Ks.
+// S = Q K^T for the warp's 16*MT query rows (q_row0 .. of Qs) against the KT keys of Ks.
+template <int MT>
 __device__ __forceinline__ void qk_tile(const bf16_t* Qs, const bf16_t* Ks, int q_row0,
-                                        float (&s)[KT / 8][4]) {
+                                        float (&s)[MT][KT / 8][4]) {
     const int lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
 #pragma unroll
-    for (int nt = 0; nt < KT / 8; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < DK; kk += 16) {
-        u32 a[4];
-        const bf16_t* q0 = Qs + (q_row0 + gr) * QS_STRIDE + kk + gc;
-        a[0] = *(const u32*)(q0);
-        a[1] = *(const u32*)(q0 + 8 * QS_STRIDE);
-        a[2] = *(const u32*)(q0 + 8);
-        a[3] = *(const u32*)(q0 + 8 * QS_STRIDE + 8);
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const bf16_t* q0 = Qs + (q_row0 + mt * 16 + gr) * QS_STRIDE + kk + gc;
+            a[mt][0] = *(const u32*)(q0);
+            a[mt][1] = *(const u32*)(q0 + 8 * QS_STRIDE);
+            a[mt][2] = *(const u32*)(q0 + 8);
+            a[mt][3] = *(const u32*)(q0 + 8 * QS_STRIDE + 8);
+        }
 #pragma unroll
         for (int nt = 0; nt < KT / 8; ++nt) {
             const bf16_t* k0 = Ks + (nt * 8 + gr) * KS_STRIDE + kk + gc;
-            mma_bf16(s[nt], a, *(const u32*)(k0), *(const u32*)(k0 + 8));
+            const u32 b0 = *(const u32*)(k0), b1 = *(const u32*)(k0 + 8);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma_bf16(s[mt][nt], a[mt], b0, b1);
         }
     }
 }
 
-// One key tile of flash attention for the warp's 16 query rows (rows q_row0 .. q_row0+15 of Qs):
-//   S = Q K^T (tensor cores), masked by [lo, hi) per row (key index in the tile), then the online
-//   softmax update and O += P V.  `lo/hi[i]` are for the thread's two rows (gr, gr+8).
+// One key tile of flash attention for the warp's rows: S = Q K^T (tensor cores), masked by
+// [lo, hi) per row (key index in the tile), the online softmax update, and O += P V.
+template <int MT>
 __device__ __forceinline__ void attn_tile(const bf16_t* Qs, const bf16_t* Ks, const bf16_t* Vs,
-                                          int q_row0, const int (&lo)[2], const int (&hi)[2],
-                                          RowStats& st, float (&o)[DV / 8][4]) {
+                                          int q_row0, const int (&lo)[2 * MT], const int (&hi)[2 * MT],
+                                          RowStats<MT>& st, float (&o)[MT][DV / 8][4]) {
     const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
-    float s[KT / 8][4];
-    qk_tile(Qs, Ks, q_row0, s);
-    // mask and scale, row max
-    float mx[2] = {NEG_INF, NEG_INF};
+    float s[MT][KT / 8][4];
+    qk_tile<MT>(Qs, Ks, q_row0, s);
+    float mx[2 * MT];
 #pragma unroll
-    for (int nt = 0; nt < KT / 8; ++nt)
+    for (int i = 0; i < 2 * MT; ++i) mx[i] = NEG_INF;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int h = e >> 1, key = nt * 8 + gc + (e & 1);
-            const float v = (key >= lo[h] && key < hi[h]) ? s[nt][e] * SCALE_LOG2 : NEG_INF;
-            s[nt][e] = v;
-            mx[h] = fmaxf(mx[h], v);
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = 2 * mt + (e >> 1), key = nt * 8 + gc + (e & 1);
+                const float v = (key >= lo[i] && key < hi[i]) ? s[mt][nt][e] * SCALE_LOG2 : NEG_INF;
+                s[mt][nt][e] = v;
+                mx[i] = fmaxf(mx[i], v);
+            }
+    float alpha[2 * MT], mu[2 * MT], rs[2 * MT];
+#pragma unroll
+    for (int i = 0; i < 2 * MT; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+        const float mn = fmaxf(st.m[i], mx[i]);
+        mu[i] = (mn == NEG_INF) ? 0.f : mn;   // all masked so far: keep exp2 finite (gives 0)
+        alpha[i] = exp2f(st.m[i] - mu[i]);
+        st.m[i] = mn;
+        rs[i] = 0.f;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = 2 * mt + (e >> 1);
+                const float p = exp2f(s[mt][nt][e] - mu[i]);
+                s[mt][nt][e] = p;
+                rs[i] += p;
+            }
+#pragma unroll
+    for (int i = 0; i < 2 * MT; ++i) st.l[i] = st.l[i] * alpha[i] + rs[i];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt) {
+            o[mt][nt][0] *= alpha[2 * mt];
+            o[mt][nt][1] *= alpha[2 * mt];
+            o[mt][nt][2] *= alpha[2 * mt + 1];
+            o[mt][nt][3] *= alpha[2 * mt + 1];
         }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-    }
-    float alpha[2], mu[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const float mn = fmaxf(st.m[h], mx[h]);
-        mu[h] = (mn == NEG_INF) ? 0.f : mn;   // all masked so far: keep exp2 finite (gives 0)
-        alpha[h] = exp2f(st.m[h] - mu[h]);
-        st.m[h] = mn;
-    }
-    float rs[2] = {0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int h = e >> 1;
-            const float p = exp2f(s[nt][e] - mu[h]);
-            s[nt][e] = p;
-            rs[h] += p;
-        }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) st.l[h] = st.l[h] * alpha[h] + rs[h];
-#pragma unroll
-    for (int nt = 0; nt < DV / 8; ++nt) {
-        o[nt][0] *= alpha[0];
-        o[nt][1] *= alpha[0];
-        o[nt][2] *= alpha[1];
-        o[nt][3] *= alpha[1];
-    }
 #pragma unroll
     for (int kc = 0; kc < KT / 16; ++kc) {
-        u32 a[4];
-        a[0] = pack_bf16x2(s[2 * kc][0], s[2 * kc][1]);
-        a[1] = pack_bf16x2(s[2 * kc][2], s[2 * kc][3]);
-        a[2] = pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-        a[3] = pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = pack_bf16x2(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+            a[mt][1] = pack_bf16x2(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+            a[mt][2] = pack_bf16x2(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+            a[mt][3] = pack_bf16x2(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+        }
         const int vrow = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int vcol = (lane >> 4) * 8;
 #pragma unroll
         for (int n2 = 0; n2 < DV / 16; ++n2) {
             u32 b0, b1, b2, b3;
             ldmatrix_x4_trans(b0, b1, b2, b3, Vs + vrow * VS_STRIDE + n2 * 16 + vcol);
-            mma_bf16(o[2 * n2], a, b0, b1);
-            mma_bf16(o[2 * n2 + 1], a, b2, b3);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_bf16(o[mt][2 * n2], a[mt], b0, b1);
+                mma_bf16(o[mt][2 * n2 + 1], a[mt], b2, b3);
+            }
         }
     }
 }
 
-__device__ __forceinline__ void rowstats_init(RowStats& st) {
-    st.m[0] = st.m[1] = NEG_INF;
-    st.l[0] = st.l[1] = 0.f;
+template <int MT>
+__device__ __forceinline__ void rowstats_init(RowStats<MT>& st) {
+#pragma unroll
+    for (int i = 0; i < 2 * MT; ++i) {
+        st.m[i] = NEG_INF;
+        st.l[i] = 0.f;
+    }
+}
+
+template <int MT>
+__device__ __forceinline__ void zero_acc(float (&o)[MT][DV / 8][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.f;
 }
 
 // Completes the row sums across the 4 lanes that share a row; returns 1/l (0 when l == 0:
 // a row that saw no key gives exactly 0, never NaN).
-__device__ __forceinline__ void rowstats_finish(RowStats& st, float (&inv)[2]) {
+template <int MT>
+__device__ __forceinline__ void rowstats_finish(RowStats<MT>& st, float (&inv)[2 * MT]) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        st.l[h] += __shfl_xor_sync(0xffffffff, st.l[h], 1);
-        st.l[h] += __shfl_xor_sync(0xffffffff, st.l[h], 2);
-        inv[h] = st.l[h] > 0.f ? 1.f / st.l[h] : 0.f;
+    for (int i = 0; i < 2 * MT; ++i) {
+        st.l[i] += __shfl_xor_sync(0xffffffff, st.l[i], 1);
+        st.l[i] += __shfl_xor_sync(0xffffffff, st.l[i], 2);
+        inv[i] = st.l[i] > 0.f ? 1.f / st.l[i] : 0.f;
     }
 }
 
-// Writes (or adds) gate * O / l for the thread's two rows. `row_ptr(h)` gives the f32 output row
-// (nullptr: row not written), `gate[h]` its gate value.
-template <bool ACCUMULATE>
-__device__ __forceinline__ void store_rows(float* const (&dst)[2], const float (&scale)[2],
-                                           const float (&o)[DV / 8][4]) {
+// Writes (or adds) scale * O for the thread's rows. `dst[i]` is the f32 output row of row i
+// (nullptr: row not written), `scale[i]` its gate / l.
+template <bool ACCUMULATE, int MT>
+__device__ __forceinline__ void store_rows(float* const (&dst)[2 * MT], const float (&scale)[2 * MT],
+                                           const float (&o)[MT][DV / 8][4]) {
     const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        if (dst[h] == nullptr) continue;
+    for (int i = 0; i < 2 * MT; ++i) {
+        if (dst[i] == nullptr) continue;
+        const int mt = i >> 1, h = i & 1;
 #pragma unroll
         for (int nt = 0; nt < DV / 8; ++nt) {
-            float2* p = (float2*)(dst[h] + nt * 8 + gc);
-            float2 v = make_float2(o[nt][2 * h] * scale[h], o[nt][2 * h + 1] * scale[h]);
+            float2* p = (float2*)(dst[i] + nt * 8 + gc);
+            float2 v = make_float2(o[mt][nt][2 * h] * scale[i], o[mt][nt][2 * h + 1] * scale[i]);
             if (ACCUMULATE) {
                 const float2 old = *p;
                 v.x += old.x;

@@ -54,11 +54,10 @@ extern "C" __global__ void __launch_bounds__(SEL_WARPS * 32) sel_attn(
         tt[h] = t0 + pp[h];
     }
 
-    RowStats st;
+    RowStats<1> st;
     rowstats_init(st);
-    float o[DV / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < DV / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+    float o[1][DV / 8][4];
+    zero_acc(o);
 
     // P-way merge of the sorted block lists: lane p < P_SEL holds position p's next block.
     int ptr = 0;
@@ -90,7 +89,7 @@ extern "C" __global__ void __launch_bounds__(SEL_WARPS * 32) sel_attn(
                 const bool sel = valid[h] && ((chose >> pp[h]) & 1u);
                 hi[h] = sel ? min(max(tt[h] + 1 - k0, 0), nk) : 0;
             }
-            attn_tile(Qs, Ks, Vs, row0, lo, hi, st, o);
+            attn_tile<1>(Qs, Ks, Vs, row0, lo, hi, st, o);
         }
     }
     cp_async_wait_all();
@@ -104,5 +103,5 @@ extern "C" __global__ void __launch_bounds__(SEL_WARPS * 32) sel_attn(
         dst[h] = valid[h] ? out + qrow * DV : nullptr;
         sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
     }
-    store_rows<true>(dst, sc, o);
+    store_rows<true, 1>(dst, sc, o);
 }

@@ -1,0 +1,652 @@
+//! CUDA backward pass of NSA (phi = mean): gradients of `sum(o * d_o)` for q, each branch's K/V
+//! (the compressed branch's back through phi = mean to the raw `k_cmp`/`v_cmp`) and the three
+//! gates. bf16 operands on the tensor cores (mma.sync m16n8k16), f32 accumulation, f32 gradients.
+//!
+//! Per branch b, FlashAttention-2 style (kernels/bwd_common.cu has the algebra):
+//! - a row-major kernel recomputes o_b and the row log-sum-exp (statistics pass), writes
+//!   `dg_b = do . o_b` (which also serves as Delta) and the lse, then accumulates dQ over the same
+//!   keys (dQ is summed over the branches in a fixed order: compressed `=`, window `+=`,
+//!   selection `+=`);
+//! - a key-major kernel walks, for each 64-key tile, the rows that see it and writes dK, dV.
+//!
+//! The selection branch's key-major pass goes through an inverse index built on the GPU
+//! (kernels/sel_bwd.cu): per (KV head, selection block) the ascending list of tokens that chose
+//! it, cut into fixed segments; lists of one segment write their block's dK/dV, longer lists write
+//! partial sums reduced in segment order. No floating-point atomics anywhere: the gradients are
+//! bitwise identical run after run.
+//!
+//! Extra device memory beyond inputs, outputs and gradients is O(T): the bf16 copy of do, three
+//! lse rows `[N, HQ]`, the compressed dK/dV `[N/d, HKV, dk+dv]`, the index (`N*HKV*n` entries
+//! plus 256 chunk counters per (head, block)) and the partial sums of long lists.
+//! `linear`/`mlp` phi return `Unsupported` (their backward is CPU-only so far).
+
+mod kernels;
+mod plan;
+
+pub use kernels::{compile_bwd, BwdCompiled, BwdFamily};
+
+use super::{driver_err, forward_device, to_bf16_bits, CudaContext, DeviceInputs};
+use crate::config::{NsaConfig, PhiKind};
+use crate::error::{NsaError, Result};
+use crate::inputs::{NsaGrads, NsaInputs, PhiParams};
+use cudarc::driver::{self, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use kernels::BwdKernels;
+
+/// Tokens of one inverse-index segment: `max(64, 16384 / G)` (16k query rows per CTA).
+fn segment_positions(g: usize) -> usize {
+    (16384 / g).max(64)
+}
+
+/// Dynamic shared memory (bytes) of the three kernel shapes (mirrors the `.cu` layouts).
+#[derive(Debug, Clone, Copy)]
+struct BwdSmem {
+    /// cmp_bwd_dq / win_bwd_dq: 64 rows of q and do, one K/V tile.
+    rows64: usize,
+    /// sel_bwd_dq
+    rows_sel: usize,
+    sel_threads: usize,
+    /// key-major kernels (`BW_KV_SMEM`).
+    kv: usize,
+}
+
+fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize) -> BwdSmem {
+    let (qs, ks, vs, ds) = (dk + 8, dk + 8, dv + 8, dv + 8);
+    let kvt = plan::KT * (ks + vs) * 2;
+    let p = plan::sel_positions(g);
+    let sel_rows = (p * g).div_ceil(16) * 16;
+    BwdSmem {
+        rows64: plan::BQ_ROWS * (qs + ds) * 2 + kvt,
+        rows_sel: sel_rows * (qs + ds) * 2 + kvt + p * nsel * 4,
+        sel_threads: sel_rows * 2,
+        kv: kvt + 32 * (qs + ds) * 2 + 32 * 16,
+    }
+}
+
+/// Milliseconds per backward kernel (CUDA events); `sel_index` is the inverse-index build
+/// (count, scans, fill and the read-back of its size), `sel_dkdv` includes the partial reduction.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BwdTimes {
+    pub cmp_dq: f32,
+    pub cmp_dkdv: f32,
+    pub cmp_mean: f32,
+    pub win_dq: f32,
+    pub win_dkdv: f32,
+    pub sel_index: f32,
+    pub sel_dq: f32,
+    pub sel_dkdv: f32,
+    pub total: f32,
+}
+
+/// Gradients, scratch and work lists of one batch layout, resident on the GPU.
+pub struct DeviceBackward {
+    kernels: BwdKernels,
+    smem: BwdSmem,
+    n_tokens: usize,
+    hq: usize,
+    hkv: usize,
+    dk_dim: usize,
+    dv_dim: usize,
+    nsel: usize,
+    nseq: usize,
+    nb: usize,
+    nchunks: usize,
+    chunk_len: usize,
+    seg_len: usize,
+    rows64: CudaSlice<i32>,
+    n_rows64: usize,
+    rows_sel: CudaSlice<i32>,
+    n_rows_sel: usize,
+    cmp_kv: CudaSlice<i32>,
+    n_cmp_kv: usize,
+    win_kv: CudaSlice<i32>,
+    n_win_kv: usize,
+    seqs: CudaSlice<i32>,
+    blocks: CudaSlice<i32>,
+    /// bf16 copy of the upstream gradient `[N, HQ, dv]`.
+    d_o: CudaSlice<u16>,
+    /// `[N, HQ, dk]`
+    pub dq: CudaSlice<f32>,
+    /// dK per branch (compressed, selected, window), `[N, HKV, dk]`.
+    pub dk: [CudaSlice<f32>; 3],
+    /// dV per branch, `[N, HKV, dv]`.
+    pub dv: [CudaSlice<f32>; 3],
+    /// gate gradients per branch, `[N, HQ]`.
+    pub dg: [CudaSlice<f32>; 3],
+    lse: [CudaSlice<f32>; 3],
+    dkc: CudaSlice<f32>,
+    dvc: CudaSlice<f32>,
+    cnt: CudaSlice<i32>,
+    total: CudaSlice<i32>,
+    base: CudaSlice<i32>,
+    seg_base: CudaSlice<i32>,
+    pslot_base: CudaSlice<i32>,
+    summary: CudaSlice<i32>,
+    list: CudaSlice<i32>,
+    pk: CudaSlice<f32>,
+    pv: CudaSlice<f32>,
+    pslot_cap: usize,
+    /// Segments and partial slots of the last run's inverse index.
+    pub last_segments: usize,
+    pub last_partial_slots: usize,
+}
+
+fn alloc<T: driver::DeviceRepr>(ctx: &CudaContext, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every buffer is written (upload, memset or a kernel) before it is read.
+    unsafe { ctx.stream.alloc::<T>(len.max(1)) }.map_err(driver_err)
+}
+
+fn upload_i32(ctx: &CudaContext, v: &[i32]) -> Result<CudaSlice<i32>> {
+    let v = if v.is_empty() { vec![0; 4] } else { v.to_vec() };
+    ctx.stream.clone_htod(&v).map_err(driver_err)
+}
+
+impl DeviceBackward {
+    /// Allocates gradients and scratch for the inputs `x` (uploaded with `cu_seqlens`), compiles
+    /// and loads the kernels.
+    pub fn new(ctx: &CudaContext, x: &DeviceInputs, cu_seqlens: &[usize]) -> Result<Self> {
+        let cfg = &x.cfg;
+        if cfg.phi != PhiKind::Mean {
+            return Err(unsupported_phi(cfg.phi));
+        }
+        let n = x.n_tokens;
+        if cu_seqlens.first() != Some(&0) || cu_seqlens.last() != Some(&n) {
+            return Err(NsaError::BadSeqLens(format!(
+                "cu_seqlens {cu_seqlens:?} do not describe the {n} uploaded tokens"
+            )));
+        }
+        let shape = &x.shape;
+        let (hq, hkv, dk, dv, nsel) = (shape.hq, shape.hkv, shape.dk, shape.dv, shape.nsel);
+        let g = hq / hkv;
+        let entries = n * hkv * nsel;
+        if entries >= i32::MAX as usize || n * hq >= i32::MAX as usize {
+            return Err(NsaError::IndexOverflow {
+                what: "selection index entries",
+                value: entries as u128,
+                limit: 31,
+            });
+        }
+        let smem = smem_of(dk, dv, g, nsel);
+        let need = smem.rows64.max(smem.rows_sel).max(smem.kv);
+        if need > ctx.max_smem {
+            return Err(NsaError::Unsupported(format!(
+                "backward kernels need {need} bytes of shared memory per block, the device offers {}",
+                ctx.max_smem
+            )));
+        }
+        let kernels = BwdKernels::load(
+            ctx,
+            shape,
+            &[
+                ("cmp_bwd_dq", smem.rows64),
+                ("win_bwd_dq", smem.rows64),
+                ("sel_bwd_dq", smem.rows_sel),
+                ("cmp_bwd_dkdv", smem.kv),
+                ("win_bwd_dkdv", smem.kv),
+                ("sel_bwd_dkdv", smem.kv),
+            ],
+        )?;
+        let p = plan::build(cfg, cu_seqlens);
+        let nb = p.n_blocks;
+        let chunk_len = n.div_ceil(256).max(64);
+        let nchunks = n.div_ceil(chunk_len).max(1);
+        let npairs = hkv * nb;
+        let f = |len: usize| alloc::<f32>(ctx, len);
+        let i = |len: usize| alloc::<i32>(ctx, len);
+        Ok(DeviceBackward {
+            kernels,
+            smem,
+            n_tokens: n,
+            hq,
+            hkv,
+            dk_dim: dk,
+            dv_dim: dv,
+            nsel,
+            nseq: cu_seqlens.len() - 1,
+            nb,
+            nchunks,
+            chunk_len,
+            seg_len: segment_positions(g),
+            n_rows64: p.rows64.len() / 4,
+            rows64: upload_i32(ctx, &p.rows64)?,
+            n_rows_sel: p.rows_sel.len() / 4,
+            rows_sel: upload_i32(ctx, &p.rows_sel)?,
+            n_cmp_kv: p.cmp_kv.len() / 4,
+            cmp_kv: upload_i32(ctx, &p.cmp_kv)?,
+            n_win_kv: p.win_kv.len() / 4,
+            win_kv: upload_i32(ctx, &p.win_kv)?,
+            seqs: upload_i32(ctx, &p.seqs)?,
+            blocks: upload_i32(ctx, &p.blocks)?,
+            d_o: alloc::<u16>(ctx, n * hq * dv)?,
+            dq: f(n * hq * dk)?,
+            dk: [f(n * hkv * dk)?, f(n * hkv * dk)?, f(n * hkv * dk)?],
+            dv: [f(n * hkv * dv)?, f(n * hkv * dv)?, f(n * hkv * dv)?],
+            dg: [f(n * hq)?, f(n * hq)?, f(n * hq)?],
+            lse: [f(n * hq)?, f(n * hq)?, f(n * hq)?],
+            dkc: f(p.n_cmp * hkv * dk)?,
+            dvc: f(p.n_cmp * hkv * dv)?,
+            cnt: i(nchunks * npairs)?,
+            total: i(npairs)?,
+            base: i(npairs)?,
+            seg_base: i(npairs + 1)?,
+            pslot_base: i(npairs)?,
+            summary: i(4)?,
+            list: i(entries)?,
+            pk: f(1)?,
+            pv: f(1)?,
+            pslot_cap: 0,
+            last_segments: 0,
+            last_partial_slots: 0,
+        })
+    }
+
+    /// Uploads the upstream gradient `[N, HQ, dv]` (rounded to bf16).
+    pub fn upload_do(&mut self, ctx: &CudaContext, d_o: &[f32]) -> Result<()> {
+        let want = self.n_tokens * self.hq * self.dv_dim;
+        if d_o.len() != want {
+            return Err(NsaError::ShapeMismatch {
+                name: "d_o".into(),
+                expected: vec![self.n_tokens, self.hq, self.dv_dim],
+                got: vec![d_o.len()],
+            });
+        }
+        ctx.stream
+            .memcpy_htod(&to_bf16_bits(d_o), &mut self.d_o)
+            .map_err(driver_err)
+    }
+
+    /// Random upstream gradient ~ N(0, 1) in bf16, generated on the device (benchmarks).
+    pub fn random_do(&mut self, ctx: &CudaContext, x: &DeviceInputs, seed: u64) -> Result<()> {
+        let f = ctx.named_function(super::Family::Fill, "fill_normal_bf16", &x.shape, 0)?;
+        let len = self.d_o.len() as i64;
+        let mut b = ctx.stream.launch_builder(&f);
+        b.arg(&mut self.d_o).arg(&len).arg(&seed);
+        // SAFETY: matches `fill_normal_bf16`; the grid-stride loop covers `len` elements.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (4096, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map(|_| ())
+        .map_err(driver_err)
+    }
+
+    /// Fills every gradient with NaN (tests: each element must be written by the kernels).
+    pub fn poison(&mut self, ctx: &CudaContext) -> Result<()> {
+        let s = &ctx.stream;
+        let put = |buf: &mut CudaSlice<f32>| -> Result<()> {
+            let nan = vec![f32::NAN; buf.len()];
+            s.memcpy_htod(&nan, buf).map_err(driver_err)
+        };
+        put(&mut self.dq)?;
+        for b in 0..3 {
+            put(&mut self.dk[b])?;
+            put(&mut self.dv[b])?;
+            put(&mut self.dg[b])?;
+            put(&mut self.lse[b])?;
+        }
+        put(&mut self.dkc)?;
+        put(&mut self.dvc)
+    }
+
+    /// Copies the gradients back (`dphi` is `Mean`: no parameters).
+    pub fn download(&self, ctx: &CudaContext) -> Result<NsaGrads<f32>> {
+        let s = &ctx.stream;
+        let get = |b: &CudaSlice<f32>, len: usize| -> Result<Vec<f32>> {
+            let mut v = s.clone_dtoh(b).map_err(driver_err)?;
+            v.truncate(len);
+            Ok(v)
+        };
+        let (n, hq, hkv) = (self.n_tokens, self.hq, self.hkv);
+        let (kl, vl) = (n * hkv * self.dk_dim, n * hkv * self.dv_dim);
+        let g = NsaGrads {
+            dq: get(&self.dq, n * hq * self.dk_dim)?,
+            dk_cmp: get(&self.dk[0], kl)?,
+            dv_cmp: get(&self.dv[0], vl)?,
+            dk_slc: get(&self.dk[1], kl)?,
+            dv_slc: get(&self.dv[1], vl)?,
+            dk_win: get(&self.dk[2], kl)?,
+            dv_win: get(&self.dv[2], vl)?,
+            dg_cmp: get(&self.dg[0], n * hq)?,
+            dg_slc: get(&self.dg[1], n * hq)?,
+            dg_win: get(&self.dg[2], n * hq)?,
+            dphi: PhiParams::mean(),
+        };
+        s.synchronize().map_err(driver_err)?;
+        Ok(g)
+    }
+
+    /// Bytes of device memory this object holds (gradients, scratch, index, partials).
+    pub fn device_bytes(&self) -> usize {
+        let f = |b: &CudaSlice<f32>| b.len() * 4;
+        let i = |b: &CudaSlice<i32>| b.len() * 4;
+        self.d_o.len() * 2
+            + f(&self.dq)
+            + self.dk.iter().map(f).sum::<usize>()
+            + self.dv.iter().map(f).sum::<usize>()
+            + self.dg.iter().map(f).sum::<usize>()
+            + self.lse.iter().map(f).sum::<usize>()
+            + f(&self.dkc)
+            + f(&self.dvc)
+            + f(&self.pk)
+            + f(&self.pv)
+            + [
+                &self.cnt,
+                &self.total,
+                &self.base,
+                &self.seg_base,
+                &self.pslot_base,
+                &self.list,
+            ]
+            .into_iter()
+            .map(i)
+            .sum::<usize>()
+    }
+
+    fn func(&self, name: &str) -> Result<CudaFunction> {
+        self.kernels.get(name).cloned()
+    }
+}
+
+fn unsupported_phi(phi: PhiKind) -> NsaError {
+    NsaError::Unsupported(format!(
+        "the CUDA backward implements phi = mean only, got {phi:?} (use the CPU backend)"
+    ))
+}
+
+fn grid(x: usize, y: usize, threads: usize, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x as u32, y as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+/// Runs the backward kernels. `x` must hold a completed [`forward_device`] (the compressed K/V
+/// and `sel_idx`), `b` the upstream gradient. With `times`, records events around each kernel.
+pub fn backward_device(
+    ctx: &CudaContext,
+    x: &DeviceInputs,
+    b: &mut DeviceBackward,
+    times: Option<&mut BwdTimes>,
+) -> Result<()> {
+    let s = &ctx.stream;
+    let hkv = b.hkv;
+    let sm = b.smem;
+    let n = b.n_tokens as i32;
+    let nseq = b.nseq as i32;
+    let nb = b.nb as i32;
+    let events = if times.is_some() {
+        let mut v = Vec::with_capacity(9);
+        for _ in 0..9 {
+            v.push(
+                ctx.ctx
+                    .new_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(driver_err)?,
+            );
+        }
+        Some(v)
+    } else {
+        None
+    };
+    let rec = |i: usize| -> Result<()> {
+        if let Some(ev) = &events {
+            ev[i].record(s).map_err(driver_err)?;
+        }
+        Ok(())
+    };
+    rec(0)?;
+    // ---- compressed branch ----
+    {
+        let f = b.func("cmp_bwd_dq")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&x.q)
+            .arg(&x.kc)
+            .arg(&x.vc)
+            .arg(&b.d_o)
+            .arg(&x.gates[0])
+            .arg(&b.rows64)
+            .arg(&mut b.lse[0])
+            .arg(&mut b.dg[0])
+            .arg(&mut b.dq);
+        // SAFETY: matches `cmp_bwd_dq`; one CTA per (row tile, KV head).
+        unsafe { l.launch(grid(b.n_rows64, hkv, 128, sm.rows64)) }.map_err(driver_err)?;
+    }
+    rec(1)?;
+    if b.n_cmp_kv > 0 {
+        let f = b.func("cmp_bwd_dkdv")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&x.q)
+            .arg(&x.kc)
+            .arg(&x.vc)
+            .arg(&b.d_o)
+            .arg(&x.gates[0])
+            .arg(&b.lse[0])
+            .arg(&b.dg[0])
+            .arg(&b.cmp_kv)
+            .arg(&mut b.dkc)
+            .arg(&mut b.dvc);
+        // SAFETY: matches `cmp_bwd_dkdv`; one CTA per (64 compressed tokens, KV head).
+        unsafe { l.launch(grid(b.n_cmp_kv, hkv, 128, sm.kv)) }.map_err(driver_err)?;
+    }
+    rec(2)?;
+    {
+        let f = b.func("cmp_mean_bwd")?;
+        let items = b.n_tokens * hkv * (b.dk_dim + b.dv_dim) / 4;
+        let mut l = s.launch_builder(&f);
+        l.arg(&b.dkc)
+            .arg(&b.dvc)
+            .arg(&b.seqs)
+            .arg(&nseq)
+            .arg(&n)
+            .arg(&mut b.dk[0])
+            .arg(&mut b.dv[0]);
+        // SAFETY: matches `cmp_mean_bwd`; one thread per (token, head, 4 elements).
+        unsafe { l.launch(grid(items.div_ceil(256), 1, 256, 0)) }.map_err(driver_err)?;
+    }
+    rec(3)?;
+    // ---- sliding window ----
+    {
+        let f = b.func("win_bwd_dq")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&x.q)
+            .arg(&x.k[2])
+            .arg(&x.v[2])
+            .arg(&b.d_o)
+            .arg(&x.gates[2])
+            .arg(&b.rows64)
+            .arg(&mut b.lse[2])
+            .arg(&mut b.dg[2])
+            .arg(&mut b.dq);
+        // SAFETY: matches `win_bwd_dq`.
+        unsafe { l.launch(grid(b.n_rows64, hkv, 128, sm.rows64)) }.map_err(driver_err)?;
+    }
+    rec(4)?;
+    {
+        let f = b.func("win_bwd_dkdv")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&x.q)
+            .arg(&x.k[2])
+            .arg(&x.v[2])
+            .arg(&b.d_o)
+            .arg(&x.gates[2])
+            .arg(&b.lse[2])
+            .arg(&b.dg[2])
+            .arg(&b.win_kv)
+            .arg(&mut b.dk[2])
+            .arg(&mut b.dv[2]);
+        // SAFETY: matches `win_bwd_dkdv`.
+        unsafe { l.launch(grid(b.n_win_kv, hkv, 128, sm.kv)) }.map_err(driver_err)?;
+    }
+    rec(5)?;
+    // ---- selection: inverse index ----
+    let npairs = (hkv * b.nb) as i32;
+    let (chunk_len, nchunks) = (b.chunk_len as i32, b.nchunks as i32);
+    let seg_len = b.seg_len as i32;
+    s.memset_zeros(&mut b.cnt).map_err(driver_err)?;
+    {
+        let f = b.func("sel_index_count")?;
+        let items = b.n_tokens * hkv * b.nsel;
+        let mut l = s.launch_builder(&f);
+        l.arg(&x.sel_idx)
+            .arg(&b.seqs)
+            .arg(&nseq)
+            .arg(&n)
+            .arg(&chunk_len)
+            .arg(&nb)
+            .arg(&mut b.cnt);
+        // SAFETY: matches `sel_index_count`; one thread per index entry.
+        unsafe { l.launch(grid(items.div_ceil(256), 1, 256, 0)) }.map_err(driver_err)?;
+    }
+    {
+        let f = b.func("sel_index_chunk_scan")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&mut b.cnt)
+            .arg(&nchunks)
+            .arg(&npairs)
+            .arg(&mut b.total);
+        // SAFETY: matches `sel_index_chunk_scan`; one thread per pair.
+        unsafe { l.launch(grid((npairs as usize).div_ceil(128), 1, 128, 0)) }
+            .map_err(driver_err)?;
+    }
+    {
+        let f = b.func("sel_index_scan")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&b.total)
+            .arg(&npairs)
+            .arg(&seg_len)
+            .arg(&mut b.base)
+            .arg(&mut b.seg_base)
+            .arg(&mut b.pslot_base)
+            .arg(&mut b.summary);
+        // SAFETY: matches `sel_index_scan`; exactly one CTA of 1024 threads.
+        unsafe { l.launch(grid(1, 1, 1024, 0)) }.map_err(driver_err)?;
+    }
+    {
+        let f = b.func("sel_index_fill")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&x.sel_idx)
+            .arg(&b.seqs)
+            .arg(&nseq)
+            .arg(&n)
+            .arg(&chunk_len)
+            .arg(&nb)
+            .arg(&mut b.cnt)
+            .arg(&b.base)
+            .arg(&mut b.list);
+        // SAFETY: matches `sel_index_fill`; one warp per (chunk, KV head).
+        unsafe { l.launch(grid(b.nchunks, hkv, 32, 0)) }.map_err(driver_err)?;
+    }
+    let summary = s.clone_dtoh(&b.summary).map_err(driver_err)?;
+    s.synchronize().map_err(driver_err)?;
+    let (nsegs, npslots) = (summary[0].max(0) as usize, summary[1].max(0) as usize);
+    b.last_segments = nsegs;
+    b.last_partial_slots = npslots;
+    if npslots > b.pslot_cap {
+        let cap = npslots + npslots / 4;
+        b.pk = alloc::<f32>(ctx, cap * x.shape.sel_l * b.dk_dim)?;
+        b.pv = alloc::<f32>(ctx, cap * x.shape.sel_l * b.dv_dim)?;
+        b.pslot_cap = cap;
+    }
+    rec(6)?;
+    // ---- selection: dQ and statistics ----
+    {
+        let f = b.func("sel_bwd_dq")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&x.q)
+            .arg(&x.k[1])
+            .arg(&x.v[1])
+            .arg(&b.d_o)
+            .arg(&x.gates[1])
+            .arg(&b.rows_sel)
+            .arg(&x.sel_idx)
+            .arg(&mut b.lse[1])
+            .arg(&mut b.dg[1])
+            .arg(&mut b.dq);
+        // SAFETY: matches `sel_bwd_dq`.
+        unsafe { l.launch(grid(b.n_rows_sel, hkv, sm.sel_threads, sm.rows_sel)) }
+            .map_err(driver_err)?;
+    }
+    rec(7)?;
+    // ---- selection: dK, dV through the inverse index ----
+    s.memset_zeros(&mut b.dk[1]).map_err(driver_err)?;
+    s.memset_zeros(&mut b.dv[1]).map_err(driver_err)?;
+    if nsegs > 0 {
+        let f = b.func("sel_bwd_dkdv")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&x.q)
+            .arg(&x.k[1])
+            .arg(&x.v[1])
+            .arg(&b.d_o)
+            .arg(&x.gates[1])
+            .arg(&b.lse[1])
+            .arg(&b.dg[1])
+            .arg(&b.blocks)
+            .arg(&nb)
+            .arg(&b.total)
+            .arg(&b.base)
+            .arg(&b.seg_base)
+            .arg(&b.pslot_base)
+            .arg(&b.list)
+            .arg(&seg_len)
+            .arg(&mut b.dk[1])
+            .arg(&mut b.dv[1])
+            .arg(&mut b.pk)
+            .arg(&mut b.pv);
+        // SAFETY: matches `sel_bwd_dkdv`; one CTA per segment (summary[0] of this run).
+        unsafe { l.launch(grid(nsegs, 1, 128, sm.kv)) }.map_err(driver_err)?;
+    }
+    if npslots > 0 {
+        let f = b.func("sel_dkdv_reduce")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&b.blocks)
+            .arg(&nb)
+            .arg(&b.seg_base)
+            .arg(&b.pslot_base)
+            .arg(&b.pk)
+            .arg(&b.pv)
+            .arg(&mut b.dk[1])
+            .arg(&mut b.dv[1]);
+        // SAFETY: matches `sel_dkdv_reduce`; one CTA per pair (most return at once).
+        unsafe { l.launch(grid(npairs as usize, 1, 256, 0)) }.map_err(driver_err)?;
+    }
+    rec(8)?;
+    if let (Some(t), Some(ev)) = (times, &events) {
+        let el = |a: usize, c: usize| ev[a].elapsed_ms(&ev[c]).map_err(driver_err);
+        *t = BwdTimes {
+            cmp_dq: el(0, 1)?,
+            cmp_dkdv: el(1, 2)?,
+            cmp_mean: el(2, 3)?,
+            win_dq: el(3, 4)?,
+            win_dkdv: el(4, 5)?,
+            sel_index: el(5, 6)?,
+            sel_dq: el(6, 7)?,
+            sel_dkdv: el(7, 8)?,
+            total: el(0, 8)?,
+        };
+    }
+    Ok(())
+}
+
+/// Full backward pass: upload (bf16), forward (sel_idx, compressed K/V), backward, download.
+/// `phi` must match `cfg.phi`; only `Mean` is implemented on the GPU.
+pub fn backward(
+    ctx: &CudaContext,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    d_o: &[f32],
+) -> Result<NsaGrads<f32>> {
+    if cfg.phi != PhiKind::Mean {
+        return Err(unsupported_phi(cfg.phi));
+    }
+    phi.validate(cfg, x.dk, x.dv)?;
+    let mut dev = DeviceInputs::upload(ctx, cfg, x)?;
+    let mut b = DeviceBackward::new(ctx, &dev, &x.cu_seqlens)?;
+    b.upload_do(ctx, d_o)?;
+    b.poison(ctx)?;
+    forward_device(ctx, &mut dev, None)?;
+    backward_device(ctx, &dev, &mut b, None)?;
+    b.download(ctx)
+}

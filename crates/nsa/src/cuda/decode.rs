@@ -1,0 +1,1132 @@
+//! Decoding on the GPU over a paged KV cache (SPEC.md, "Decoding"), flash-decoding style.
+//!
+//! # The cache
+//!
+//! [`GpuDecodeCache`] holds one layer's decoding state for a batch of sequences, the way serving
+//! engines do: fixed-size pages of [`PAGE`] tokens taken from a shared pool, and a page table per
+//! sequence.
+//!
+//! - raw K/V of the **selection** and **window** branches: four pools sharing one page table
+//!   (position `p` of sequence `b` is slot `p % PAGE` of page `table[b][p / PAGE]`);
+//! - **compressed** K/V: two pools with their own page table (position = compressed-token index);
+//! - a per-sequence **ring** of the last `l` raw compression-branch tokens.
+//!
+//! A page is head-major (`[HKV, PAGE, D]`), so the keys one KV group reads are contiguous runs.
+//! When a token completes a compression block (`t >= l-1` and `(t+1-l) % d == 0`) one compressed
+//! key and value (`phi` = mean) are computed from the ring and the new rows and appended; the
+//! cache is never re-compressed. `phi = linear | mlp` is `NsaError::Unsupported` on the GPU so far.
+//! A sequence beyond `max_len`, or a pool with no free page, is `NsaError::CacheFull`.
+//!
+//! # A step
+//!
+//! Every step is six launches with no host synchronisation (capturable in a CUDA graph; the
+//! sequence positions live on the device and the write kernel advances them):
+//! `decode_write` (append + compress), `decode_attn_cw` (split-K over compressed tokens with the
+//! Eq. 9 partial scores, and over the window), `decode_topn`, `decode_sel` (split-K over the
+//! selected blocks), `decode_combine` (merge the splits, apply the gates). See
+//! `kernels/decode_attn.cu`.
+//!
+//! # Prefill
+//!
+//! [`prefill`] appends a chunk of tokens to each of several sequences in one call. Rows of
+//! sequences that were empty come from the blocked forward ([`super::forward`]); rows of
+//! sequences that already hold tokens (chunked prefill) run through the decode kernels, one row
+//! per token (correct at any length, but row-wise: a long second chunk costs as many decode
+//! rows). The chunk's K/V are written by the same `decode_write` kernel.
+
+pub mod bench;
+
+use super::{check_supported, driver_err, shape_of, to_bf16_bits, CudaContext, Family, Shape};
+use crate::blocks;
+use crate::config::NsaConfig;
+use crate::error::{NsaError, Result};
+use crate::inputs::{NsaInputs, NsaOutput, PhiParams};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// Tokens per page (raw and compressed pools); also the key tile of the kernels.
+pub const PAGE: usize = 64;
+/// Most rows one launch of the attention kernels takes (chunked prefill loops over this).
+const MAX_ROWS: usize = 1024;
+/// Most rows one launch of the write kernels takes.
+const WRITE_ROWS: usize = 8192;
+/// Dynamic shared memory the small kernels may use without raising their limit.
+const SMALL_SMEM: usize = 48 * 1024;
+
+/// Page tables of one pool kind: host copy, free list and device copy `[B, maxp]`.
+struct PageTable {
+    rows: Vec<Vec<i32>>,
+    free: Vec<i32>,
+    n_pages: usize,
+    maxp: usize,
+    dev: CudaSlice<i32>,
+    dirty: bool,
+}
+
+impl PageTable {
+    fn new(stream: &Arc<CudaStream>, batch: usize, n_pages: usize, maxp: usize) -> Result<Self> {
+        Ok(PageTable {
+            rows: vec![Vec::new(); batch],
+            // lowest page first
+            free: (0..n_pages as i32).rev().collect(),
+            n_pages,
+            maxp,
+            dev: stream
+                .alloc_zeros::<i32>(batch * maxp.max(1))
+                .map_err(driver_err)?,
+            dirty: false,
+        })
+    }
+
+    /// Makes sequence `b` hold at least `positions` positions.
+    fn ensure(&mut self, b: usize, positions: usize) -> Result<()> {
+        let need = positions.div_ceil(PAGE);
+        if need > self.maxp {
+            return Err(NsaError::CacheFull {
+                capacity: self.maxp * PAGE,
+                needed: positions,
+            });
+        }
+        let have = self.rows[b].len();
+        if need > have && need - have > self.free.len() {
+            let used: usize = self.rows.iter().map(Vec::len).sum();
+            return Err(NsaError::CacheFull {
+                capacity: self.n_pages * PAGE,
+                needed: (used + need - have) * PAGE,
+            });
+        }
+        while self.rows[b].len() < need {
+            let p = self.free.pop().expect("checked above");
+            self.rows[b].push(p);
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Returns the pages of sequence `b` to the pool.
+    fn release(&mut self, b: usize) {
+        let pages = std::mem::take(&mut self.rows[b]);
+        self.dirty |= !pages.is_empty();
+        self.free.extend(pages.into_iter().rev());
+    }
+
+    fn sync(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let mut flat = vec![0i32; self.rows.len() * self.maxp.max(1)];
+        for (b, r) in self.rows.iter().enumerate() {
+            flat[b * self.maxp..b * self.maxp + r.len()].copy_from_slice(r);
+        }
+        stream
+            .memcpy_htod(&flat, &mut self.dev)
+            .map_err(driver_err)?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// How the keys of each branch are split across CTAs (flash-decoding), chosen per launch so that
+/// a batch of one still fills the GPU while a large batch keeps its partials small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Splits {
+    /// compressed splits and compressed tokens per split (a multiple of [`PAGE`])
+    pub sc: usize,
+    pub cc: usize,
+    /// window splits and window tokens per split
+    pub sw: usize,
+    pub cw: usize,
+    /// selected splits and selected blocks per split
+    pub ss: usize,
+    pub spb: usize,
+    /// selection-block slots of one compressed split's partial scores
+    pub uj: usize,
+}
+
+impl Splits {
+    /// Partial slots per (row, group).
+    pub fn ns(&self) -> usize {
+        self.sc + self.sw + self.ss
+    }
+}
+
+/// Device buffers of one launch's rows: new tokens, descriptors, partials, outputs.
+struct Work {
+    rows: usize,
+    /// `(b, t, chunk start, chunk end)` per written row
+    wdesc: CudaSlice<i32>,
+    /// `(b, t, source row, 0)` per attention row
+    adesc: CudaSlice<i32>,
+    q: CudaSlice<u16>,
+    /// k_cmp, k_slc, k_win
+    k: [CudaSlice<u16>; 3],
+    v: [CudaSlice<u16>; 3],
+    gates: [CudaSlice<f32>; 3],
+    part_o: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+    part_u: CudaSlice<f32>,
+    /// `[rows, HQ, dv]`
+    out: CudaSlice<f32>,
+    /// `[rows, HKV, n]`
+    sel: CudaSlice<i32>,
+}
+
+fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    buf: &mut CudaSlice<T>,
+    len: usize,
+) -> Result<()> {
+    if buf.len() < len {
+        *buf = stream.alloc_zeros::<T>(len).map_err(driver_err)?;
+    }
+    Ok(())
+}
+
+/// The decoding state of one layer for a batch of sequences, on the GPU (paged).
+pub struct GpuDecodeCache {
+    cfg: NsaConfig,
+    shape: Shape,
+    dk: usize,
+    dv: usize,
+    batch: usize,
+    max_len: usize,
+    raw: PageTable,
+    cmp: PageTable,
+    /// `[pages, HKV, PAGE, D]` pools: selection K/V, window K/V, compressed K/V
+    k_slc: CudaSlice<u16>,
+    v_slc: CudaSlice<u16>,
+    k_win: CudaSlice<u16>,
+    v_win: CudaSlice<u16>,
+    k_cmp: CudaSlice<u16>,
+    v_cmp: CudaSlice<u16>,
+    /// `[B, l, HKV, D]`
+    ring_k: CudaSlice<u16>,
+    ring_v: CudaSlice<u16>,
+    lens: Vec<usize>,
+    /// `[B]` positions on the device (advanced by the step's write kernel)
+    lens_dev: CudaSlice<i32>,
+    work: Work,
+    sms: usize,
+    cc_cap: usize,
+    attn_smem_max: usize,
+    poison: bool,
+}
+
+impl GpuDecodeCache {
+    /// An empty cache for `batch` sequences of at most `max_len` tokens each, with a shared pool
+    /// of `pool_tokens` raw tokens (rounded up to pages). Fails with `Unsupported` for shapes the
+    /// kernels do not take (see [`check_supported`]) and `OutOfMemory` when the pools do not fit.
+    pub fn new(
+        ctx: &CudaContext,
+        cfg: &NsaConfig,
+        batch: usize,
+        dk: usize,
+        dv: usize,
+        max_len: usize,
+        pool_tokens: usize,
+    ) -> Result<Self> {
+        check_supported(cfg, dk, dv)?;
+        if batch == 0 {
+            return Err(NsaError::ZeroSize("decode batch"));
+        }
+        if max_len == 0 || pool_tokens == 0 {
+            return Err(NsaError::ZeroSize("decode cache capacity"));
+        }
+        if max_len >= i32::MAX as usize / 2 || batch * max_len.div_ceil(PAGE) >= i32::MAX as usize {
+            return Err(NsaError::IndexOverflow {
+                what: "decode cache positions",
+                value: max_len as u128,
+                limit: 31,
+            });
+        }
+        let shape = shape_of(cfg, dk, dv);
+        let s = &ctx.stream;
+        let (hkv, l, d) = (cfg.kv_heads, cfg.cmp_block, cfg.cmp_stride);
+        let raw_pages = pool_tokens.div_ceil(PAGE);
+        // sum_b ceil(ncmp_b / PAGE) <= raw_pages / d + B, since ncmp_b <= len_b / d
+        let cmp_pages = raw_pages.div_ceil(d) + batch;
+        let maxp_raw = max_len.div_ceil(PAGE);
+        let maxp_cmp = blocks::cmp_blocks_in(max_len, l, d).div_ceil(PAGE).max(1);
+        let g = cfg.group_size();
+        let qrows = g.div_ceil(16) * 16;
+        let base = (qrows * (dk + 8) + 2 * 64 * (dk + 8 + dv + 8)) * 2;
+        let max_smem = ctx.max_smem;
+        if base + g * 64 * 4 > max_smem {
+            return Err(NsaError::Unsupported(format!(
+                "decode kernels need {} bytes of shared memory, the device offers {max_smem}",
+                base + g * 64 * 4
+            )));
+        }
+        // compressed tokens per split: their logits ([G, cc] f32) stay in shared memory
+        let cc_cap = (((max_smem - base) / (g * 4)) / PAGE * PAGE).clamp(PAGE, 1024);
+        let attn_smem_max = base + g * cc_cap * 4;
+        let sms = ctx
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(driver_err)? as usize;
+        let zeros = |len: usize| s.alloc_zeros::<u16>(len.max(1)).map_err(driver_err);
+        let work = Work {
+            rows: 0,
+            wdesc: s.alloc_zeros::<i32>(4).map_err(driver_err)?,
+            adesc: s.alloc_zeros::<i32>(4).map_err(driver_err)?,
+            q: zeros(1)?,
+            k: [zeros(1)?, zeros(1)?, zeros(1)?],
+            v: [zeros(1)?, zeros(1)?, zeros(1)?],
+            gates: [
+                s.alloc_zeros::<f32>(1).map_err(driver_err)?,
+                s.alloc_zeros::<f32>(1).map_err(driver_err)?,
+                s.alloc_zeros::<f32>(1).map_err(driver_err)?,
+            ],
+            part_o: s.alloc_zeros::<f32>(1).map_err(driver_err)?,
+            part_ml: s.alloc_zeros::<f32>(1).map_err(driver_err)?,
+            part_u: s.alloc_zeros::<f32>(1).map_err(driver_err)?,
+            out: s.alloc_zeros::<f32>(1).map_err(driver_err)?,
+            sel: s.alloc_zeros::<i32>(1).map_err(driver_err)?,
+        };
+        Ok(GpuDecodeCache {
+            cfg: cfg.clone(),
+            shape,
+            dk,
+            dv,
+            batch,
+            max_len,
+            raw: PageTable::new(s, batch, raw_pages, maxp_raw)?,
+            cmp: PageTable::new(s, batch, cmp_pages, maxp_cmp)?,
+            k_slc: zeros(raw_pages * PAGE * hkv * dk)?,
+            v_slc: zeros(raw_pages * PAGE * hkv * dv)?,
+            k_win: zeros(raw_pages * PAGE * hkv * dk)?,
+            v_win: zeros(raw_pages * PAGE * hkv * dv)?,
+            k_cmp: zeros(cmp_pages * PAGE * hkv * dk)?,
+            v_cmp: zeros(cmp_pages * PAGE * hkv * dv)?,
+            ring_k: zeros(batch * l * hkv * dk)?,
+            ring_v: zeros(batch * l * hkv * dv)?,
+            lens: vec![0; batch],
+            lens_dev: s.alloc_zeros::<i32>(batch).map_err(driver_err)?,
+            work,
+            sms,
+            cc_cap,
+            attn_smem_max,
+            poison: false,
+        })
+    }
+
+    /// Number of sequences `B`.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Tokens held by each sequence.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Longest sequence the cache takes.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Pages in use (raw, compressed).
+    pub fn pages_in_use(&self) -> (usize, usize) {
+        (
+            self.raw.rows.iter().map(Vec::len).sum(),
+            self.cmp.rows.iter().map(Vec::len).sum(),
+        )
+    }
+
+    /// Makes room for sequence `b` to reach `len` tokens (pages are taken now, so that steps
+    /// captured in a CUDA graph never need the host). `CacheFull` when it cannot.
+    pub fn reserve(&mut self, b: usize, len: usize) -> Result<()> {
+        self.check_seq(b)?;
+        if len > self.max_len {
+            return Err(NsaError::CacheFull {
+                capacity: self.max_len,
+                needed: len,
+            });
+        }
+        self.raw.ensure(b, len)?;
+        let (l, d) = (self.cfg.cmp_block, self.cfg.cmp_stride);
+        self.cmp.ensure(b, blocks::cmp_blocks_in(len, l, d))
+    }
+
+    /// Empties sequence `b` and returns its pages to the pool.
+    pub fn reset(&mut self, ctx: &CudaContext, b: usize) -> Result<()> {
+        self.check_seq(b)?;
+        self.raw.release(b);
+        self.cmp.release(b);
+        self.lens[b] = 0;
+        self.upload_lens(ctx)
+    }
+
+    fn check_seq(&self, b: usize) -> Result<()> {
+        if b >= self.batch {
+            return Err(NsaError::Decode(format!(
+                "sequence {b} out of range: the cache holds {}",
+                self.batch
+            )));
+        }
+        Ok(())
+    }
+
+    fn upload_lens(&mut self, ctx: &CudaContext) -> Result<()> {
+        let l: Vec<i32> = self.lens.iter().map(|&v| v as i32).collect();
+        ctx.stream
+            .memcpy_htod(&l, &mut self.lens_dev)
+            .map_err(driver_err)
+    }
+
+    fn sync_tables(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        self.raw.sync(stream)?;
+        self.cmp.sync(stream)
+    }
+
+    /// The split plan for `rows` query rows whose longest context is `max_ctx` tokens.
+    pub fn plan(&self, rows: usize, max_ctx: usize) -> Result<Splits> {
+        let cfg = &self.cfg;
+        let g = cfg.group_size();
+        let groups = (rows * cfg.kv_heads).max(1);
+        // about four CTAs per SM for each branch launch
+        let per = (4 * self.sms / groups).max(1);
+        let ncmp = blocks::cmp_blocks_in(max_ctx, cfg.cmp_block, cfg.cmp_stride).max(1);
+        let mut cc = ncmp
+            .div_ceil(per)
+            .next_multiple_of(PAGE)
+            .clamp(PAGE, self.cc_cap);
+        // the top-n kernel keeps [sc, G] weights in shared memory
+        let sc_max = (SMALL_SMEM / (4 * g)).max(1);
+        if ncmp.div_ceil(cc) > sc_max {
+            cc = ncmp.div_ceil(sc_max).next_multiple_of(PAGE);
+            if cc > self.cc_cap {
+                return Err(NsaError::Unsupported(format!(
+                    "a context of {max_ctx} tokens needs more compressed splits than the decode kernels hold"
+                )));
+            }
+        }
+        let sc = ncmp.div_ceil(cc);
+        let wlen = cfg.window.min(max_ctx).max(1);
+        let cw = wlen.div_ceil(per).next_multiple_of(PAGE).max(PAGE);
+        let sw = wlen.div_ceil(cw);
+        let n = cfg.sel_count;
+        let spb = (n / per).max(1);
+        let ss = n.div_ceil(spb);
+        let uj = (cc * cfg.cmp_stride + cfg.cmp_block) / cfg.sel_block + 2;
+        let sp = Splits {
+            sc,
+            cc,
+            sw,
+            cw,
+            ss,
+            spb,
+            uj,
+        };
+        if sp.ns() * g * 4 > SMALL_SMEM {
+            return Err(NsaError::Unsupported(format!(
+                "{} partial slots of {g} heads exceed the combine kernel's shared memory",
+                sp.ns()
+            )));
+        }
+        Ok(sp)
+    }
+
+    /// Grows the work buffers for `rows` rows and the split plan `sp`.
+    fn ensure_work(&mut self, stream: &Arc<CudaStream>, rows: usize, sp: &Splits) -> Result<()> {
+        let (hq, hkv, dk, dv, g) = (
+            self.cfg.heads,
+            self.cfg.kv_heads,
+            self.dk,
+            self.dv,
+            self.cfg.group_size(),
+        );
+        let w = &mut self.work;
+        if w.rows < rows {
+            w.wdesc = stream.alloc_zeros::<i32>(rows * 4).map_err(driver_err)?;
+            w.adesc = stream.alloc_zeros::<i32>(rows * 4).map_err(driver_err)?;
+            w.q = stream
+                .alloc_zeros::<u16>(rows * hq * dk)
+                .map_err(driver_err)?;
+            for br in 0..3 {
+                w.k[br] = stream
+                    .alloc_zeros::<u16>(rows * hkv * dk)
+                    .map_err(driver_err)?;
+                w.v[br] = stream
+                    .alloc_zeros::<u16>(rows * hkv * dv)
+                    .map_err(driver_err)?;
+                w.gates[br] = stream.alloc_zeros::<f32>(rows * hq).map_err(driver_err)?;
+            }
+            w.out = stream
+                .alloc_zeros::<f32>(rows * hq * dv)
+                .map_err(driver_err)?;
+            w.sel = stream
+                .alloc_zeros::<i32>(rows * hkv * self.cfg.sel_count)
+                .map_err(driver_err)?;
+            w.rows = rows;
+        }
+        let rg = rows * hkv;
+        grow(stream, &mut w.part_o, rg * sp.ns() * g * dv)?;
+        grow(stream, &mut w.part_ml, rg * sp.ns() * g * 2)?;
+        grow(stream, &mut w.part_u, rg * sp.sc * g * sp.uj)?;
+        Ok(())
+    }
+
+    /// Uploads rows `rows` of `x` (bf16 K/V/q, f32 gates) into the work buffers, in that order.
+    fn upload_tokens(
+        &mut self,
+        ctx: &CudaContext,
+        x: &NsaInputs<f32>,
+        rows: &[usize],
+    ) -> Result<()> {
+        let sub = x.gather(rows, vec![0, rows.len()]);
+        let s = &ctx.stream;
+        let w = &mut self.work;
+        let bf = |v: &Vec<f32>, dst: &mut CudaSlice<u16>| {
+            let bits = to_bf16_bits(v);
+            let mut view = dst.slice_mut(0..bits.len());
+            s.memcpy_htod(&bits, &mut view).map_err(driver_err)
+        };
+        bf(&sub.q, &mut w.q)?;
+        for (br, (k, v)) in [
+            (&sub.k_cmp, &sub.v_cmp),
+            (&sub.k_slc, &sub.v_slc),
+            (&sub.k_win, &sub.v_win),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            bf(k, &mut w.k[br])?;
+            bf(v, &mut w.v[br])?;
+        }
+        for (br, gt) in [&sub.g_cmp, &sub.g_slc, &sub.g_win].into_iter().enumerate() {
+            let mut view = w.gates[br].slice_mut(0..gt.len());
+            s.memcpy_htod(gt, &mut view).map_err(driver_err)?;
+        }
+        Ok(())
+    }
+
+    fn f(
+        &self,
+        ctx: &CudaContext,
+        name: &str,
+        smem: usize,
+    ) -> Result<cudarc::driver::CudaFunction> {
+        ctx.named_function(Family::Decode, name, &self.shape, smem)
+    }
+
+    /// Launches `decode_write` over the first `rows` work rows (`step_mode`: one row per
+    /// sequence, positions from the device), then (prefill) `decode_ring`.
+    fn launch_write(
+        &mut self,
+        ctx: &CudaContext,
+        stream: &Arc<CudaStream>,
+        rows: usize,
+        step_mode: bool,
+    ) -> Result<()> {
+        let f = self.f(ctx, "decode_write", 0)?;
+        let f_ring = self.f(ctx, "decode_ring", 0)?;
+        let (maxp_raw, maxp_cmp) = (self.raw.maxp as i32, self.cmp.maxp as i32);
+        let mode = step_mode as i32;
+        let cfg1 = |rows: usize| LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let w = &mut self.work;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut w.wdesc)
+            .arg(&mut w.adesc)
+            .arg(&mut self.lens_dev)
+            .arg(&mode)
+            .arg(&self.raw.dev)
+            .arg(&self.cmp.dev)
+            .arg(&maxp_raw)
+            .arg(&maxp_cmp)
+            .arg(&w.k[0])
+            .arg(&w.v[0])
+            .arg(&w.k[1])
+            .arg(&w.v[1])
+            .arg(&w.k[2])
+            .arg(&w.v[2])
+            .arg(&mut self.k_slc)
+            .arg(&mut self.v_slc)
+            .arg(&mut self.k_win)
+            .arg(&mut self.v_win)
+            .arg(&mut self.k_cmp)
+            .arg(&mut self.v_cmp)
+            .arg(&mut self.ring_k)
+            .arg(&mut self.ring_v);
+        // SAFETY: matches `decode_write`; every row's pages were reserved (PageTable::ensure) and
+        // the tables synced before this launch; rows < the work buffers' capacity.
+        unsafe { b.launch(cfg1(rows)) }.map_err(driver_err)?;
+        if !step_mode {
+            let mut b = stream.launch_builder(&f_ring);
+            b.arg(&w.wdesc)
+                .arg(&w.k[0])
+                .arg(&w.v[0])
+                .arg(&mut self.ring_k)
+                .arg(&mut self.ring_v);
+            // SAFETY: matches `decode_ring`.
+            unsafe { b.launch(cfg1(rows)) }.map_err(driver_err)?;
+        }
+        Ok(())
+    }
+
+    /// Launches the attention kernels over the first `rows` attention rows (`adesc`), writing
+    /// `out` `[rows, HQ, dv]` and `sel` `[rows, HKV, n]` of the work buffers.
+    fn launch_attention(
+        &mut self,
+        ctx: &CudaContext,
+        stream: &Arc<CudaStream>,
+        rows: usize,
+        sp: &Splits,
+    ) -> Result<()> {
+        if self.poison {
+            self.poison_outputs(stream)?;
+        }
+        let g = self.cfg.group_size();
+        let hkv = self.cfg.kv_heads;
+        let f_cw = self.f(ctx, "decode_attn_cw", self.attn_smem_max)?;
+        let f_topn = self.f(ctx, "decode_topn", 0)?;
+        let f_sel = self.f(ctx, "decode_sel", self.attn_smem_max)?;
+        let f_comb = self.f(ctx, "decode_combine", 0)?;
+        let base = self.attn_smem_max - g * self.cc_cap * 4;
+        let (maxp_raw, maxp_cmp) = (self.raw.maxp as i32, self.cmp.maxp as i32);
+        let [sc, cc, sw, cw, ss, spb, uj, ns] =
+            [sp.sc, sp.cc, sp.sw, sp.cw, sp.ss, sp.spb, sp.uj, sp.ns()].map(|v| v as i32);
+        let rg = (rows * hkv) as u32;
+        let w = &mut self.work;
+        {
+            let mut b = stream.launch_builder(&f_cw);
+            b.arg(&w.adesc)
+                .arg(&self.raw.dev)
+                .arg(&self.cmp.dev)
+                .arg(&maxp_raw)
+                .arg(&maxp_cmp)
+                .arg(&w.q)
+                .arg(&self.k_cmp)
+                .arg(&self.v_cmp)
+                .arg(&self.k_win)
+                .arg(&self.v_win)
+                .arg(&sc)
+                .arg(&cc)
+                .arg(&sw)
+                .arg(&cw)
+                .arg(&ns)
+                .arg(&uj)
+                .arg(&mut w.part_o)
+                .arg(&mut w.part_ml)
+                .arg(&mut w.part_u);
+            // SAFETY: matches `decode_attn_cw`; partial buffers sized by ensure_work for (rows, sp);
+            // the logits need g * cc * 4 bytes after the base layout.
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (rg, (sp.sc + sp.sw) as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: (base + g * sp.cc * 4) as u32,
+                })
+            }
+            .map_err(driver_err)?;
+        }
+        {
+            let mut b = stream.launch_builder(&f_topn);
+            b.arg(&w.adesc)
+                .arg(&w.part_ml)
+                .arg(&w.part_u)
+                .arg(&sc)
+                .arg(&cc)
+                .arg(&ns)
+                .arg(&uj)
+                .arg(&mut w.sel);
+            // SAFETY: matches `decode_topn`; sc * G * 4 <= 48 KiB (plan).
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (rg, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: (sp.sc * g * 4) as u32,
+                })
+            }
+            .map_err(driver_err)?;
+        }
+        {
+            let mut b = stream.launch_builder(&f_sel);
+            b.arg(&w.adesc)
+                .arg(&self.raw.dev)
+                .arg(&maxp_raw)
+                .arg(&w.q)
+                .arg(&self.k_slc)
+                .arg(&self.v_slc)
+                .arg(&w.sel)
+                .arg(&sc)
+                .arg(&sw)
+                .arg(&spb)
+                .arg(&ns)
+                .arg(&mut w.part_o)
+                .arg(&mut w.part_ml);
+            // SAFETY: matches `decode_sel`.
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (rg, sp.ss as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: base as u32,
+                })
+            }
+            .map_err(driver_err)?;
+        }
+        {
+            let mut b = stream.launch_builder(&f_comb);
+            b.arg(&w.adesc)
+                .arg(&w.part_o)
+                .arg(&w.part_ml)
+                .arg(&w.gates[0])
+                .arg(&w.gates[1])
+                .arg(&w.gates[2])
+                .arg(&sc)
+                .arg(&sw)
+                .arg(&ss)
+                .arg(&mut w.out);
+            // SAFETY: matches `decode_combine`; ns * G * 4 <= 48 KiB (plan).
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (rg, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: (sp.ns() * g * 4) as u32,
+                })
+            }
+            .map_err(driver_err)?;
+        }
+        Ok(())
+    }
+
+    fn check_inputs(
+        &self,
+        x: &NsaInputs<f32>,
+        cfg: &NsaConfig,
+        phi: &PhiParams<f32>,
+    ) -> Result<()> {
+        x.validate(cfg)?;
+        phi.validate(cfg, x.dk, x.dv)?;
+        check_supported(cfg, x.dk, x.dv)?;
+        if x.dk != self.dk || x.dv != self.dv {
+            return Err(NsaError::Decode(format!(
+                "inputs have dk={}, dv={} but the cache was made for dk={}, dv={}",
+                x.dk, x.dv, self.dk, self.dv
+            )));
+        }
+        if *cfg != self.cfg {
+            return Err(NsaError::Decode(
+                "the configuration differs from the one the cache was made for".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    // ---- bench / graph API: everything on the device, nothing allocated ----
+
+    /// Random cache content for benchmarks: sequence `b` holds `lens[b]` tokens of N(0, 1) bf16
+    /// K/V (raw, compressed and ring), with pages reserved for `extra` more tokens; the work
+    /// buffers get `rows = B` random step tokens. The compressed pools are random rather than
+    /// means (timing only).
+    pub fn fill_random(
+        &mut self,
+        ctx: &CudaContext,
+        lens: &[usize],
+        extra: usize,
+        seed: u64,
+    ) -> Result<()> {
+        if lens.len() != self.batch {
+            return Err(NsaError::Decode(format!(
+                "{} lengths for a batch of {}",
+                lens.len(),
+                self.batch
+            )));
+        }
+        for (b, &l) in lens.iter().enumerate() {
+            self.reserve(b, l + extra)?;
+        }
+        let s = ctx.stream.clone();
+        self.sync_tables(&s)?;
+        let sp = self.plan(self.batch, lens.iter().max().unwrap() + extra)?;
+        self.ensure_work(&s, self.batch, &sp)?;
+        let fill = ctx.named_function(Family::Fill, "fill_normal_bf16", &self.shape, 0)?;
+        let unif = ctx.named_function(Family::Fill, "fill_uniform_f32", &self.shape, 0)?;
+        let lc = LaunchConfig {
+            grid_dim: (4096, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut k = 0u64;
+        let w = &mut self.work;
+        let [k0, k1, k2] = &mut w.k;
+        let [v0, v1, v2] = &mut w.v;
+        for buf in [
+            &mut self.k_slc,
+            &mut self.v_slc,
+            &mut self.k_win,
+            &mut self.v_win,
+            &mut self.k_cmp,
+            &mut self.v_cmp,
+            &mut self.ring_k,
+            &mut self.ring_v,
+            &mut w.q,
+            k0,
+            v0,
+            k1,
+            v1,
+            k2,
+            v2,
+        ] {
+            k += 1;
+            let sd = seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let len = buf.len() as i64;
+            let mut b = s.launch_builder(&fill);
+            b.arg(buf).arg(&len).arg(&sd);
+            // SAFETY: matches `fill_normal_bf16` (grid-stride over `len` elements).
+            unsafe { b.launch(lc) }.map_err(driver_err)?;
+        }
+        for buf in w.gates.iter_mut() {
+            k += 1;
+            let sd = seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let len = buf.len() as i64;
+            let mut b = s.launch_builder(&unif);
+            b.arg(buf).arg(&len).arg(&sd);
+            // SAFETY: matches `fill_uniform_f32`.
+            unsafe { b.launch(lc) }.map_err(driver_err)?;
+        }
+        self.lens = lens.to_vec();
+        self.upload_lens(ctx)?;
+        let wd: Vec<i32> = (0..self.batch).flat_map(|b| [b as i32, 0, 0, 0]).collect();
+        let mut view = self.work.wdesc.slice_mut(0..wd.len());
+        s.memcpy_htod(&wd, &mut view).map_err(driver_err)?;
+        s.synchronize().map_err(driver_err)
+    }
+
+    /// One decode step of every sequence on `stream`, from the tokens already in the work
+    /// buffers (row b = sequence b): no allocation, no upload, no host synchronisation, so it can
+    /// be captured in a CUDA graph. Pages must be reserved ([`Self::reserve`]) and `sp` planned
+    /// for the longest context the launches will see. The host's copy of the lengths is not
+    /// advanced (see [`Self::advance_host`]).
+    pub fn step_launch(
+        &mut self,
+        ctx: &CudaContext,
+        stream: &Arc<CudaStream>,
+        sp: &Splits,
+    ) -> Result<()> {
+        self.launch_write(ctx, stream, self.batch, true)?;
+        self.launch_attention(ctx, stream, self.batch, sp)
+    }
+
+    /// Advances the host's copy of every length by `steps` (after device-side steps).
+    pub fn advance_host(&mut self, steps: usize) {
+        for l in self.lens.iter_mut() {
+            *l += steps;
+        }
+    }
+
+    /// Prepares [`Self::step_launch`]: work buffers for `sp`, tables synced.
+    pub fn prepare_steps(&mut self, ctx: &CudaContext, sp: &Splits) -> Result<()> {
+        let s = ctx.stream.clone();
+        self.sync_tables(&s)?;
+        self.ensure_work(&s, self.batch, sp)?;
+        s.synchronize().map_err(driver_err)
+    }
+
+    /// With `on`, every later call fills the output buffers with NaN and the selection with
+    /// `i32::MIN` before its kernels run (tests: every element must be written).
+    pub fn set_poison(&mut self, on: bool) {
+        self.poison = on;
+    }
+
+    fn poison_outputs(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        let nan = vec![f32::NAN; self.work.out.len()];
+        stream
+            .memcpy_htod(&nan, &mut self.work.out)
+            .map_err(driver_err)?;
+        let bad = vec![i32::MIN; self.work.sel.len()];
+        stream
+            .memcpy_htod(&bad, &mut self.work.sel)
+            .map_err(driver_err)
+    }
+
+    /// The configuration the cache was made for.
+    pub fn config(&self) -> &NsaConfig {
+        &self.cfg
+    }
+}
+
+/// Downloads the first `rows` rows of the work outputs.
+fn download(
+    ctx: &CudaContext,
+    cache: &GpuDecodeCache,
+    rows: usize,
+) -> Result<(Vec<f32>, Vec<i32>)> {
+    let (hq, hkv, dv, n) = (
+        cache.cfg.heads,
+        cache.cfg.kv_heads,
+        cache.dv,
+        cache.cfg.sel_count,
+    );
+    let s = &ctx.stream;
+    let o = s
+        .clone_dtoh(&cache.work.out.slice(0..rows * hq * dv))
+        .map_err(driver_err)?;
+    let sel = s
+        .clone_dtoh(&cache.work.sel.slice(0..rows * hkv * n))
+        .map_err(driver_err)?;
+    s.synchronize().map_err(driver_err)?;
+    Ok((o, sel))
+}
+
+/// Appends sequence `k` of `x` to cache sequence `seq_ids[k]`, for every `k` (different
+/// sequences, any lengths, in one call), and returns the rows of `x`'s tokens (`o` `[N, HQ, dv]`,
+/// `sel_idx` `[N, HKV, n]`), equal to the rows of a forward over each whole prefix.
+/// Errors: `Decode` (bad or repeated sequence ids, dims or config not the cache's), `CacheFull`,
+/// the usual input validation errors.
+pub fn prefill(
+    ctx: &CudaContext,
+    cache: &mut GpuDecodeCache,
+    seq_ids: &[usize],
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+) -> Result<NsaOutput<f32>> {
+    let cfg = cache.cfg.clone();
+    cache.check_inputs(x, &cfg, phi)?;
+    if seq_ids.len() != x.num_seqs() {
+        return Err(NsaError::Decode(format!(
+            "{} sequence ids for {} sequences of inputs",
+            seq_ids.len(),
+            x.num_seqs()
+        )));
+    }
+    for (k, &b) in seq_ids.iter().enumerate() {
+        cache.check_seq(b)?;
+        if seq_ids[..k].contains(&b) {
+            return Err(NsaError::Decode(format!("sequence {b} appears twice")));
+        }
+    }
+    for (k, &b) in seq_ids.iter().enumerate() {
+        cache.reserve(b, cache.lens[b] + x.seq_range(k).len())?;
+    }
+    let s = ctx.stream.clone();
+    cache.sync_tables(&s)?;
+    let (hq, hkv, dv, n) = (cfg.heads, cfg.kv_heads, x.dv, cfg.sel_count);
+    let ntok = x.num_tokens();
+    let mut out = NsaOutput {
+        o: vec![0.0; ntok * hq * dv],
+        sel_idx: vec![-1; ntok * hkv * n],
+    };
+    // Rows of sequences that were empty: the blocked forward (before the cache changes).
+    let fresh: Vec<usize> = (0..seq_ids.len())
+        .filter(|&k| cache.lens[seq_ids[k]] == 0)
+        .collect();
+    if !fresh.is_empty() {
+        let mut rows = Vec::new();
+        let mut cu = vec![0];
+        for &k in &fresh {
+            rows.extend(x.seq_range(k));
+            cu.push(rows.len());
+        }
+        let part = super::forward(ctx, &cfg, &x.gather(&rows, cu), phi)?;
+        for (i, &r) in rows.iter().enumerate() {
+            out.o[r * hq * dv..(r + 1) * hq * dv]
+                .copy_from_slice(&part.o[i * hq * dv..(i + 1) * hq * dv]);
+            out.sel_idx[r * hkv * n..(r + 1) * hkv * n]
+                .copy_from_slice(&part.sel_idx[i * hkv * n..(i + 1) * hkv * n]);
+        }
+    }
+    // Write every token's K/V (and compressed tokens), WRITE_ROWS rows per launch. A sequence
+    // cut by a launch boundary continues in the next launch: its part in each launch is a chunk
+    // of its own (positions before the chunk come from the ring, refreshed after each launch).
+    let mut wrows: Vec<(usize, usize, usize)> = Vec::with_capacity(ntok); // (token row, b, t)
+    let mut arows: Vec<(usize, usize, usize)> = Vec::new();
+    for (k, &b) in seq_ids.iter().enumerate() {
+        let cs = cache.lens[b];
+        for (i, row) in x.seq_range(k).enumerate() {
+            wrows.push((row, b, cs + i));
+            if cs > 0 {
+                arows.push((row, b, cs + i));
+            }
+        }
+    }
+    for chunk in wrows.chunks(WRITE_ROWS) {
+        let rows: Vec<usize> = chunk.iter().map(|w| w.0).collect();
+        let sp = cache.plan(rows.len(), 1)?;
+        cache.ensure_work(&s, rows.len(), &sp)?;
+        cache.upload_tokens(ctx, x, &rows)?;
+        // (b, t, first position of b in this launch, one past its last)
+        let mut span = std::collections::HashMap::new();
+        for &(_, b, t) in chunk {
+            let e = span.entry(b).or_insert((t, t));
+            e.0 = e.0.min(t);
+            e.1 = e.1.max(t);
+        }
+        let mut wd = Vec::with_capacity(rows.len() * 4);
+        for &(_, b, t) in chunk {
+            let (first, last) = span[&b];
+            wd.extend([b as i32, t as i32, first as i32, last as i32 + 1]);
+        }
+        let mut view = cache.work.wdesc.slice_mut(0..wd.len());
+        s.memcpy_htod(&wd, &mut view).map_err(driver_err)?;
+        cache.launch_write(ctx, &s, rows.len(), false)?;
+    }
+    for (k, &b) in seq_ids.iter().enumerate() {
+        cache.lens[b] += x.seq_range(k).len();
+    }
+    cache.upload_lens(ctx)?;
+    // Decode rows of non-empty sequences (token-causal: each row masks by its own position).
+    for chunk in arows.chunks(MAX_ROWS) {
+        let rows: Vec<usize> = chunk.iter().map(|a| a.0).collect();
+        let max_ctx = chunk.iter().map(|a| a.2 + 1).max().unwrap_or(1);
+        let sp = cache.plan(rows.len(), max_ctx)?;
+        cache.ensure_work(&s, rows.len(), &sp)?;
+        cache.upload_tokens(ctx, x, &rows)?;
+        let ad: Vec<i32> = chunk
+            .iter()
+            .enumerate()
+            .flat_map(|(i, a)| [a.1 as i32, a.2 as i32, i as i32, 0])
+            .collect();
+        let mut view = cache.work.adesc.slice_mut(0..ad.len());
+        s.memcpy_htod(&ad, &mut view).map_err(driver_err)?;
+        cache.launch_attention(ctx, &s, rows.len(), &sp)?;
+        let (o, sel) = download(ctx, cache, rows.len())?;
+        for (i, &r) in rows.iter().enumerate() {
+            out.o[r * hq * dv..(r + 1) * hq * dv]
+                .copy_from_slice(&o[i * hq * dv..(i + 1) * hq * dv]);
+            out.sel_idx[r * hkv * n..(r + 1) * hkv * n]
+                .copy_from_slice(&sel[i * hkv * n..(i + 1) * hkv * n]);
+        }
+    }
+    Ok(out)
+}
+
+/// One decode step of every sequence: `x` holds one token per cached sequence (`cu_seqlens =
+/// [0, 1, .., B]`); token `b` is appended to sequence `b` and the rows `o` `[B, HQ, dv]`,
+/// `sel_idx` `[B, HKV, n]` are returned. Errors as [`prefill`]'s.
+pub fn step(
+    ctx: &CudaContext,
+    cache: &mut GpuDecodeCache,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+) -> Result<NsaOutput<f32>> {
+    let cfg = cache.cfg.clone();
+    cache.check_inputs(x, &cfg, phi)?;
+    let batch = cache.batch;
+    let one_each: Vec<usize> = (0..=batch).collect();
+    if x.cu_seqlens != one_each {
+        return Err(NsaError::Decode(format!(
+            "a step takes one token for each of the {batch} cached sequences (cu_seqlens [0, 1, .., {batch}]), got cu_seqlens {:?}",
+            x.cu_seqlens
+        )));
+    }
+    for b in 0..batch {
+        cache.reserve(b, cache.lens[b] + 1)?;
+    }
+    let s = ctx.stream.clone();
+    cache.sync_tables(&s)?;
+    let max_ctx = cache.lens.iter().max().unwrap() + 1;
+    let sp = cache.plan(batch, max_ctx)?;
+    cache.ensure_work(&s, batch, &sp)?;
+    let rows: Vec<usize> = (0..batch).collect();
+    cache.upload_tokens(ctx, x, &rows)?;
+    let wd: Vec<i32> = (0..batch).flat_map(|b| [b as i32, 0, 0, 0]).collect();
+    let mut view = cache.work.wdesc.slice_mut(0..wd.len());
+    s.memcpy_htod(&wd, &mut view).map_err(driver_err)?;
+    cache.step_launch(ctx, &s, &sp)?;
+    cache.advance_host(1);
+    let (o, sel_idx) = download(ctx, cache, batch)?;
+    Ok(NsaOutput { o, sel_idx })
+}
+
+/// Prefill `[0, min(prefill_len, len))` of every sequence of `x`, then decode the rest one token
+/// per step through a [`GpuDecodeCache`], and reassemble the rows in the forward's layout
+/// (the contract of [`crate::replay::replay`]): while every sequence still has tokens a step is
+/// one batched [`step`]; once some have run out, the others advance through one-token
+/// [`prefill`] calls (same rows).
+pub fn replay(
+    ctx: &CudaContext,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    prefill_len: usize,
+) -> Result<NsaOutput<f32>> {
+    replay_with(ctx, cfg, x, phi, prefill_len, usize::MAX, false)
+}
+
+/// [`replay`] with the prompt prefilled in chunks of at most `chunk` tokens (every sequence's
+/// chunk `i` in one call), and, with `poison`, the output buffers filled with NaN / `i32::MIN`
+/// before every call (tests: every element must be written by the kernels).
+pub fn replay_with(
+    ctx: &CudaContext,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    prefill_len: usize,
+    chunk: usize,
+    poison: bool,
+) -> Result<NsaOutput<f32>> {
+    if chunk == 0 {
+        return Err(NsaError::ZeroSize("prefill chunk"));
+    }
+    x.validate(cfg)?;
+    phi.validate(cfg, x.dk, x.dv)?;
+    check_supported(cfg, x.dk, x.dv)?;
+    let (hq, hkv, n, dv) = (cfg.heads, cfg.kv_heads, cfg.sel_count, x.dv);
+    let batch = x.num_seqs();
+    let longest = (0..batch).map(|b| x.seq_range(b).len()).max().unwrap_or(0);
+    let pool: usize = (0..batch)
+        .map(|b| x.seq_range(b).len().next_multiple_of(PAGE))
+        .sum();
+    let mut cache = GpuDecodeCache::new(ctx, cfg, batch, x.dk, x.dv, longest, pool)?;
+    cache.poison = poison;
+    let mut out = NsaOutput {
+        o: vec![0.0; x.num_tokens() * hq * dv],
+        sel_idx: vec![-1; x.num_tokens() * hkv * n],
+    };
+    let mut put = |rows: &[usize], part: &NsaOutput<f32>| {
+        for (i, &r) in rows.iter().enumerate() {
+            out.o[r * hq * dv..(r + 1) * hq * dv]
+                .copy_from_slice(&part.o[i * hq * dv..(i + 1) * hq * dv]);
+            out.sel_idx[r * hkv * n..(r + 1) * hkv * n]
+                .copy_from_slice(&part.sel_idx[i * hkv * n..(i + 1) * hkv * n]);
+        }
+    };
+    // Prompt: chunk i of every sequence in one call.
+    let mut c0 = 0;
+    while c0 < prefill_len.min(longest) {
+        let c1 = c0.saturating_add(chunk).min(prefill_len);
+        let mut rows = Vec::new();
+        let mut cu = vec![0];
+        let mut ids = Vec::new();
+        for b in 0..batch {
+            let r = x.seq_range(b);
+            let (p0, p1) = (c0.min(r.len()), c1.min(r.len()));
+            if p1 > p0 {
+                rows.extend(r.start + p0..r.start + p1);
+                cu.push(rows.len());
+                ids.push(b);
+            }
+        }
+        put(
+            &rows,
+            &prefill(ctx, &mut cache, &ids, &x.gather(&rows, cu), phi)?,
+        );
+        c0 = c1;
+    }
+    // Generation.
+    for pos in prefill_len..longest {
+        let active: Vec<usize> = (0..batch).filter(|&b| x.seq_range(b).len() > pos).collect();
+        let rows: Vec<usize> = active.iter().map(|&b| x.seq_range(b).start + pos).collect();
+        if active.len() == batch {
+            let one_each = (0..=batch).collect();
+            put(
+                &rows,
+                &step(ctx, &mut cache, &x.gather(&rows, one_each), phi)?,
+            );
+        } else {
+            let cu = (0..=rows.len()).collect();
+            put(
+                &rows,
+                &prefill(ctx, &mut cache, &active, &x.gather(&rows, cu), phi)?,
+            );
+        }
+    }
+    Ok(out)
+}

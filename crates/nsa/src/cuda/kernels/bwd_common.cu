@@ -1,0 +1,338 @@
+// Backward prelude (appended after common.cu, before each *_bwd.cu family).
+//
+// FlashAttention-2 style backward of one attention branch, in the notation of SPEC.md:
+//   s = scale * q.k,  p = exp(s - lse),  o_b = sum p v,  o = ... + g_b * o_b + ...
+// With do the upstream gradient of o and dO_b = g_b * do the gradient reaching o_b:
+//   dg_b  = do . o_b                                   (the gate gradient, per row)
+//   dP    = dO_b V^T = g_b * (do V^T)
+//   Delta = rowsum(dO_b * o_b) = g_b * dg_b
+//   dS    = P * (dP - Delta) = g_b * P * (do V^T - dg_b)
+//   dQ    = scale * dS K,   dK = scale * dS^T Q,   dV = (g_b P)^T do
+// so one bf16 copy of do serves all three branches, and the gate gradient doubles as Delta.
+// Scores stay in the log2 domain as in the forward (lse2 = lse * log2 e, exp2).
+//
+// Uses only the basic helpers of common.cu (bf16, mma_bf16, ldmatrix_x4_trans, cp.async,
+// load_rows_async, KT and the padded strides); every helper here is prefixed `bw_`.
+
+#define SCALE_NAT (SCALE_LOG2 * 0.693147180559945309f)
+#define DOS_STRIDE (DV + 8)
+// query rows per step of the key-major (dK/dV) kernels
+#define BW_RT 32
+
+// A fragment (16 x 16) of a row-major bf16 smem matrix: rows r0 .. r0+15, columns kk .. kk+15.
+__device__ __forceinline__ void bw_frag_a(u32 (&a)[4], const bf16_t* m, int stride, int r0, int kk) {
+    const int lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+    const bf16_t* p = m + (r0 + gr) * stride + kk + gc;
+    a[0] = *(const u32*)(p);
+    a[1] = *(const u32*)(p + 8 * stride);
+    a[2] = *(const u32*)(p + 8);
+    a[3] = *(const u32*)(p + 8 * stride + 8);
+}
+
+// C[16 x 8*NT] = A[ra0 .. ra0+15][0..D) * B[rb0 .. rb0+8*NT)[0..D)^T, both row-major in smem.
+template <int D, int NT>
+__device__ __forceinline__ void bw_mm_nt(float (&c)[NT][4], const bf16_t* A, int sa, int ra0,
+                                         const bf16_t* B, int sb, int rb0) {
+    const int lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+        u32 a[4];
+        bw_frag_a(a, A, sa, ra0, kk);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const bf16_t* p = B + (rb0 + nt * 8 + gr) * sb + kk + gc;
+            mma_bf16(c[nt], a, *(const u32*)(p), *(const u32*)(p + 8));
+        }
+    }
+}
+
+// C[16 x D] += P[16 x KN] * M[0..KN)[0..D): P in registers (accumulator layout, rounded to bf16
+// here), M row-major in smem (row index = the product's k), read transposed by ldmatrix.
+template <int D, int KN>
+__device__ __forceinline__ void bw_mm_pm(float (&c)[D / 8][4], const float (&p)[KN / 8][4],
+                                         const bf16_t* M, int sm) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int kc = 0; kc < KN / 16; ++kc) {
+        u32 a[4];
+        a[0] = pack_bf16x2(p[2 * kc][0], p[2 * kc][1]);
+        a[1] = pack_bf16x2(p[2 * kc][2], p[2 * kc][3]);
+        a[2] = pack_bf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+        a[3] = pack_bf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+        const int mrow = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int mcol = (lane >> 4) * 8;
+#pragma unroll
+        for (int n2 = 0; n2 < D / 16; ++n2) {
+            u32 b0, b1, b2, b3;
+            ldmatrix_x4_trans(b0, b1, b2, b3, M + mrow * sm + n2 * 16 + mcol);
+            mma_bf16(c[2 * n2], a, b0, b1);
+            mma_bf16(c[2 * n2 + 1], a, b2, b3);
+        }
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void bw_zero(float (&c)[D / 8][4]) {
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+}
+
+// ---- row-major side (one warp = 16 query rows): statistics pass and dQ pass ----
+
+// Forward recompute of one key tile (online softmax), rows masked to keys [lo, hi) of the tile.
+__device__ __forceinline__ void bw_fwd_tile(const bf16_t* Qs, const bf16_t* Ks, const bf16_t* Vs,
+                                            int row0, const int (&lo)[2], const int (&hi)[2],
+                                            float (&m)[2], float (&l)[2], float (&o)[DV / 8][4]) {
+    const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
+    float s[KT / 8][4];
+    bw_mm_nt<DK, KT / 8>(s, Qs, QS_STRIDE, row0, Ks, KS_STRIDE, 0);
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1, key = nt * 8 + gc + (e & 1);
+            const float v = (key >= lo[i] && key < hi[i]) ? s[nt][e] * SCALE_LOG2 : NEG_INF;
+            s[nt][e] = v;
+            mx[i] = fmaxf(mx[i], v);
+        }
+    float alpha[2], mu[2], rs[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+        const float mn = fmaxf(m[i], mx[i]);
+        mu[i] = (mn == NEG_INF) ? 0.f : mn;
+        alpha[i] = exp2f(m[i] - mu[i]);
+        m[i] = mn;
+        rs[i] = 0.f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float p = exp2f(s[nt][e] - mu[e >> 1]);
+            s[nt][e] = p;
+            rs[e >> 1] += p;
+        }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l[i] = l[i] * alpha[i] + rs[i];
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; ++nt) {
+        o[nt][0] *= alpha[0];
+        o[nt][1] *= alpha[0];
+        o[nt][2] *= alpha[1];
+        o[nt][3] *= alpha[1];
+    }
+    bw_mm_pm<DV, KT>(o, s, Vs, VS_STRIDE);
+}
+
+// End of the statistics pass: lse2 (log2 domain, +inf for a row that saw no key) and
+// dg = do . o_b (0 for such a row), reduced over the 4 lanes of a row.
+__device__ __forceinline__ void bw_stats_finish(const bf16_t* dOs, int row0, float (&m)[2], float (&l)[2],
+                                                const float (&o)[DV / 8][4], float (&lse)[2], float (&dg)[2]) {
+    const int lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
+        lse[i] = l[i] > 0.f ? m[i] + log2f(l[i]) : POS_INF;
+        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        const bf16_t* d = dOs + (row0 + gr + 8 * i) * DOS_STRIDE + gc;
+        float acc = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt) {
+            const u32 w = *(const u32*)(d + nt * 8);
+            acc += o[nt][2 * i] * __uint_as_float(w << 16) + o[nt][2 * i + 1] * __uint_as_float(w & 0xffff0000u);
+        }
+        acc += __shfl_xor_sync(0xffffffff, acc, 1);
+        acc += __shfl_xor_sync(0xffffffff, acc, 2);
+        dg[i] = acc * inv;
+    }
+}
+
+// dQ of one key tile: dq += dS K with dS = g * P * (do V^T - dg) (scale applied at the end).
+__device__ __forceinline__ void bw_dq_tile(const bf16_t* Qs, const bf16_t* dOs, const bf16_t* Ks,
+                                           const bf16_t* Vs, int row0, const int (&lo)[2], const int (&hi)[2],
+                                           const float (&lse)[2], const float (&dg)[2], const float (&gt)[2],
+                                           float (&dq)[DK / 8][4]) {
+    const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
+    float s[KT / 8][4], dp[KT / 8][4];
+    bw_mm_nt<DK, KT / 8>(s, Qs, QS_STRIDE, row0, Ks, KS_STRIDE, 0);
+    bw_mm_nt<DV, KT / 8>(dp, dOs, DOS_STRIDE, row0, Vs, VS_STRIDE, 0);
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1, key = nt * 8 + gc + (e & 1);
+            const float p = (key >= lo[i] && key < hi[i]) ? exp2f(s[nt][e] * SCALE_LOG2 - lse[i]) : 0.f;
+            s[nt][e] = gt[i] * p * (dp[nt][e] - dg[i]);
+        }
+    bw_mm_pm<DK, KT>(dq, s, Ks, KS_STRIDE);
+}
+
+// The two passes of a row-major CTA: `for_tiles(fn)` loads each key tile of the rows' union into
+// Ks/Vs (with the barriers) and calls fn(lo, hi) with the thread's two rows' key masks.
+// Writes lse (scratch) and dg (the gate gradient) of every valid row, and dq (= or +=).
+template <bool ACC, class ForTiles>
+__device__ __forceinline__ void bw_rows_dq(const bf16_t* Qs, const bf16_t* dOs, const bf16_t* Ks,
+                                           const bf16_t* Vs, int row0, const i64 (&qrow)[2],
+                                           const bool (&valid)[2], const float* __restrict__ gate,
+                                           float* __restrict__ lse_out, float* __restrict__ dg_out,
+                                           float* __restrict__ dq_out, ForTiles for_tiles) {
+    const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    float lse[2], dg[2], gt[2];
+    {
+        float o[DV / 8][4];
+        bw_zero<DV>(o);
+        for_tiles([&](const int (&lo)[2], const int (&hi)[2]) { bw_fwd_tile(Qs, Ks, Vs, row0, lo, hi, m, l, o); });
+        cp_async_wait_all();
+        __syncthreads();
+        bw_stats_finish(dOs, row0, m, l, o, lse, dg);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        gt[i] = valid[i] ? gate[qrow[i]] : 0.f;
+        if (valid[i] && (lane & 3) == 0) {
+            lse_out[qrow[i]] = lse[i];
+            dg_out[qrow[i]] = dg[i];
+        }
+    }
+    float dq[DK / 8][4];
+    bw_zero<DK>(dq);
+    for_tiles([&](const int (&lo)[2], const int (&hi)[2]) { bw_dq_tile(Qs, dOs, Ks, Vs, row0, lo, hi, lse, dg, gt, dq); });
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (!valid[i]) continue;
+        float* dst = dq_out + qrow[i] * DK;
+#pragma unroll
+        for (int nt = 0; nt < DK / 8; ++nt) {
+            float2* p = (float2*)(dst + nt * 8 + gc);
+            float2 v = make_float2(dq[nt][2 * i] * SCALE_NAT, dq[nt][2 * i + 1] * SCALE_NAT);
+            if (ACC) {
+                const float2 old = *p;
+                v.x += old.x;
+                v.y += old.y;
+            }
+            *p = v;
+        }
+    }
+}
+
+// ---- key-major side (one warp = 16 keys of a 64-key tile): dK, dV ----
+
+// One step of BW_RT query rows against the warp's 16 keys. Row metadata in smem: lse2, dg, gate
+// and the seq-local position (-1: no row). ok(key, t): key (0..63 in the tile) is seen by a row at t.
+template <class Ok>
+__device__ __forceinline__ void bw_dkdv_tile(const bf16_t* Ks, const bf16_t* Vs, const bf16_t* Qs,
+                                             const bf16_t* dOs, const float* rlse, const float* rdg,
+                                             const float* rgate, const int* rt, Ok ok,
+                                             float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+    const int key0 = warp * 16;
+    float st[BW_RT / 8][4], dpt[BW_RT / 8][4];
+    bw_mm_nt<DK, BW_RT / 8>(st, Ks, KS_STRIDE, key0, Qs, QS_STRIDE, 0);
+    bw_mm_nt<DV, BW_RT / 8>(dpt, Vs, VS_STRIDE, key0, dOs, DOS_STRIDE, 0);
+#pragma unroll
+    for (int nt = 0; nt < BW_RT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = key0 + gr + 8 * (e >> 1), row = nt * 8 + gc + (e & 1);
+            const int t = rt[row];
+            const float p = (t >= 0 && ok(key, t)) ? exp2f(st[nt][e] * SCALE_LOG2 - rlse[row]) : 0.f;
+            const float pg = rgate[row] * p;
+            st[nt][e] = pg;
+            dpt[nt][e] = pg * (dpt[nt][e] - rdg[row]);
+        }
+    bw_mm_pm<DV, BW_RT>(dv, st, dOs, DOS_STRIDE);
+    bw_mm_pm<DK, BW_RT>(dk, dpt, Qs, QS_STRIDE);
+}
+
+// Shared memory of a key-major CTA (bytes): K, V tiles, BW_RT rows of Q and do, row metadata.
+#define BW_KV_SMEM ((KT * KS_STRIDE + KT * VS_STRIDE + BW_RT * QS_STRIDE + BW_RT * DOS_STRIDE) * 2 + BW_RT * 16)
+
+// Runs the key-major loop over `nrows_total` virtual rows (row rho = position rho / G, head
+// g*G + rho % G) for the K/V tile already in Ks/Vs. tok_of(p): packed token index of position p;
+// t_of(tok): its seq-local position. Accumulates into dk, dv (unscaled dk).
+template <class TokOf, class TOf, class Ok>
+__device__ __forceinline__ void bw_dkdv_rows(unsigned char* smem, const bf16_t* __restrict__ q,
+                                             const bf16_t* __restrict__ dO, const float* __restrict__ lse,
+                                             const float* __restrict__ dg, const float* __restrict__ gate, int g,
+                                             int nrows_total, TokOf tok_of, TOf t_of, Ok ok,
+                                             float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
+    bf16_t* Ks = (bf16_t*)smem;
+    bf16_t* Vs = Ks + KT * KS_STRIDE;
+    bf16_t* Qs = Vs + KT * VS_STRIDE;
+    bf16_t* dOs = Qs + BW_RT * QS_STRIDE;
+    float* rlse = (float*)(dOs + BW_RT * DOS_STRIDE);
+    float* rdg = rlse + BW_RT;
+    float* rgate = rdg + BW_RT;
+    int* rt = (int*)(rgate + BW_RT);
+    __shared__ i64 rrow[BW_RT];
+    const int tid = threadIdx.x;
+    for (int rho0 = 0; rho0 < nrows_total; rho0 += BW_RT) {
+        const int nrows = min(BW_RT, nrows_total - rho0);
+        __syncthreads();   // previous step done with Qs / dOs / metadata
+        if (tid < BW_RT) {
+            if (tid < nrows) {
+                const int rho = rho0 + tid;
+                const int tok = tok_of(rho / G);
+                const i64 qr = (i64)tok * HQ + g * G + rho % G;
+                rrow[tid] = qr;
+                rlse[tid] = lse[qr];
+                rdg[tid] = dg[qr];
+                rgate[tid] = gate[qr];
+                rt[tid] = t_of(tok);
+            } else {
+                rrow[tid] = 0;
+                rlse[tid] = 0.f;
+                rdg[tid] = 0.f;
+                rgate[tid] = 0.f;
+                rt[tid] = -1;
+            }
+        }
+        __syncthreads();
+        load_rows_async<BW_RT, DK, QS_STRIDE, 128>(Qs, q, nrows, [&](int r) { return rrow[r] * DK; });
+        load_rows_async<BW_RT, DV, DOS_STRIDE, 128>(dOs, dO, nrows, [&](int r) { return rrow[r] * DV; });
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+        bw_dkdv_tile(Ks, Vs, Qs, dOs, rlse, rdg, rgate, rt, ok, dk, dv);
+    }
+}
+
+// Writes the warp's 16 keys of dK (times `kscale`) and dV: key k (0..63) goes to row dst_k(k)
+// / dst_v(k) (f32 pointers), keys >= nk are skipped.
+template <class DstK, class DstV>
+__device__ __forceinline__ void bw_store_kv(const float (&dk)[DK / 8][4], const float (&dv)[DV / 8][4], int nk,
+                                            float kscale, DstK dst_k, DstV dst_v) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int key = warp * 16 + gr + 8 * h;
+        if (key >= nk) continue;
+        float* pk = dst_k(key);
+        float* pv = dst_v(key);
+#pragma unroll
+        for (int nt = 0; nt < DK / 8; ++nt)
+            *(float2*)(pk + nt * 8 + gc) = make_float2(dk[nt][2 * h] * kscale, dk[nt][2 * h + 1] * kscale);
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt)
+            *(float2*)(pv + nt * 8 + gc) = make_float2(dv[nt][2 * h], dv[nt][2 * h + 1]);
+    }
+}
+
+// Loads `nk` keys / values (row stride HKV * D in global) of KV head g into Ks / Vs.
+__device__ __forceinline__ void bw_load_kv(unsigned char* smem, const bf16_t* __restrict__ k,
+                                           const bf16_t* __restrict__ v, i64 first_row, int g, int nk) {
+    bf16_t* Ks = (bf16_t*)smem;
+    bf16_t* Vs = Ks + KT * KS_STRIDE;
+    load_rows_async<KT, DK, KS_STRIDE, 128>(Ks, k + (first_row * HKV + g) * DK, nk,
+                                            [&](int r) { return (i64)r * HKV * DK; });
+    load_rows_async<KT, DV, VS_STRIDE, 128>(Vs, v + (first_row * HKV + g) * DV, nk,
+                                            [&](int r) { return (i64)r * HKV * DV; });
+    cp_async_commit();
+}

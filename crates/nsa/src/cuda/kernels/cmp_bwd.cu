@@ -1,0 +1,145 @@
+// Backward of the compression branch (SPEC.md "Compression branch"), phi = mean.
+//
+// cmp_bwd_dq    row-major: one CTA = KV group g and 64 / G positions (rows = their G heads, as in
+//               the forward). Pass 1 recomputes o_cmp and the row lse over the visible compressed
+//               tokens (block i visible iff i*d + l - 1 <= t), writes lse and dg_cmp = do . o_cmp;
+//               pass 2 accumulates dQ over the same tiles and writes dq (first branch: `=`).
+//               Rows with no visible block (t < l - 1) get lse = +inf, dg = 0, dq = 0: no NaN.
+// cmp_bwd_dkdv  key-major: one CTA = KV group g and 64 compressed tokens [c0, c0 + 64) of one
+//               sequence; it walks every (position t >= c0*d + l - 1, head of g) row and writes
+//               dKcmp, dVcmp (f32 scratch) of its 64 compressed tokens. No atomics.
+// cmp_mean_bwd  phi = mean backward: raw token s of a sequence belongs to the compressed blocks
+//               i with i*d <= s < i*d + l (at most l/d of them); dk[s] = (1/l) sum_i dKcmp[i],
+//               gathered in ascending i (no scatter, no atomics).
+
+#define BQ_ROWS 64
+#define BQ_P (BQ_ROWS / G)
+
+__device__ __forceinline__ int bw_cmp_visible(int t) { return t + 1 >= CMP_L ? (t + 1 - CMP_L) / CMP_D + 1 : 0; }
+
+extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
+    float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* Qs = (bf16_t*)smem;
+    bf16_t* dOs = Qs + BQ_ROWS * QS_STRIDE;
+    bf16_t* Ks = dOs + BQ_ROWS * DOS_STRIDE;
+    bf16_t* Vs = Ks + KT * KS_STRIDE;
+
+    const int4 it = items[blockIdx.x];
+    const int start = it.x, len = it.y, t0 = it.z, cstart = it.w;
+    const int g = blockIdx.y;
+    const int npos = min(BQ_P, len - t0), nrows = npos * G;
+    const int ncmp = bw_cmp_visible(t0 + npos - 1);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2;
+    const int row0 = warp * 16;
+
+    auto qoff = [&](int r) { return ((i64)(start + t0 + r / G) * HQ + g * G + r % G); };
+    load_rows_async<BQ_ROWS, DK, QS_STRIDE, 128>(Qs, q, nrows, [&](int r) { return qoff(r) * DK; });
+    load_rows_async<BQ_ROWS, DV, DOS_STRIDE, 128>(dOs, dO, nrows, [&](int r) { return qoff(r) * DV; });
+    cp_async_commit();
+
+    int vis[2];
+    i64 qrow[2];
+    bool valid[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = row0 + gr + 8 * i;
+        valid[i] = r < nrows;
+        vis[i] = valid[i] ? bw_cmp_visible(t0 + r / G) : 0;
+        qrow[i] = valid[i] ? qoff(r) : 0;
+    }
+    auto for_tiles = [&](auto fn) {
+        for (int c0 = 0; c0 < ncmp; c0 += KT) {
+            const int nk = min(KT, ncmp - c0);
+            __syncthreads();
+            load_rows_async<KT, DK, KS_STRIDE, 128>(Ks, kc + ((i64)(cstart + c0) * HKV + g) * DK, nk,
+                                                    [&](int r) { return (i64)r * HKV * DK; });
+            load_rows_async<KT, DV, VS_STRIDE, 128>(Vs, vc + ((i64)(cstart + c0) * HKV + g) * DV, nk,
+                                                    [&](int r) { return (i64)r * HKV * DV; });
+            cp_async_commit();
+            cp_async_wait_all();
+            __syncthreads();
+            int lo[2] = {0, 0}, hi[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) hi[i] = min(max(vis[i] - c0, 0), nk);
+            fn(lo, hi);
+        }
+    };
+    bw_rows_dq<false>(Qs, dOs, Ks, Vs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
+}
+
+// items[b] = (seq start, seq len, c0, cstart): 64 compressed tokens [c0, c0 + 64) of a sequence.
+extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dkdv(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const float* __restrict__ lse,
+    const float* __restrict__ dg, const int4* __restrict__ items, float* __restrict__ dkc,
+    float* __restrict__ dvc) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int4 it = items[blockIdx.x];
+    const int start = it.x, len = it.y, c0 = it.z, cstart = it.w;
+    const int g = blockIdx.y;
+    const int ncmp_seq = len >= CMP_L ? (len - CMP_L) / CMP_D + 1 : 0;
+    const int nk = min(KT, ncmp_seq - c0);
+    bw_load_kv(smem, kc, vc, (i64)(cstart + c0), g, nk);
+    const int tlo = c0 * CMP_D + CMP_L - 1;   // first position that sees block c0
+    const int npos = max(len - tlo, 0);
+    float dk[DK / 8][4], dv[DV / 8][4];
+    bw_zero<DK>(dk);
+    bw_zero<DV>(dv);
+    bw_dkdv_rows(
+        smem, q, dO, lse, dg, gate, g, npos * G, [&](int p) { return start + tlo + p; },
+        [&](int tok) { return tok - start; },
+        [&](int key, int t) { return key < nk && (c0 + key) * CMP_D + CMP_L - 1 <= t; }, dk, dv);
+    cp_async_wait_all();
+    bw_store_kv(
+        dk, dv, nk, SCALE_NAT, [&](int key) { return dkc + ((i64)(cstart + c0 + key) * HKV + g) * DK; },
+        [&](int key) { return dvc + ((i64)(cstart + c0 + key) * HKV + g) * DV; });
+}
+
+// seqs[b] = (start, len, cstart, *); largest b with seqs[b].x <= tok.
+__device__ __forceinline__ int bw_seq_of(const int4* __restrict__ seqs, int nseq, int tok) {
+    int lo = 0, hi = nseq - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (seqs[mid].x <= tok) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// One thread per (raw token, KV head, 4-element chunk of dk or dv).
+extern "C" __global__ void cmp_mean_bwd(const float* __restrict__ dkc, const float* __restrict__ dvc,
+                                        const int4* __restrict__ seqs, int nseq, int ntok,
+                                        float* __restrict__ dk, float* __restrict__ dv) {
+    constexpr int CK = DK / 4, CV = DV / 4;
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (i64)ntok * HKV * (CK + CV)) return;
+    const int c = (int)(idx % (CK + CV));
+    const i64 rest = idx / (CK + CV);
+    const int g = (int)(rest % HKV);
+    const int tok = (int)(rest / HKV);
+    const int4 sq = seqs[bw_seq_of(seqs, nseq, tok)];
+    const int s = tok - sq.x;
+    const int ncmp = sq.y >= CMP_L ? (sq.y - CMP_L) / CMP_D + 1 : 0;
+    const int ilo = s >= CMP_L ? (s - CMP_L + CMP_D) / CMP_D : 0;   // ceil((s - l + 1) / d)
+    const int ihi = min(ncmp - 1, s / CMP_D);
+    const bool is_k = c < CK;
+    const int D = is_k ? DK : DV;
+    const int off = (is_k ? c : c - CK) * 4;
+    const float* src = is_k ? dkc : dvc;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i = ilo; i <= ihi; ++i) {
+        const float4 x = *(const float4*)(src + ((i64)(sq.z + i) * HKV + g) * D + off);
+        a.x += x.x;
+        a.y += x.y;
+        a.z += x.z;
+        a.w += x.w;
+    }
+    const float inv = 1.f / (float)CMP_L;
+    a.x *= inv;
+    a.y *= inv;
+    a.z *= inv;
+    a.w *= inv;
+    *(float4*)((is_k ? dk : dv) + ((i64)tok * HKV + g) * D + off) = a;
+}

@@ -1,0 +1,716 @@
+// Decoding over a paged KV cache (SPEC.md "Decoding"), flash-decoding style.
+//
+// The cache (cuda/decode.rs) keeps, per layer, pools of fixed-size pages of PAGE tokens. A page
+// holds all KV heads, head-major: element (page, head h, slot r, dim c) lives at
+// ((page * HKV + h) * PAGE + r) * D + c, so the PAGE keys of one head are one contiguous run.
+// Every sequence b has a page table row: position p -> page table[b * maxp + p / PAGE].
+// Raw keys/values of the selection and window branches share one table; compressed keys/values
+// have their own pool and table (position = compressed-token index). The last l raw tokens of
+// the compression branch sit in a per-sequence ring [B, l, HKV, D] (slot p % l).
+//
+// A step (or a chunk of prefill rows) is a few launches, none of which needs the host:
+//   decode_write    appends each row's raw K/V to the pages; when its token completes a
+//                   compression block (t >= l-1, (t+1-l) % d == 0) computes the compressed token
+//                   (phi = mean of the last l raw tokens) from the ring and the new rows;
+//                   in step mode it also reads the position from `lens` and advances it.
+//   decode_ring     (prefill only) refreshes the ring with the chunk's last l tokens.
+//   decode_attn_cw  split-K attention over the compressed tokens (+ Eq. 9 partial scores) and
+//                   over the window; one CTA = (row, KV group, key split).
+//   decode_topn     per (row, group): log-sum-exp of every head, Eq. 9/10 scores from the
+//                   partials, forced blocks, top-n (ties to the lower index), sorted output.
+//   decode_sel      split-K attention over the selected blocks (token-causal in the own block).
+//   decode_combine  merges the splits of each branch and applies the gates.
+//
+// Rows of a CTA are the G query heads of the group (zero-padded to 16 * WM rows): the G heads
+// share every key, so one K/V tile feeds G rows of tensor-core work. With G <= 16 the four warps
+// split the keys of a tile (each its own online softmax, merged at the end of the CTA); with
+// larger G they split the rows.
+
+#define PAGE 64
+#define DEC_WM ((G + 15) / 16)                 // m16 row tiles
+#define DEC_WK (DEC_WM >= 3 ? 1 : 4 / DEC_WM)  // warps sharing one row tile (split the keys)
+#define DEC_KW (KT / DEC_WK)                   // keys of a tile per warp: 16, 32 or 64
+#define DEC_QROWS (DEC_WM * 16)
+#define DEC_INT_MAX 0x7fffffff
+
+__device__ __forceinline__ int dec_cmp_visible(int t) {
+    return t + 1 >= CMP_L ? (t + 1 - CMP_L) / CMP_D + 1 : 0;
+}
+
+// Element offset of (position p, head h) in a paged pool with head dim D.
+__device__ __forceinline__ i64 dec_page_off(const int* __restrict__ table, int p, int h, int D) {
+    const int page = table[p / PAGE];
+    return (((i64)page * HKV + h) * PAGE + (p % PAGE)) * D;
+}
+
+__device__ __forceinline__ void dec_cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// ---------------------------------------------------------------------------------------------
+// decode_write / decode_ring
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void dec_acc8(float (&a)[8], uint4 u) {
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        a[2 * k] += __uint_as_float(w[k] << 16);
+        a[2 * k + 1] += __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+
+// One CTA per written row. wdesc[row] = (sequence b, position t, chunk start cs, chunk end ce):
+// rows of one sequence are consecutive and in position order, so position p in [cs, t] is source
+// row row - (t - p); positions before cs come from the ring. In step mode (one row per sequence)
+// t = lens[b], cs = t, and the CTA advances lens[b] and writes both descriptors.
+extern "C" __global__ void __launch_bounds__(128) decode_write(
+    int4* __restrict__ wdesc, int4* __restrict__ adesc, int* __restrict__ lens, int step_mode,
+    const int* __restrict__ raw_table, const int* __restrict__ cmp_table, int maxp_raw, int maxp_cmp,
+    const bf16_t* __restrict__ kc_src, const bf16_t* __restrict__ vc_src,
+    const bf16_t* __restrict__ ks_src, const bf16_t* __restrict__ vs_src,
+    const bf16_t* __restrict__ kw_src, const bf16_t* __restrict__ vw_src,
+    bf16_t* __restrict__ ks_pool, bf16_t* __restrict__ vs_pool, bf16_t* __restrict__ kw_pool,
+    bf16_t* __restrict__ vw_pool, bf16_t* __restrict__ kc_pool, bf16_t* __restrict__ vc_pool,
+    bf16_t* __restrict__ ring_k, bf16_t* __restrict__ ring_v) {
+    const int row = blockIdx.x, tid = threadIdx.x;
+    const int4 d = wdesc[row];
+    const int b = d.x;
+    int t, cs;
+    if (step_mode) {
+        t = lens[b];
+        cs = t;
+        __syncthreads();   // every thread has read lens[b]
+        if (tid == 0) {
+            lens[b] = t + 1;
+            wdesc[row] = make_int4(b, t, t, t + 1);
+            adesc[row] = make_int4(b, t, row, 0);
+        }
+    } else {
+        t = d.y;
+        cs = d.z;
+    }
+    const int* rt = raw_table + (i64)b * maxp_raw;
+    constexpr int CK = DK / 8, CV = DV / 8;
+    // raw K/V of the selection and window branches
+    for (int c = tid; c < HKV * CK; c += 128) {
+        const int h = c / CK, k = (c % CK) * 8;
+        const i64 src = ((i64)row * HKV + h) * DK + k, dst = dec_page_off(rt, t, h, DK) + k;
+        *(uint4*)(ks_pool + dst) = *(const uint4*)(ks_src + src);
+        *(uint4*)(kw_pool + dst) = *(const uint4*)(kw_src + src);
+        if (step_mode)
+            *(uint4*)(ring_k + (((i64)b * CMP_L + t % CMP_L) * HKV + h) * DK + k) = *(const uint4*)(kc_src + src);
+    }
+    for (int c = tid; c < HKV * CV; c += 128) {
+        const int h = c / CV, k = (c % CV) * 8;
+        const i64 src = ((i64)row * HKV + h) * DV + k, dst = dec_page_off(rt, t, h, DV) + k;
+        *(uint4*)(vs_pool + dst) = *(const uint4*)(vs_src + src);
+        *(uint4*)(vw_pool + dst) = *(const uint4*)(vw_src + src);
+        if (step_mode)
+            *(uint4*)(ring_v + (((i64)b * CMP_L + t % CMP_L) * HKV + h) * DV + k) = *(const uint4*)(vc_src + src);
+    }
+    // a completed compression block: mean of tokens t-l+1 .. t (the ring slot written above is
+    // that of token t - l, which the block does not read)
+    if (t + 1 >= CMP_L && (t + 1 - CMP_L) % CMP_D == 0) {
+        const int ci = (t + 1 - CMP_L) / CMP_D;
+        const int* ct = cmp_table + (i64)b * maxp_cmp;
+        for (int c = tid; c < HKV * (CK + CV); c += 128) {
+            const int h = c / (CK + CV), cc = c % (CK + CV);
+            const bool is_k = cc < CK;
+            const int D = is_k ? DK : DV, off = (is_k ? cc : cc - CK) * 8;
+            const bf16_t* src = is_k ? kc_src : vc_src;
+            const bf16_t* ring = is_k ? ring_k : ring_v;
+            float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int r = 0; r < CMP_L; ++r) {
+                const int p = t - CMP_L + 1 + r;
+                const bf16_t* s = p >= cs ? src + ((i64)(row - (t - p)) * HKV + h) * D + off
+                                          : ring + (((i64)b * CMP_L + p % CMP_L) * HKV + h) * D + off;
+                dec_acc8(a, *(const uint4*)s);
+            }
+            const float inv = 1.f / (float)CMP_L;
+            uint4 res;
+            res.x = pack_bf16x2(a[0] * inv, a[1] * inv);
+            res.y = pack_bf16x2(a[2] * inv, a[3] * inv);
+            res.z = pack_bf16x2(a[4] * inv, a[5] * inv);
+            res.w = pack_bf16x2(a[6] * inv, a[7] * inv);
+            *(uint4*)((is_k ? kc_pool : vc_pool) + dec_page_off(ct, ci, h, D) + off) = res;
+        }
+    }
+}
+
+// Prefill only, after decode_write: the ring takes the raw compression-branch K/V of the last l
+// positions of each chunk (a separate launch, because decode_write may still read the old ring).
+extern "C" __global__ void __launch_bounds__(128) decode_ring(const int4* __restrict__ wdesc,
+                                                              const bf16_t* __restrict__ kc_src,
+                                                              const bf16_t* __restrict__ vc_src,
+                                                              bf16_t* __restrict__ ring_k,
+                                                              bf16_t* __restrict__ ring_v) {
+    const int row = blockIdx.x, tid = threadIdx.x;
+    const int4 d = wdesc[row];
+    const int b = d.x, t = d.y, ce = d.w;
+    if (t < ce - CMP_L) return;
+    constexpr int CK = DK / 8, CV = DV / 8;
+    for (int c = tid; c < HKV * CK; c += 128) {
+        const int h = c / CK, k = (c % CK) * 8;
+        *(uint4*)(ring_k + (((i64)b * CMP_L + t % CMP_L) * HKV + h) * DK + k) =
+            *(const uint4*)(kc_src + ((i64)row * HKV + h) * DK + k);
+    }
+    for (int c = tid; c < HKV * CV; c += 128) {
+        const int h = c / CV, k = (c % CV) * 8;
+        *(uint4*)(ring_v + (((i64)b * CMP_L + t % CMP_L) * HKV + h) * DV + k) =
+            *(const uint4*)(vc_src + ((i64)row * HKV + h) * DV + k);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// split-K attention core
+// ---------------------------------------------------------------------------------------------
+
+// Per-warp online-softmax state: rows wm*16 + gr and + 8 of the CTA, columns of the warp's keys.
+struct DecState {
+    float m[2];
+    float l[2];
+    float o[DV / 8][4];
+};
+
+// Shared memory of the attention kernels (dynamic): Q rows, two K/V stages, then (compressed
+// branch only) the logits of the chunk, [G][ls_stride] f32.
+struct DecSmem {
+    bf16_t* Qs;
+    bf16_t* Ks[2];
+    bf16_t* Vs[2];
+    float* Ls;
+};
+
+__device__ __forceinline__ DecSmem dec_smem(unsigned char* smem) {
+    DecSmem s;
+    s.Qs = (bf16_t*)smem;
+    s.Ks[0] = s.Qs + DEC_QROWS * QS_STRIDE;
+    s.Vs[0] = s.Ks[0] + KT * KS_STRIDE;
+    s.Ks[1] = s.Vs[0] + KT * VS_STRIDE;
+    s.Vs[1] = s.Ks[1] + KT * KS_STRIDE;
+    s.Ls = (float*)(s.Vs[1] + KT * VS_STRIDE);
+    return s;
+}
+
+// Loads the G query rows of group g of row `row` (rows G .. 16*WM zero-filled).
+__device__ __forceinline__ void dec_load_q(bf16_t* Qs, const bf16_t* __restrict__ q, int row, int g) {
+    constexpr int CH = DK / 8;
+    for (int c = threadIdx.x; c < DEC_QROWS * CH; c += 128) {
+        const int r = c / CH, k = (c % CH) * 8;
+        const bool ok = r < G;
+        const bf16_t* src = ok ? q + ((i64)row * HQ + g * G + r) * DK + k : q;
+        cp_async16(Qs + r * QS_STRIDE + k, src, ok ? 16 : 0);
+    }
+}
+
+// Loads keys/values of positions start .. start + nk (rows nk .. KT zero-filled: a zero V row
+// times a zero probability stays 0, never NaN).
+__device__ __forceinline__ void dec_load_tile(bf16_t* Ks, bf16_t* Vs, const bf16_t* __restrict__ kp,
+                                              const bf16_t* __restrict__ vp, const int* __restrict__ table,
+                                              int g, int start, int nk) {
+    constexpr int CK = DK / 8, CV = DV / 8;
+    for (int c = threadIdx.x; c < KT * CK; c += 128) {
+        const int r = c / CK, k = (c % CK) * 8;
+        const bool ok = r < nk;
+        const bf16_t* src = ok ? kp + dec_page_off(table, start + r, g, DK) + k : kp;
+        cp_async16(Ks + r * KS_STRIDE + k, src, ok ? 16 : 0);
+    }
+    for (int c = threadIdx.x; c < KT * CV; c += 128) {
+        const int r = c / CV, k = (c % CV) * 8;
+        const bool ok = r < nk;
+        const bf16_t* src = ok ? vp + dec_page_off(table, start + r, g, DV) + k : vp;
+        cp_async16(Vs + r * VS_STRIDE + k, src, ok ? 16 : 0);
+    }
+}
+
+// One tile for one warp: keys kw0 .. kw0 + DEC_KW of the tile (valid below nk). With Ls, the
+// masked logits (log2 domain) of the G real rows are stored at column col0 + key.
+__device__ __forceinline__ void dec_tile(const bf16_t* Qs, const bf16_t* Ks, const bf16_t* Vs, int wm,
+                                         int wk, int nk, DecState& st, float* Ls, int ls_stride,
+                                         int col0) {
+    const int lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+    const int kw0 = wk * DEC_KW;
+    float s[DEC_KW / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < DEC_KW / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DK; kk += 16) {
+        u32 a[4];
+        const bf16_t* q0 = Qs + (wm * 16 + gr) * QS_STRIDE + kk + gc;
+        a[0] = *(const u32*)(q0);
+        a[1] = *(const u32*)(q0 + 8 * QS_STRIDE);
+        a[2] = *(const u32*)(q0 + 8);
+        a[3] = *(const u32*)(q0 + 8 * QS_STRIDE + 8);
+#pragma unroll
+        for (int nt = 0; nt < DEC_KW / 8; ++nt) {
+            const bf16_t* k0 = Ks + (kw0 + nt * 8 + gr) * KS_STRIDE + kk + gc;
+            mma_bf16(s[nt], a, *(const u32*)(k0), *(const u32*)(k0 + 8));
+        }
+    }
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int nt = 0; nt < DEC_KW / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = kw0 + nt * 8 + gc + (e & 1);
+            const float v = key < nk ? s[nt][e] * SCALE_LOG2 : NEG_INF;
+            s[nt][e] = v;
+            mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            if (Ls != nullptr) {
+                const int r = wm * 16 + gr + 8 * (e >> 1);
+                if (r < G && key < nk) Ls[r * ls_stride + col0 + key] = v;
+            }
+        }
+    float mu[2], alpha[2], rs[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+        const float mn = fmaxf(st.m[i], mx[i]);
+        mu[i] = (mn == NEG_INF) ? 0.f : mn;
+        alpha[i] = exp2f(st.m[i] - mu[i]);
+        st.m[i] = mn;
+        rs[i] = 0.f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < DEC_KW / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float p = exp2f(s[nt][e] - mu[e >> 1]);
+            s[nt][e] = p;
+            rs[e >> 1] += p;
+        }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) st.l[i] = st.l[i] * alpha[i] + rs[i];
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; ++nt) {
+        st.o[nt][0] *= alpha[0];
+        st.o[nt][1] *= alpha[0];
+        st.o[nt][2] *= alpha[1];
+        st.o[nt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kc = 0; kc < DEC_KW / 16; ++kc) {
+        u32 a[4];
+        a[0] = pack_bf16x2(s[2 * kc][0], s[2 * kc][1]);
+        a[1] = pack_bf16x2(s[2 * kc][2], s[2 * kc][3]);
+        a[2] = pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        a[3] = pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+        const int vrow = kw0 + kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int vcol = (lane >> 4) * 8;
+#pragma unroll
+        for (int n2 = 0; n2 < DV / 16; ++n2) {
+            u32 b0, b1, b2, b3;
+            ldmatrix_x4_trans(b0, b1, b2, b3, Vs + vrow * VS_STRIDE + n2 * 16 + vcol);
+            mma_bf16(st.o[2 * n2], a, b0, b1);
+            mma_bf16(st.o[2 * n2 + 1], a, b2, b3);
+        }
+    }
+}
+
+// Runs the CTA over `ntiles` key tiles (tile_of(k, start, nk) gives tile k's first position and
+// valid count) with a two-stage cp.async pipeline; Q is loaded (and committed) by the caller.
+template <class TileOf>
+__device__ __forceinline__ void dec_run(const DecSmem& sm, const bf16_t* __restrict__ kp,
+                                        const bf16_t* __restrict__ vp, const int* __restrict__ table,
+                                        int g, int ntiles, TileOf tile_of, DecState& st, float* Ls,
+                                        int ls_stride) {
+    const int warp = threadIdx.x >> 5;
+    const int wm = warp / DEC_WK, wk = warp % DEC_WK;
+    if (ntiles > 0) {
+        int st0, nk0;
+        tile_of(0, st0, nk0);
+        dec_load_tile(sm.Ks[0], sm.Vs[0], kp, vp, table, g, st0, nk0);
+    }
+    cp_async_commit();
+    for (int k = 0; k < ntiles; ++k) {
+        if (k + 1 < ntiles) {
+            int s1, n1;
+            tile_of(k + 1, s1, n1);
+            dec_load_tile(sm.Ks[(k + 1) & 1], sm.Vs[(k + 1) & 1], kp, vp, table, g, s1, n1);
+            cp_async_commit();
+            dec_cp_async_wait_1();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+        int start, nk;
+        tile_of(k, start, nk);
+        if (wm < DEC_WM) dec_tile(sm.Qs, sm.Ks[k & 1], sm.Vs[k & 1], wm, wk, nk, st, Ls, ls_stride, k * KT);
+        __syncthreads();
+    }
+    cp_async_wait_all();
+    __syncthreads();
+}
+
+__device__ __forceinline__ void dec_state_init(DecState& st) {
+    st.m[0] = st.m[1] = NEG_INF;
+    st.l[0] = st.l[1] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; ++nt) st.o[nt][0] = st.o[nt][1] = st.o[nt][2] = st.o[nt][3] = 0.f;
+}
+
+// Merges the DEC_WK warps of each row tile and writes the CTA's partial: part_o [G, DV]
+// (unnormalised, relative to the row max M), part_ml [G] = (M, L). M per row is left in fin_m.
+// Reuses the K/V stages as scratch (the pipeline has drained).
+__device__ __forceinline__ void dec_finish(const DecSmem& sm, DecState& st, float* __restrict__ part_o,
+                                           float2* __restrict__ part_ml, float* fin_m) {
+    __shared__ float red_m[4][16], red_l[4][16];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+    const int wm = warp / DEC_WK;
+    const bool active = wm < DEC_WM;
+    float* red_o = (float*)sm.Ks[0];   // [4 warps][16][DV]
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        st.l[i] += __shfl_xor_sync(0xffffffff, st.l[i], 1);
+        st.l[i] += __shfl_xor_sync(0xffffffff, st.l[i], 2);
+    }
+    if (active && (lane & 3) == 0) {
+        red_m[warp][gr] = st.m[0];
+        red_m[warp][gr + 8] = st.m[1];
+        red_l[warp][gr] = st.l[0];
+        red_l[warp][gr + 8] = st.l[1];
+    }
+    __syncthreads();
+    if (active) {
+        float f[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = gr + 8 * i;
+            float M = NEG_INF;
+            for (int w = 0; w < DEC_WK; ++w) M = fmaxf(M, red_m[wm * DEC_WK + w][r]);
+            f[i] = (M == NEG_INF) ? 0.f : exp2f(st.m[i] - M);
+        }
+        float* dst = red_o + warp * 16 * DV;
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt) {
+            *(float2*)(dst + gr * DV + nt * 8 + gc) = make_float2(st.o[nt][0] * f[0], st.o[nt][1] * f[0]);
+            *(float2*)(dst + (gr + 8) * DV + nt * 8 + gc) = make_float2(st.o[nt][2] * f[1], st.o[nt][3] * f[1]);
+        }
+    }
+    __syncthreads();
+    for (int r = tid; r < G; r += 128) {
+        const int wmr = r / 16, rr = r % 16;
+        float M = NEG_INF;
+        for (int w = 0; w < DEC_WK; ++w) M = fmaxf(M, red_m[wmr * DEC_WK + w][rr]);
+        float L = 0.f;
+        if (M != NEG_INF)
+            for (int w = 0; w < DEC_WK; ++w) {
+                const float mw = red_m[wmr * DEC_WK + w][rr];
+                if (mw != NEG_INF) L += red_l[wmr * DEC_WK + w][rr] * exp2f(mw - M);
+            }
+        part_ml[r] = make_float2(M, L);
+        fin_m[r] = M;
+    }
+    for (int e = tid; e < G * (DV / 4); e += 128) {
+        const int r = e / (DV / 4), c = (e % (DV / 4)) * 4;
+        const int wmr = r / 16, rr = r % 16;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int w = 0; w < DEC_WK; ++w) {
+            const float4 v = *(const float4*)(red_o + ((wmr * DEC_WK + w) * 16 + rr) * DV + c);
+            acc.x += v.x;
+            acc.y += v.y;
+            acc.z += v.z;
+            acc.w += v.w;
+        }
+        *(float4*)(part_o + (i64)r * DV + c) = acc;
+    }
+    __syncthreads();
+}
+
+// overlap of compressed block i with selection block j, in units of d (Eq. 9)
+__device__ __forceinline__ float dec_overlap_w(int i, int j) {
+    const int a0 = i * CMP_D, a1 = a0 + CMP_L, b0 = j * SEL_L, b1 = b0 + SEL_L;
+    const int lo = max(a0, b0), hi = min(a1, b1);
+    return hi > lo ? (float)((hi - lo) / CMP_D) : 0.f;
+}
+// first selection block that compressed block i touches (for the chunk's j range)
+__device__ __forceinline__ int dec_j_lo(int c0) { return (c0 * CMP_D) / SEL_L; }
+// compressed blocks [ilo, ihi) overlapping selection block j
+__device__ __forceinline__ int dec_i_lo(int j) {
+    return (j * SEL_L + CMP_D > CMP_L) ? (j * SEL_L + CMP_D - CMP_L) / CMP_D : 0;
+}
+__device__ __forceinline__ int dec_i_hi(int j) { return ((j + 1) * SEL_L) / CMP_D; }
+
+// Partial slots of (row, group): [0, sc) compressed splits, [sc, sc + sw) window splits,
+// [sc + sw, ns) selected splits. part_o [rows*HKV, ns, G, DV], part_ml [rows*HKV, ns, G].
+// part_u [rows*HKV, sc, G, uj]: u[h][j - j_lo] = sum_i w(i, j) * exp2(s_hi - M_h) over the
+// chunk's visible compressed blocks i (Eq. 9 before normalisation).
+extern "C" __global__ void __launch_bounds__(128) decode_attn_cw(
+    const int4* __restrict__ adesc, const int* __restrict__ raw_table, const int* __restrict__ cmp_table,
+    int maxp_raw, int maxp_cmp, const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc_pool,
+    const bf16_t* __restrict__ vc_pool, const bf16_t* __restrict__ kw_pool,
+    const bf16_t* __restrict__ vw_pool, int sc, int cc, int sw, int cw, int ns, int uj,
+    float* __restrict__ part_o, float2* __restrict__ part_ml, float* __restrict__ part_u) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float fin_m[DEC_QROWS];
+    const DecSmem sm = dec_smem(smem);
+    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV, s = blockIdx.y;
+    const int4 d = adesc[row];
+    const int b = d.x, t = d.y, qrow = d.z;
+    const i64 rg = (i64)row * HKV + g;
+    dec_load_q(sm.Qs, q, qrow, g);
+    DecState st;
+    dec_state_init(st);
+    if (s < sc) {
+        const int nvis = dec_cmp_visible(t);
+        const int c0 = s * cc, c1 = min(c0 + cc, nvis);
+        const int n = max(c1 - c0, 0);
+        const int* table = cmp_table + (i64)b * maxp_cmp;
+        auto tile_of = [&](int k, int& start, int& nk) {
+            start = c0 + k * KT;
+            nk = min(KT, c1 - start);
+        };
+        dec_run(sm, kc_pool, vc_pool, table, g, (n + KT - 1) / KT, tile_of, st, sm.Ls, cc);
+        dec_finish(sm, st, part_o + (rg * ns + s) * G * DV, part_ml + (rg * ns + s) * G, fin_m);
+        // Eq. 9 partial scores of the selection blocks this chunk touches
+        float* u = part_u + (rg * sc + s) * G * uj;
+        if (n > 0) {
+            const int jl = dec_j_lo(c0);
+            const int jh = ((c1 - 1) * CMP_D + CMP_L - 1) / SEL_L;   // inclusive
+            const int nj = jh - jl + 1;
+            for (int e = threadIdx.x; e < G * nj; e += 128) {
+                const int h = e / nj, j = jl + e % nj;
+                const int ilo = max(c0, dec_i_lo(j)), ihi = min(c1, dec_i_hi(j));
+                const float M = fin_m[h];
+                float acc = 0.f;
+                for (int i = ilo; i < ihi; ++i)
+                    acc += dec_overlap_w(i, j) * exp2f(sm.Ls[h * cc + (i - c0)] - M);
+                u[h * uj + (j - jl)] = acc;
+            }
+        }
+    } else {
+        const int lo = max(0, t - WIN + 1);
+        const int k0 = lo + (s - sc) * cw, k1 = min(k0 + cw, t + 1);
+        const int n = max(k1 - k0, 0);
+        const int* table = raw_table + (i64)b * maxp_raw;
+        auto tile_of = [&](int k, int& start, int& nk) {
+            start = k0 + k * KT;
+            nk = min(KT, k1 - start);
+        };
+        dec_run(sm, kw_pool, vw_pool, table, g, (n + KT - 1) / KT, tile_of, st, nullptr, 0);
+        dec_finish(sm, st, part_o + (rg * ns + s) * G * DV, part_ml + (rg * ns + s) * G, fin_m);
+    }
+}
+
+// Selected blocks: split s takes the selected slots [s*spb, (s+1)*spb) of sel [rows, HKV, NSEL];
+// block j covers positions [j*l', min((j+1)*l', t+1)), in tiles of KT.
+extern "C" __global__ void __launch_bounds__(128) decode_sel(
+    const int4* __restrict__ adesc, const int* __restrict__ raw_table, int maxp_raw,
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks_pool, const bf16_t* __restrict__ vs_pool,
+    const int* __restrict__ sel, int sc, int sw, int spb, int ns, float* __restrict__ part_o,
+    float2* __restrict__ part_ml) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float fin_m[DEC_QROWS];
+    __shared__ int blk[NSEL];
+    constexpr int TPB = (SEL_L + KT - 1) / KT;   // tiles per selection block
+    const DecSmem sm = dec_smem(smem);
+    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV, s = blockIdx.y;
+    const int4 d = adesc[row];
+    const int b = d.x, t = d.y, qrow = d.z;
+    const i64 rg = (i64)row * HKV + g;
+    const int k0 = s * spb, nb = max(0, min(spb, NSEL - k0));
+    for (int k = threadIdx.x; k < nb; k += 128) blk[k] = sel[rg * NSEL + k0 + k];
+    dec_load_q(sm.Qs, q, qrow, g);
+    __syncthreads();
+    DecState st;
+    dec_state_init(st);
+    const int* table = raw_table + (i64)b * maxp_raw;
+    auto tile_of = [&](int k, int& start, int& nk) {
+        const int j = blk[k / TPB];
+        if (j < 0) {
+            start = 0;
+            nk = 0;
+            return;
+        }
+        start = j * SEL_L + (k % TPB) * KT;
+        nk = max(0, min(KT, min((j + 1) * SEL_L, t + 1) - start));
+    };
+    dec_run(sm, ks_pool, vs_pool, table, g, nb * TPB, tile_of, st, nullptr, 0);
+    const int slot = sc + sw + s;
+    dec_finish(sm, st, part_o + (rg * ns + slot) * G * DV, part_ml + (rg * ns + slot) * G, fin_m);
+}
+
+// ---------------------------------------------------------------------------------------------
+// top-n
+// ---------------------------------------------------------------------------------------------
+
+// (v, i) ranks before (w, k): higher score first, then lower block index.
+__device__ __forceinline__ bool dec_better(float v, int i, float w, int k) {
+    return v > w || (v == w && i < k);
+}
+
+__device__ __forceinline__ void dec_bitonic_step(float& v, int& i, int j, bool up) {
+    const int lane = threadIdx.x & 31;
+    const float ov = __shfl_xor_sync(0xffffffff, v, j);
+    const int oi = __shfl_xor_sync(0xffffffff, i, j);
+    const bool lower = (lane & j) == 0;
+    const bool take = (lower == up) ? dec_better(ov, oi, v, i) : dec_better(v, i, ov, oi);
+    if (take) {
+        v = ov;
+        i = oi;
+    }
+}
+
+// Sorts the warp's 32 (v, i) pairs best-first (lane 0 best).
+__device__ __forceinline__ void dec_sort_desc(float& v, int& i) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 2; k <= 32; k <<= 1)
+#pragma unroll
+        for (int j = k >> 1; j > 0; j >>= 1) dec_bitonic_step(v, i, j, (lane & k) == 0);
+}
+
+// Merges a best-first list (v, i) into the best-first list (cv, ci): the best 32 of both.
+__device__ __forceinline__ void dec_merge(float& cv, int& ci, float v, int i) {
+    const int lane = threadIdx.x & 31;
+    const float rv = __shfl_sync(0xffffffff, v, 31 - lane);
+    const int ri = __shfl_sync(0xffffffff, i, 31 - lane);
+    if (dec_better(rv, ri, cv, ci)) {
+        cv = rv;
+        ci = ri;
+    }
+#pragma unroll
+    for (int jj = 16; jj > 0; jj >>= 1) dec_bitonic_step(cv, ci, jj, true);
+}
+
+__device__ __forceinline__ int dec_sort_asc_int(int x) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 2; k <= 32; k <<= 1)
+#pragma unroll
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            const int o = __shfl_xor_sync(0xffffffff, x, j);
+            const bool lower = (lane & j) == 0, up = (lane & k) == 0;
+            x = (lower == up) ? min(x, o) : max(x, o);
+        }
+    return x;
+}
+
+// One CTA (8 warps) per (row, group). p[j] = sum_h sum_i w(i, j) exp2(s_hi - lse_h) is rebuilt
+// from the chunks' partials: each chunk c contributes exp2(M_ch - lse_h) * u_c[h][j]. Forced
+// blocks score +inf; inadmissible ones never enter. sel [rows, HKV, NSEL] ascending, -1 padded.
+extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __restrict__ adesc,
+                                                              const float2* __restrict__ part_ml,
+                                                              const float* __restrict__ part_u, int sc,
+                                                              int cc, int ns, int uj,
+                                                              int* __restrict__ sel) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* wgt = (float*)smem;   // [sc][G]
+    __shared__ float lv[8][32];
+    __shared__ int li[8][32];
+    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int t = adesc[row].y;
+    const int nvis = dec_cmp_visible(t), nadm = t / SEL_L + 1, own = t / SEL_L;
+    const i64 rg = (i64)row * HKV + g;
+    for (int h = tid; h < G; h += 256) {
+        float M = NEG_INF;
+        for (int s = 0; s < sc; ++s) {
+            const float2 ml = part_ml[(rg * ns + s) * G + h];
+            if (ml.y > 0.f) M = fmaxf(M, ml.x);
+        }
+        float L = 0.f;
+        for (int s = 0; s < sc; ++s) {
+            const float2 ml = part_ml[(rg * ns + s) * G + h];
+            if (ml.y > 0.f) L += ml.y * exp2f(ml.x - M);
+        }
+        const float lse = L > 0.f ? M + log2f(L) : 0.f;
+        for (int s = 0; s < sc; ++s) {
+            const float2 ml = part_ml[(rg * ns + s) * G + h];
+            wgt[s * G + h] = (L > 0.f && ml.y > 0.f) ? exp2f(ml.x - lse) : 0.f;
+        }
+    }
+    __syncthreads();
+    const float* u = part_u + rg * sc * G * uj;
+    float cv = NEG_INF;
+    int ci = DEC_INT_MAX;
+    for (int jb = warp * 32; jb < nadm; jb += 256) {
+        const int j = jb + lane;
+        float v = NEG_INF;
+        int i = DEC_INT_MAX;
+        if (j < nadm) {
+            i = j;
+            if (j < NINIT || (j <= own && j > own - NLOCAL)) {
+                v = POS_INF;
+            } else {
+                const int ilo = dec_i_lo(j), ihi = min(nvis, dec_i_hi(j));
+                float acc = 0.f;
+                if (ilo < ihi)
+                    for (int s = ilo / cc; s <= (ihi - 1) / cc; ++s) {
+                        const int jj = j - dec_j_lo(s * cc);
+                        for (int h = 0; h < G; ++h) {
+                            const float w = wgt[s * G + h];
+                            if (w != 0.f) acc += w * u[(s * G + h) * uj + jj];
+                        }
+                    }
+                v = acc;
+            }
+        }
+        dec_sort_desc(v, i);
+        dec_merge(cv, ci, v, i);
+    }
+    lv[warp][lane] = cv;
+    li[warp][lane] = ci;
+    __syncthreads();
+    if (warp == 0) {
+        for (int w = 1; w < 8; ++w) dec_merge(cv, ci, lv[w][lane], li[w][lane]);
+        int key = (lane < NSEL && cv != NEG_INF) ? ci : DEC_INT_MAX;
+        key = dec_sort_asc_int(key);
+        if (lane < NSEL) sel[rg * NSEL + lane] = key == DEC_INT_MAX ? -1 : key;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// combine
+// ---------------------------------------------------------------------------------------------
+
+// One CTA per (row, group): each branch's splits merged (flash-decoding), then
+// o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win into out [rows, HQ, DV].
+extern "C" __global__ void __launch_bounds__(128) decode_combine(
+    const int4* __restrict__ adesc, const float* __restrict__ part_o, const float2* __restrict__ part_ml,
+    const float* __restrict__ g_cmp, const float* __restrict__ g_slc, const float* __restrict__ g_win,
+    int sc, int sw, int ss, float* __restrict__ out) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* coef = (float*)smem;   // [ns][G]
+    const int ns = sc + sw + ss;
+    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV, tid = threadIdx.x;
+    const int qrow = adesc[row].z;
+    const i64 rg = (i64)row * HKV + g;
+    for (int e = tid; e < 3 * G; e += 128) {
+        const int br = e / G, h = e % G;
+        const int s0 = br == 0 ? 0 : (br == 1 ? sc + sw : sc);
+        const int s1 = br == 0 ? sc : (br == 1 ? ns : sc + sw);
+        const float* gate = br == 0 ? g_cmp : (br == 1 ? g_slc : g_win);
+        const float gv = gate[(i64)qrow * HQ + g * G + h];
+        float M = NEG_INF;
+        for (int s = s0; s < s1; ++s) {
+            const float2 ml = part_ml[(rg * ns + s) * G + h];
+            if (ml.y > 0.f) M = fmaxf(M, ml.x);
+        }
+        float L = 0.f;
+        for (int s = s0; s < s1; ++s) {
+            const float2 ml = part_ml[(rg * ns + s) * G + h];
+            if (ml.y > 0.f) L += ml.y * exp2f(ml.x - M);
+        }
+        for (int s = s0; s < s1; ++s) {
+            const float2 ml = part_ml[(rg * ns + s) * G + h];
+            coef[s * G + h] = (L > 0.f && ml.y > 0.f) ? gv * exp2f(ml.x - M) / L : 0.f;
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < G * (DV / 4); e += 128) {
+        const int h = e / (DV / 4), c = (e % (DV / 4)) * 4;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s = 0; s < ns; ++s) {
+            const float cf = coef[s * G + h];
+            if (cf != 0.f) {
+                const float4 v = *(const float4*)(part_o + ((rg * ns + s) * G + h) * DV + c);
+                acc.x += cf * v.x;
+                acc.y += cf * v.y;
+                acc.z += cf * v.z;
+                acc.w += cf * v.w;
+            }
+        }
+        *(float4*)(out + ((i64)row * HQ + g * G + h) * DV + c) = acc;
+    }
+}

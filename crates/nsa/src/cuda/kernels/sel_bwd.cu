@@ -1,0 +1,288 @@
+// Backward of the selection branch (SPEC.md "Selection branch"; the choice itself is not
+// differentiated, gradients flow through the attention over the selected tokens s <= t).
+//
+// sel_bwd_dq       row-major, group-centric as the forward's sel_attn: one CTA = KV group g and
+//                  16 / G positions (or one position over G / 16 warps), walking the union of
+//                  their selected blocks twice (statistics, then dQ); adds into dq.
+// Inverse index (deterministic, no floating-point atomics): for each (KV head g, selection block
+// jg, numbered across the packed batch) the ascending list of the tokens that selected it.
+//   sel_index_count       integer counts per (token chunk, g, jg)
+//   sel_index_chunk_scan  per (g, jg): exclusive prefix over the chunks, and the total
+//   sel_index_scan        one CTA: list offsets, segment table (lists cut into SEG tokens), and
+//                         partial-slot offsets for the lists with more than one segment
+//   sel_index_fill        one warp per (chunk, g) walks its tokens in order: a stable fill
+// sel_bwd_dkdv     key-major: one CTA = one segment of one list: the block's K/V tile against
+//                  the G heads of each token in the segment; a one-segment list writes dK/dV of
+//                  the block directly, longer ones write partial sums ...
+// sel_dkdv_reduce  ... which this kernel adds up in segment order.
+// Every order of summation is fixed by the data, so the gradients are bitwise reproducible.
+
+#define BS_P (G >= 16 ? 1 : 16 / G)
+#define BS_WARPS ((BS_P * G + 15) / 16)
+#define BS_ROWS (BS_WARPS * 16)
+#define BS_THREADS (BS_WARPS * 32)
+#define INT_MAX_ 0x7fffffff
+
+extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
+    const int* __restrict__ sel_idx, float* __restrict__ lse_out, float* __restrict__ dg_out,
+    float* __restrict__ dq_out) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* Qs = (bf16_t*)smem;
+    bf16_t* dOs = Qs + BS_ROWS * QS_STRIDE;
+    bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;
+    bf16_t* Vs = Ks + KT * KS_STRIDE;
+    int* idx_s = (int*)(Vs + KT * VS_STRIDE);   // [BS_P][NSEL]
+
+    const int4 it = items[blockIdx.x];
+    const int start = it.x, len = it.y, t0 = it.z;
+    const int g = blockIdx.y;
+    const int npos = min(BS_P, len - t0), nrows = npos * G;
+    const int tmax = t0 + npos - 1;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2;
+    const int row0 = warp * 16;
+
+    auto qoff = [&](int r) { return ((i64)(start + t0 + r / G) * HQ + g * G + r % G); };
+    load_rows_async<BS_ROWS, DK, QS_STRIDE, BS_THREADS>(Qs, q, nrows, [&](int r) { return qoff(r) * DK; });
+    load_rows_async<BS_ROWS, DV, DOS_STRIDE, BS_THREADS>(dOs, dO, nrows, [&](int r) { return qoff(r) * DV; });
+    cp_async_commit();
+    for (int e = tid; e < BS_P * NSEL; e += BS_THREADS) {
+        const int p = e / NSEL;
+        const int v = p < npos ? sel_idx[((i64)(start + t0 + p) * HKV + g) * NSEL + e % NSEL] : -1;
+        idx_s[e] = v < 0 ? INT_MAX_ : v;
+    }
+    __syncthreads();
+
+    int tt[2], pp[2];
+    i64 qrow[2];
+    bool valid[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = row0 + gr + 8 * i;
+        valid[i] = r < nrows;
+        pp[i] = r / G;
+        tt[i] = t0 + pp[i];
+        qrow[i] = valid[i] ? qoff(r) : 0;
+    }
+    // P-way merge of the sorted block lists (lane p < BS_P holds position p's next block); every
+    // warp walks the same sequence, so the barriers inside match.
+    auto for_tiles = [&](auto fn) {
+        int ptr = 0;
+        int cur = lane < BS_P ? idx_s[lane * NSEL] : INT_MAX_;
+        while (true) {
+            int b = cur;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
+            if (b == INT_MAX_) break;
+            const unsigned chose = __ballot_sync(0xffffffff, lane < BS_P && cur == b);
+            if (lane < BS_P && cur == b) {
+                ++ptr;
+                cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
+            }
+            const int bend = min((b + 1) * SEL_L, tmax + 1);
+            for (int k0 = b * SEL_L; k0 < bend; k0 += KT) {
+                const int nk = min(KT, bend - k0);
+                __syncthreads();
+                load_rows_async<KT, DK, KS_STRIDE, BS_THREADS>(Ks, ks + ((i64)(start + k0) * HKV + g) * DK, nk,
+                                                               [&](int r) { return (i64)r * HKV * DK; });
+                load_rows_async<KT, DV, VS_STRIDE, BS_THREADS>(Vs, vs + ((i64)(start + k0) * HKV + g) * DV, nk,
+                                                               [&](int r) { return (i64)r * HKV * DV; });
+                cp_async_commit();
+                cp_async_wait_all();
+                __syncthreads();
+                int lo[2] = {0, 0}, hi[2];
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const bool sel = valid[i] && ((chose >> pp[i]) & 1u);
+                    hi[i] = sel ? min(max(tt[i] + 1 - k0, 0), nk) : 0;
+                }
+                fn(lo, hi);
+            }
+        }
+    };
+    bw_rows_dq<true>(Qs, dOs, Ks, Vs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
+}
+
+// seqs[b] = (start, len, cstart, first selection block of the sequence in the batch numbering)
+__device__ __forceinline__ int bw_seq_of(const int4* __restrict__ seqs, int nseq, int tok) {
+    int lo = 0, hi = nseq - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (seqs[mid].x <= tok) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// cnt[(chunk * HKV + g) * nb + jg] += 1 per selected entry (integer atomics: exact counts).
+extern "C" __global__ void sel_index_count(const int* __restrict__ sel_idx, const int4* __restrict__ seqs,
+                                           int nseq, int ntok, int chunk_len, int nb, int* __restrict__ cnt) {
+    const i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (i64)ntok * HKV * NSEL) return;
+    const int j = sel_idx[e];
+    if (j < 0) return;
+    const int tok = (int)(e / (HKV * NSEL));
+    const int g = (int)((e / NSEL) % HKV);
+    const int jg = seqs[bw_seq_of(seqs, nseq, tok)].w + j;
+    atomicAdd(cnt + ((i64)(tok / chunk_len) * HKV + g) * nb + jg, 1);
+}
+
+// Per pair p = g * nb + jg: cnt[c][p] -> exclusive prefix over chunks c; total[p].
+extern "C" __global__ void sel_index_chunk_scan(int* __restrict__ cnt, int nchunks, int npairs,
+                                                int* __restrict__ total) {
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= npairs) return;
+    int run = 0;
+    for (int c = 0; c < nchunks; ++c) {
+        const i64 at = (i64)c * npairs + p;
+        const int v = cnt[at];
+        cnt[at] = run;
+        run += v;
+    }
+    total[p] = run;
+}
+
+// One CTA of 1024 threads: exclusive scans over the pairs of the list lengths (base), of the
+// segment counts ceil(total / seg_len) (seg_base, npairs + 1 entries) and of the partial slots
+// (segments of lists with more than one, pslot_base). summary = (segments, partial slots, entries).
+extern "C" __global__ void __launch_bounds__(1024) sel_index_scan(const int* __restrict__ total, int npairs,
+                                                                  int seg_len, int* __restrict__ base,
+                                                                  int* __restrict__ seg_base,
+                                                                  int* __restrict__ pslot_base,
+                                                                  int* __restrict__ summary) {
+    __shared__ int sh[3][1024];
+    const int tid = threadIdx.x, per = (npairs + 1023) / 1024;
+    const int b0 = min(tid * per, npairs), b1 = min(b0 + per, npairs);
+    int a[3] = {0, 0, 0};
+    for (int i = b0; i < b1; ++i) {
+        const int t = total[i], ns = (t + seg_len - 1) / seg_len;
+        a[0] += t;
+        a[1] += ns;
+        a[2] += ns > 1 ? ns : 0;
+    }
+#pragma unroll
+    for (int k = 0; k < 3; ++k) sh[k][tid] = a[k];
+    __syncthreads();
+    for (int off = 1; off < 1024; off <<= 1) {
+        int v[3];
+#pragma unroll
+        for (int k = 0; k < 3; ++k) v[k] = tid >= off ? sh[k][tid - off] : 0;
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < 3; ++k) sh[k][tid] += v[k];
+        __syncthreads();
+    }
+    int e[3];
+#pragma unroll
+    for (int k = 0; k < 3; ++k) e[k] = sh[k][tid] - a[k];
+    for (int i = b0; i < b1; ++i) {
+        const int t = total[i], ns = (t + seg_len - 1) / seg_len;
+        base[i] = e[0];
+        seg_base[i] = e[1];
+        pslot_base[i] = e[2];
+        e[0] += t;
+        e[1] += ns;
+        e[2] += ns > 1 ? ns : 0;
+    }
+    if (tid == 1023) {
+        seg_base[npairs] = sh[1][1023];
+        summary[0] = sh[1][1023];
+        summary[1] = sh[2][1023];
+        summary[2] = sh[0][1023];
+    }
+}
+
+// One warp per (chunk, g): the chunk's tokens in ascending order, one lane per slot (the blocks
+// of one token are distinct, so the lanes never share a counter).
+extern "C" __global__ void sel_index_fill(const int* __restrict__ sel_idx, const int4* __restrict__ seqs,
+                                          int nseq, int ntok, int chunk_len, int nb, int* __restrict__ cnt,
+                                          const int* __restrict__ base, int* __restrict__ list) {
+    const int c = blockIdx.x, g = blockIdx.y, lane = threadIdx.x;
+    const int t_end = min(ntok, (c + 1) * chunk_len);
+    const int npairs = HKV * nb;
+    int* ccnt = cnt + (i64)c * npairs;
+    for (int tok = c * chunk_len; tok < t_end; ++tok) {
+        const int j = lane < NSEL ? sel_idx[((i64)tok * HKV + g) * NSEL + lane] : -1;
+        if (j >= 0) {
+            const int p = g * nb + seqs[bw_seq_of(seqs, nseq, tok)].w + j;
+            const int at = ccnt[p];
+            ccnt[p] = at + 1;
+            list[base[p] + at] = tok;
+        }
+        __syncwarp();
+    }
+}
+
+// blocks[jg] = (seq start, seq len, j, 0). One CTA per segment (grid = summary[0]).
+extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const float* __restrict__ lse,
+    const float* __restrict__ dg, const int4* __restrict__ blocks, int nb, const int* __restrict__ total,
+    const int* __restrict__ base, const int* __restrict__ seg_base, const int* __restrict__ pslot_base,
+    const int* __restrict__ list, int seg_len, float* __restrict__ dk_out, float* __restrict__ dv_out,
+    float* __restrict__ pk, float* __restrict__ pv) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int s = blockIdx.x;
+    int lo = 0, hi = HKV * nb - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (seg_base[mid] <= s) lo = mid; else hi = mid - 1;
+    }
+    const int p = lo, g = p / nb, jg = p % nb;
+    const int k = s - seg_base[p], nseg = seg_base[p + 1] - seg_base[p];
+    const int4 bl = blocks[jg];
+    const int start = bl.x, len = bl.y, j = bl.z;
+    const int lbeg = base[p] + k * seg_len;
+    const int npos = min(seg_len, total[p] - k * seg_len);
+    for (int kt0 = 0; kt0 < SEL_L; kt0 += KT) {
+        const int kfirst = j * SEL_L + kt0;
+        const int nk = min(KT, min(SEL_L - kt0, len - kfirst));
+        if (nk <= 0) break;
+        __syncthreads();   // previous key tile done
+        bw_load_kv(smem, ks, vs, (i64)(start + kfirst), g, nk);
+        float dk[DK / 8][4], dv[DV / 8][4];
+        bw_zero<DK>(dk);
+        bw_zero<DV>(dv);
+        bw_dkdv_rows(
+            smem, q, dO, lse, dg, gate, g, npos * G, [&](int pos) { return list[lbeg + pos]; },
+            [&](int tok) { return tok - start; }, [&](int key, int t) { return key < nk && kfirst + key <= t; },
+            dk, dv);
+        cp_async_wait_all();
+        if (nseg == 1) {
+            bw_store_kv(
+                dk, dv, nk, SCALE_NAT, [&](int key) { return dk_out + ((i64)(start + kfirst + key) * HKV + g) * DK; },
+                [&](int key) { return dv_out + ((i64)(start + kfirst + key) * HKV + g) * DV; });
+        } else {
+            const i64 slot = (i64)(pslot_base[p] + k) * SEL_L + kt0;
+            bw_store_kv(
+                dk, dv, nk, SCALE_NAT, [&](int key) { return pk + (slot + key) * DK; },
+                [&](int key) { return pv + (slot + key) * DV; });
+        }
+    }
+}
+
+// One CTA per pair: the lists with more than one segment sum their partials in segment order.
+extern "C" __global__ void sel_dkdv_reduce(const int4* __restrict__ blocks, int nb, const int* __restrict__ seg_base,
+                                           const int* __restrict__ pslot_base, const float* __restrict__ pk,
+                                           const float* __restrict__ pv, float* __restrict__ dk_out,
+                                           float* __restrict__ dv_out) {
+    const int p = blockIdx.x;
+    const int nseg = seg_base[p + 1] - seg_base[p];
+    if (nseg <= 1) return;
+    const int g = p / nb, jg = p % nb;
+    const int4 bl = blocks[jg];
+    const int nkeys = min(SEL_L, bl.y - bl.z * SEL_L);
+    const i64 ps = pslot_base[p];
+    const i64 first = (i64)bl.x + (i64)bl.z * SEL_L;
+    for (int e = threadIdx.x; e < nkeys * (DK + DV); e += blockDim.x) {
+        const int key = e / (DK + DV), c = e % (DK + DV);
+        float acc = 0.f;
+        if (c < DK) {
+            for (int k = 0; k < nseg; ++k) acc += pk[((ps + k) * SEL_L + key) * DK + c];
+            dk_out[((first + key) * HKV + g) * DK + c] = acc;
+        } else {
+            for (int k = 0; k < nseg; ++k) acc += pv[((ps + k) * SEL_L + key) * DV + c - DK];
+            dv_out[((first + key) * HKV + g) * DV + c - DK] = acc;
+        }
+    }
+}

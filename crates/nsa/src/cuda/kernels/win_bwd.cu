@@ -1,0 +1,98 @@
+// Backward of the sliding-window branch (SPEC.md "Sliding window branch": keys
+// max(0, t - w + 1) ..= t).
+//
+// win_bwd_dq    row-major: one CTA = KV group g and 64 / G positions; pass 1 recomputes o_win and
+//               lse, writes lse and dg_win; pass 2 adds the window's dQ into dq.
+// win_bwd_dkdv  key-major: one CTA = KV group g and 64 keys [k0, k0 + 64) of a sequence; the rows
+//               are the positions t in [k0, k0 + 64 + w - 1) that can see one of them.
+
+#define BQ_ROWS 64
+#define BQ_P (BQ_ROWS / G)
+
+extern "C" __global__ void __launch_bounds__(128) win_bwd_dq(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw, const bf16_t* __restrict__ vw,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
+    float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* Qs = (bf16_t*)smem;
+    bf16_t* dOs = Qs + BQ_ROWS * QS_STRIDE;
+    bf16_t* Ks = dOs + BQ_ROWS * DOS_STRIDE;
+    bf16_t* Vs = Ks + KT * KS_STRIDE;
+
+    const int4 it = items[blockIdx.x];
+    const int start = it.x, len = it.y, t0 = it.z;
+    const int g = blockIdx.y;
+    const int npos = min(BQ_P, len - t0), nrows = npos * G;
+    const int tmax = t0 + npos - 1;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2;
+    const int row0 = warp * 16;
+
+    auto qoff = [&](int r) { return ((i64)(start + t0 + r / G) * HQ + g * G + r % G); };
+    load_rows_async<BQ_ROWS, DK, QS_STRIDE, 128>(Qs, q, nrows, [&](int r) { return qoff(r) * DK; });
+    load_rows_async<BQ_ROWS, DV, DOS_STRIDE, 128>(dOs, dO, nrows, [&](int r) { return qoff(r) * DV; });
+    cp_async_commit();
+
+    int tt[2];
+    i64 qrow[2];
+    bool valid[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = row0 + gr + 8 * i;
+        valid[i] = r < nrows;
+        tt[i] = t0 + r / G;
+        qrow[i] = valid[i] ? qoff(r) : 0;
+    }
+    const int kbeg = max(0, t0 - WIN + 1), kend = tmax + 1;
+    auto for_tiles = [&](auto fn) {
+        for (int k0 = kbeg; k0 < kend; k0 += KT) {
+            const int nk = min(KT, kend - k0);
+            __syncthreads();
+            load_rows_async<KT, DK, KS_STRIDE, 128>(Ks, kw + ((i64)(start + k0) * HKV + g) * DK, nk,
+                                                    [&](int r) { return (i64)r * HKV * DK; });
+            load_rows_async<KT, DV, VS_STRIDE, 128>(Vs, vw + ((i64)(start + k0) * HKV + g) * DV, nk,
+                                                    [&](int r) { return (i64)r * HKV * DV; });
+            cp_async_commit();
+            cp_async_wait_all();
+            __syncthreads();
+            int lo[2], hi[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                lo[i] = max(tt[i] - WIN + 1 - k0, 0);
+                hi[i] = valid[i] ? min(max(tt[i] + 1 - k0, 0), nk) : 0;
+            }
+            fn(lo, hi);
+        }
+    };
+    bw_rows_dq<true>(Qs, dOs, Ks, Vs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
+}
+
+// items[b] = (seq start, seq len, k0, 0)
+extern "C" __global__ void __launch_bounds__(128) win_bwd_dkdv(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw, const bf16_t* __restrict__ vw,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const float* __restrict__ lse,
+    const float* __restrict__ dg, const int4* __restrict__ items, float* __restrict__ dk_out,
+    float* __restrict__ dv_out) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int4 it = items[blockIdx.x];
+    const int start = it.x, len = it.y, k0 = it.z;
+    const int g = blockIdx.y;
+    const int nk = min(KT, len - k0);
+    bw_load_kv(smem, kw, vw, (i64)(start + k0), g, nk);
+    const int tend = min(len, k0 + nk - 1 + WIN);   // last position that sees a key, + 1
+    const int npos = tend - k0;
+    float dk[DK / 8][4], dv[DV / 8][4];
+    bw_zero<DK>(dk);
+    bw_zero<DV>(dv);
+    bw_dkdv_rows(
+        smem, q, dO, lse, dg, gate, g, npos * G, [&](int p) { return start + k0 + p; },
+        [&](int tok) { return tok - start; },
+        [&](int key, int t) {
+            const int s = k0 + key;
+            return key < nk && s <= t && t - s < WIN;
+        },
+        dk, dv);
+    cp_async_wait_all();
+    bw_store_kv(
+        dk, dv, nk, SCALE_NAT, [&](int key) { return dk_out + ((i64)(start + k0 + key) * HKV + g) * DK; },
+        [&](int key) { return dv_out + ((i64)(start + k0 + key) * HKV + g) * DV; });
+}
