@@ -78,9 +78,13 @@ pub fn backward(
 ) -> Result<NsaGrads<f32>> {
     match device {
         Device::Cpu => crate::cpu::backward(cfg, x, phi, d_o),
-        Device::Cuda(_) => Err(NsaError::Unsupported(
-            "the CUDA backward pass is not implemented yet; use --device cpu".into(),
-        )),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let ctx = crate::cuda::CudaContext::new(*ordinal)?;
+            crate::cuda::backward::backward(&ctx, cfg, x, phi, d_o)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => no_cuda(),
     }
 }
 
