@@ -7,7 +7,7 @@
 //! key axis; row `r` sees the concatenated columns `ranges[r]`. All products are GEMMs; the
 //! outputs are dense row-major scratch tiles.
 
-use super::tile::{ensure, gemm, probs_and_dscores, softmax_rows, MatMut, MatRef};
+use super::tile::{ensure, gemm, probs_and_dscores, MatMut, MatRef};
 
 /// A key segment and its values (same number of rows).
 #[derive(Clone, Copy, Debug)]
@@ -82,27 +82,6 @@ fn times_segments(
     if first && beta == 0.0 {
         out[..rows * width].fill(0.0);
     }
-}
-
-/// Forward: `o = softmax(Q K^T) V` with per-row ranges. Leaves the probabilities in `s`
-/// (`rows x ncols`, returned `ncols`), writes `o` (`rows x dv`) and `lse` (`-inf` for a row
-/// that sees nothing; its output row is 0).
-pub(crate) fn forward(
-    q: MatRef<'_>,
-    segs: &[Seg<'_>],
-    ranges: &[(usize, usize)],
-    s: &mut Vec<f32>,
-    o: &mut [f32],
-    dv: usize,
-    lse: &mut [f32],
-) -> usize {
-    let rows = q.rows;
-    let ncols = total_cols(segs);
-    ensure(s, rows * ncols);
-    logits(q, segs, s, ncols);
-    softmax_rows(s, ncols, ncols, ranges, lse);
-    times_segments(1.0, s, rows, ncols, segs, true, 0.0, o, dv);
-    ncols
 }
 
 /// Recomputes `P` and `dS = P * (dP - delta)` of a tile into `s` and `dp` (`rows x ncols`).

@@ -13,6 +13,7 @@ use super::attend::{self, gather_gated, gather_heads, gather_rows, Seg};
 use super::compress::{self, CmpKv};
 use super::phi;
 use super::select::{self, InverseIndex};
+use super::thin::{self, ThinScratch};
 use super::tile::{axpy, ensure, MatRef};
 use super::{
     combine, head_chunks, kv_rows, split_tiles, tiles, to_token_major, window, Dims, Saved,
@@ -42,6 +43,7 @@ struct Scratch {
     dq: Vec<f32>,
     ranges: Vec<(usize, usize)>,
     runs: Vec<(usize, usize)>,
+    thin: ThinScratch,
 }
 
 /// Everything the passes read.
@@ -326,21 +328,15 @@ fn dq_tile(ctx: &Ctx<'_>, b: usize, t0: usize, t1: usize, out: &mut [f32], scr: 
             let row = &ctx.saved.sel_idx[((s0 + t) * hkv + g) * n..][..n];
             select::runs(d.lp, t, row, &mut scr.runs);
             select::segments(d, &x.k_slc, &x.v_slc, s0, g, &scr.runs, &mut segs);
-            let ncols: usize = segs.iter().map(|s| s.len()).sum();
-            scr.ranges.clear();
-            scr.ranges.resize(gs, (0, ncols));
-            attend::backward_q(
+            thin::backward_q(
                 MatRef::rows(&scr.q[r0 * dk..], gs, dk),
                 MatRef::rows(&scr.dob[r0 * dv..], gs, dv),
                 &segs,
-                &scr.ranges,
                 &scr.lse[r0..r0 + gs],
                 &scr.delta[r0..r0 + gs],
                 d.scale,
-                &mut scr.s,
-                &mut scr.dp,
+                &mut scr.thin,
                 &mut scr.dq[r0 * dk..(r0 + gs) * dk],
-                1.0,
             );
         }
 

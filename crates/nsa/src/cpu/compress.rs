@@ -3,7 +3,7 @@
 //! `i*d + l - 1 <= t` (`blocks::cmp_visible`), so a row sees a prefix of the compressed keys;
 //! with none visible its output is exactly 0 (lse `-inf`) and it contributes no gradient.
 
-use super::attend::{self, Seg};
+use super::attend::Seg;
 use super::phi::{BlockLayout, Compressed};
 use super::tile::MatRef;
 use super::Dims;
@@ -62,26 +62,4 @@ pub(crate) fn ranges(
             .saturating_sub(i0);
         out.extend(std::iter::repeat((0, vis)).take(dims.g));
     }
-}
-
-/// Forward of the branch for the query rows `q` of tokens `t0..t1`: writes `o` (`rows x dv`)
-/// and `lse`, and leaves the probabilities in `s` (`rows x ncols`, returned `ncols`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_tile(
-    dims: &Dims,
-    kv: &CmpKv<'_>,
-    b: usize,
-    g: usize,
-    t0: usize,
-    t1: usize,
-    q: MatRef<'_>,
-    ranges_buf: &mut Vec<(usize, usize)>,
-    s: &mut Vec<f32>,
-    o: &mut [f32],
-    lse: &mut [f32],
-) -> usize {
-    let nv = blocks::cmp_visible(t1 - 1, dims.l, dims.d);
-    ranges(dims, t0, t1, 0, nv, ranges_buf);
-    let seg = kv.seg(dims, b, g, 0, nv);
-    attend::forward(q, &[seg], ranges_buf, s, o, dims.dv, lse)
 }

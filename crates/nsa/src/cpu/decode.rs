@@ -5,8 +5,9 @@
 //! as the forward: one `[G, D]` matrix per KV group against the visible compressed tokens, the
 //! runs of selected blocks and the window. Same contract as [`crate::reference::decode`].
 
-use super::attend::{self, Seg};
+use super::attend::Seg;
 use super::phi::PhiF32;
+use super::thin::{self, ThinScratch};
 use super::tile::{ensure, exp_f32, MatRef};
 use super::{combine, kv_rows, select, window, Dims};
 use crate::cache::{BlockCompressor, DecodeCache, KvPart, SeqCache, TokenKv};
@@ -43,11 +44,10 @@ impl BlockCompressor<f32> for CpuCompressor<'_> {
 #[derive(Default)]
 struct Scratch {
     q: Vec<f32>,
-    s: Vec<f32>,
     s2: Vec<f32>,
+    thin: ThinScratch,
     ob: [Vec<f32>; 3],
     lse: Vec<f32>,
-    ranges: Vec<(usize, usize)>,
     runs: Vec<(usize, usize)>,
     psum: Vec<f32>,
     scores: Vec<f32>,
@@ -71,11 +71,10 @@ fn group_row(
     let t = seq.len() - 1;
     let Scratch {
         q: qs,
-        s,
-        s2,
+        s2: _,
+        thin,
         ob,
         lse,
-        ranges,
         runs,
         psum,
         scores,
@@ -98,17 +97,16 @@ fn group_row(
         k: kv_rows(seq.k_cmp(), hkv, dk, g, 0, nvis),
         v: kv_rows(seq.v_cmp(), hkv, dv, g, 0, nvis),
     };
-    ranges.clear();
-    ranges.resize(gs, (0, nvis));
-    let ncols = attend::forward(qm, &[cseg], ranges, s, oc, dv, lse);
+    thin::forward(qm, &[cseg], thin, oc, lse, true);
 
     // Selection.
-    select::importance(dims, t, s, ncols, nvis, psum, scores);
+    let (p, w) = thin.probs();
+    select::importance(dims, t, p, 1, w, nvis, psum, scores);
     select::top_n(dims, scores, best, sel);
     select::runs(dims.lp, t, sel, runs);
     let mut segs: Vec<Seg<'_>> = Vec::with_capacity(n);
     select::segments(dims, seq.k_slc(), seq.v_slc(), 0, g, runs, &mut segs);
-    select::forward_token(dims, qm, &segs, ranges, s2, os, lse);
+    select::forward_token(qm, &segs, thin, os, lse);
 
     // Window.
     let (k0, k1) = window::span(dims, t, t + 1);
@@ -116,9 +114,7 @@ fn group_row(
         k: kv_rows(seq.k_win(), hkv, dk, g, k0, k1 - k0),
         v: kv_rows(seq.v_win(), hkv, dv, g, k0, k1 - k0),
     };
-    ranges.clear();
-    ranges.resize(gs, (0, k1 - k0));
-    attend::forward(qm, &[wseg], ranges, s, ow, dv, lse);
+    thin::forward(qm, &[wseg], thin, ow, lse, false);
 
     let heads = g * gs..(g + 1) * gs;
     combine::mix(
@@ -295,18 +291,15 @@ pub fn step_split(
                 v: kv_rows(seq.v_cmp(), hkv, dv, g, i0, i1 - i0),
             };
             let mut part = Partial::new(gs, dv);
-            scr.ranges.clear();
-            scr.ranges.resize(gs, (0, i1 - i0));
-            let nk = attend::forward(
+            thin::forward(
                 MatRef::rows(&qs[p], gs, dk),
                 &[seg],
-                &scr.ranges,
-                &mut scr.s,
+                &mut scr.thin,
                 &mut part.o,
-                dv,
                 &mut part.lse,
+                true,
             );
-            part.p = scr.s[..gs * nk].to_vec();
+            part.p = scr.thin.probs().0.to_vec();
             part
         })
         .collect();
@@ -334,22 +327,27 @@ pub fn step_split(
             let nvis = seq.num_cmp();
             let parts = &cparts[first[p]..first[p + 1]];
             let lse = merge(parts, gs, dv, oc);
-            // Global probabilities `[G, nvis]` (row-major) from the chunks' local ones.
-            ensure(&mut scr.s2, gs * nvis);
+            // Global probabilities `[nvis, w]` (key-major, the `G` rows as lanes) from the
+            // chunks' local ones.
+            let w = gs.div_ceil(8) * 8;
+            ensure(&mut scr.s2, nvis * w);
+            let mut wts = vec![0.0f32; w];
             let mut i0 = 0;
             for part in parts {
-                let nk = part.p.len() / gs;
+                let nk = part.p.len() / w;
                 for (r, (&lt, &lc)) in lse.iter().zip(&part.lse).enumerate() {
-                    let w = if lt == f32::NEG_INFINITY {
+                    wts[r] = if lt == f32::NEG_INFINITY {
                         0.0
                     } else {
                         exp_f32(lc - lt)
                     };
-                    for (d, &v) in scr.s2[r * nvis + i0..r * nvis + i0 + nk]
-                        .iter_mut()
-                        .zip(&part.p[r * nk..(r + 1) * nk])
-                    {
-                        *d = w * v;
+                }
+                for (d, s) in scr.s2[i0 * w..(i0 + nk) * w]
+                    .chunks_exact_mut(w)
+                    .zip(part.p.chunks_exact(w))
+                {
+                    for ((d, &v), &f) in d.iter_mut().zip(s).zip(&wts) {
+                        *d = f * v;
                     }
                 }
                 i0 += nk;
@@ -358,7 +356,8 @@ pub fn step_split(
                 &dims,
                 t,
                 &scr.s2,
-                nvis,
+                1,
+                w,
                 nvis,
                 &mut scr.psum,
                 &mut scr.scores,
@@ -413,18 +412,14 @@ pub fn step_split(
                     v: kv_rows(v, hkv, dv, g, a, e - a),
                 })
                 .collect();
-            let nk: usize = list.iter().map(|&(a, e)| e - a).sum();
             let mut part = Partial::new(gs, dv);
-            scr.ranges.clear();
-            scr.ranges.resize(gs, (0, nk));
-            attend::forward(
+            thin::forward(
                 MatRef::rows(&qs[p], gs, dk),
                 &segs,
-                &scr.ranges,
-                &mut scr.s,
+                &mut scr.thin,
                 &mut part.o,
-                dv,
                 &mut part.lse,
+                false,
             );
             part
         })
@@ -470,7 +465,7 @@ pub fn step_split(
 type AttnJob = (usize, usize, Vec<(usize, usize)>);
 
 /// A chunk's normalised attention output `[G, dv]`, its log-sum-exp `[G]` and (compression
-/// branch) its local probabilities `[G, nk]`.
+/// branch) its local probabilities `[nk, w]` (key-major, the rows as lanes).
 struct Partial {
     o: Vec<f32>,
     lse: Vec<f32>,

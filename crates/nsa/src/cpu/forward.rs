@@ -1,9 +1,11 @@
 //! The forward driver: query tiles in parallel (rayon), each running the three branches for
 //! every KV group and mixing them (see the module documentation of [`super`]).
 
-use super::attend::{self, gather_rows, Seg};
-use super::compress::{self, CmpKv};
+use super::attend::{gather_rows, Seg};
+use super::compress::CmpKv;
 use super::phi::{self, BlockLayout};
+use super::thin;
+use super::thin::ThinScratch;
 use super::tile::{ensure, MatRef};
 use super::{combine, kv_rows, select, split_tiles, tiles, window, Dims, Saved};
 use crate::blocks;
@@ -15,11 +17,9 @@ use rayon::prelude::*;
 #[derive(Default)]
 struct Scratch {
     q: Vec<f32>,
-    s: Vec<f32>,
-    s2: Vec<f32>,
+    thin: ThinScratch,
     ob: [Vec<f32>; 3],
     lse: [Vec<f32>; 3],
-    ranges: Vec<(usize, usize)>,
     runs: Vec<(usize, usize)>,
     psum: Vec<f32>,
     scores: Vec<f32>,
@@ -102,11 +102,9 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
     } = part;
     let Scratch {
         q,
-        s,
-        s2,
+        thin,
         ob: sob,
         lse: slse,
-        ranges,
         runs,
         psum,
         scores,
@@ -122,62 +120,51 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
     let mut segs: Vec<Seg<'_>> = Vec::with_capacity(n);
     for g in 0..hkv {
         gather_rows(&x.q, hq, gs, dk, s0, g, t0..t1, q, dims.scale);
-        let qm = MatRef::rows(q, rows, dk);
         let [oc, os, ow] = sob;
         let [lc, ls, lw] = slse;
-
-        // Compression branch; its probabilities stay in `s` for the importance scores.
-        let ncols = compress::forward_tile(
-            dims,
-            kv,
-            b,
-            g,
-            t0,
-            t1,
-            qm,
-            ranges,
-            s,
-            &mut oc[..rows * dv],
-            &mut lc[..rows],
-        );
-
-        // Selection: streaming importance + top-n per token, then the selected attention.
+        // Token by token, the `G` heads of the group as the lanes of thin tiles (no packing).
         for t in t0..t1 {
             let r0 = (t - t0) * gs;
+            let qt = MatRef::rows(&q[r0 * dk..], gs, dk);
+            let orow = r0 * dv..(r0 + gs) * dv;
+
+            // Compression branch over the visible compressed tokens; its probabilities stay
+            // in the scratch for the importance scores.
             let nvis = blocks::cmp_visible(t, dims.l, dims.d);
-            select::importance(dims, t, &s[r0 * ncols..], ncols, nvis, psum, scores);
+            let cseg = kv.seg(dims, b, g, 0, nvis);
+            thin::forward(
+                qt,
+                &[cseg],
+                thin,
+                &mut oc[orow.clone()],
+                &mut lc[r0..r0 + gs],
+                true,
+            );
+
+            // Selection: importance + top-n, then the selected blocks' attention.
+            let (p, w) = thin.probs();
+            select::importance(dims, t, p, 1, w, nvis, psum, scores);
             let row = &mut sel[((t - t0) * hkv + g) * n..][..n];
             select::top_n(dims, scores, best, row);
             select::runs(dims.lp, t, row, runs);
             select::segments(dims, &x.k_slc, &x.v_slc, s0, g, runs, &mut segs);
-            let qt = MatRef::rows(&q[r0 * dk..], gs, dk);
-            select::forward_token(
-                dims,
+            select::forward_token(qt, &segs, thin, &mut os[orow.clone()], &mut ls[r0..r0 + gs]);
+
+            // Sliding window: keys `window_start(t) ..= t`.
+            let (k0, k1) = window::span(dims, t, t + 1);
+            let wseg = Seg {
+                k: kv_rows(&x.k_win, hkv, dk, g, s0 + k0, k1 - k0),
+                v: kv_rows(&x.v_win, hkv, dv, g, s0 + k0, k1 - k0),
+            };
+            thin::forward(
                 qt,
-                &segs,
-                ranges,
-                s2,
-                &mut os[r0 * dv..(r0 + gs) * dv],
-                &mut ls[r0..r0 + gs],
+                &[wseg],
+                thin,
+                &mut ow[orow],
+                &mut lw[r0..r0 + gs],
+                false,
             );
         }
-
-        // Sliding window: one key span for the tile.
-        let (k0, k1) = window::span(dims, t0, t1);
-        window::ranges(dims, t0, t1, k0, k1, ranges);
-        let seg = Seg {
-            k: kv_rows(&x.k_win, hkv, dk, g, s0 + k0, k1 - k0),
-            v: kv_rows(&x.v_win, hkv, dv, g, s0 + k0, k1 - k0),
-        };
-        attend::forward(
-            qm,
-            &[seg],
-            ranges,
-            s,
-            &mut ow[..rows * dv],
-            dv,
-            &mut lw[..rows],
-        );
 
         // Scatter the group's rows to (token, head) order.
         for t in t0..t1 {

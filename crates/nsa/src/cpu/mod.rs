@@ -35,8 +35,10 @@ mod compress;
 pub mod decode;
 pub mod dense;
 mod forward;
+mod micro;
 mod phi;
 mod select;
+mod thin;
 mod tile;
 mod window;
 

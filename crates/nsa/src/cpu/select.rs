@@ -7,18 +7,22 @@
 //! built from its `G` probability rows, consumed by an insertion top-n of size `n`, and
 //! dropped; memory stays O(T / l') per thread.
 
-use super::attend::{self, Seg};
+use super::attend::Seg;
+use super::thin::{self, ThinScratch};
 use super::tile::MatRef;
 use super::{kv_rows, Dims};
 use crate::blocks;
 
 /// Eq. 9-10 for the query at `t`: `scores[j] = sum_hh sum_i P[hh, i] * overlap(i, j) / d` over
-/// the `G` probability rows `probs[hh * ld ..][..nvis]`, for every admissible block `j`.
+/// the `G` probability rows, `P[hh, i] = probs[hh * hs + i * ks]`, `i < nvis`, for every
+/// admissible block `j`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn importance(
     dims: &Dims,
     t: usize,
     probs: &[f32],
-    ld: usize,
+    hs: usize,
+    ks: usize,
     nvis: usize,
     psum: &mut Vec<f32>,
     scores: &mut Vec<f32>,
@@ -32,11 +36,21 @@ pub(crate) fn importance(
     // Sum the group's heads first (Eq. 10), then spread each compressed block over the (at
     // most two, since l <= l') selection blocks it overlaps (Eq. 9).
     psum.clear();
-    psum.extend_from_slice(&probs[..nvis]);
-    for hh in 1..dims.g {
-        for (a, p) in psum.iter_mut().zip(&probs[hh * ld..hh * ld + nvis]) {
-            *a += p;
+    if ks == 1 {
+        psum.extend_from_slice(&probs[..nvis]);
+        for hh in 1..dims.g {
+            for (a, p) in psum.iter_mut().zip(&probs[hh * hs..hh * hs + nvis]) {
+                *a += p;
+            }
         }
+    } else {
+        psum.extend(probs.chunks(ks).take(nvis).map(|row| {
+            let mut a = row[0];
+            for hh in 1..dims.g {
+                a += row[hh * hs];
+            }
+            a
+        }));
     }
     let (l, d, lp) = (dims.l, dims.d, dims.lp);
     for (i, &p) in psum.iter().enumerate() {
@@ -135,21 +149,16 @@ pub(crate) fn segments<'a>(
     }
 }
 
-/// Forward of the branch for the `G` rows of one token: every row sees every selected key.
-#[allow(clippy::too_many_arguments)]
+/// Forward of the branch for the `G` rows of one token: every row sees every selected key
+/// (the thin, pack-free kernel of [`thin`]).
 pub(crate) fn forward_token(
-    dims: &Dims,
     q: MatRef<'_>,
     segs: &[Seg<'_>],
-    ranges: &mut Vec<(usize, usize)>,
-    s: &mut Vec<f32>,
+    scr: &mut ThinScratch,
     o: &mut [f32],
     lse: &mut [f32],
 ) {
-    let ncols: usize = segs.iter().map(|s| s.len()).sum();
-    ranges.clear();
-    ranges.resize(q.rows, (0, ncols));
-    attend::forward(q, segs, ranges, s, o, dims.dv, lse);
+    thin::forward(q, segs, scr, o, lse, false);
 }
 
 /// Inverse index of the selection: for each (KV head, sequence, block) the packed tokens that

@@ -211,69 +211,6 @@ pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Row `r` of `s` (`rows x ld`, row-major): keeps columns `ranges[r]` and turns them into the
-/// softmax probabilities of that range; every other column of `0..ncols` becomes exactly 0.
-/// Writes the log-sum-exp of the kept logits to `lse[r]` (`-inf` for an empty range, whose
-/// row is then all zeros: a branch with nothing to see contributes 0 and no NaN).
-pub(crate) fn softmax_rows(
-    s: &mut [f32],
-    ld: usize,
-    ncols: usize,
-    ranges: &[(usize, usize)],
-    lse: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-        return unsafe { softmax_rows_avx2(s, ld, ncols, ranges, lse) };
-    }
-    softmax_rows_body(s, ld, ncols, ranges, lse)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_rows_avx2(
-    s: &mut [f32],
-    ld: usize,
-    ncols: usize,
-    ranges: &[(usize, usize)],
-    lse: &mut [f32],
-) {
-    softmax_rows_body(s, ld, ncols, ranges, lse)
-}
-
-#[inline(always)]
-fn softmax_rows_body(
-    s: &mut [f32],
-    ld: usize,
-    ncols: usize,
-    ranges: &[(usize, usize)],
-    lse: &mut [f32],
-) {
-    for (r, (&(lo, hi), l)) in ranges.iter().zip(lse.iter_mut()).enumerate() {
-        let row = &mut s[r * ld..r * ld + ncols];
-        let (lo, hi) = (lo.min(ncols), hi.min(ncols));
-        if lo >= hi {
-            row.fill(0.0);
-            *l = f32::NEG_INFINITY;
-            continue;
-        }
-        row[..lo].fill(0.0);
-        row[hi..].fill(0.0);
-        let kept = &mut row[lo..hi];
-        let m = max_of(kept);
-        for v in kept.iter_mut() {
-            *v = exp_f32(*v - m);
-        }
-        let sum = sum_of(kept);
-        let inv = 1.0 / sum;
-        for v in kept.iter_mut() {
-            *v *= inv;
-        }
-        *l = m + sum.ln();
-    }
-}
-
 /// Backward of one tile, given the logits `s` (`rows x ld`), the forward's `lse` and
 /// `delta[r] = dot(dO_r, O_r)`, and `dp = dO @ V^T` (same layout): turns `s` into
 /// `P = exp(S - lse)` (0 outside `ranges[r]`) and `dp` into `dS = P * (dP - delta)`.
@@ -372,7 +309,7 @@ fn exp_shift_sum_body(x: &mut [f32], m: f32) -> f32 {
 /// form (Rust never contracts `a * b + c`) and every reduction has a fixed 8-lane order.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
@@ -424,18 +361,5 @@ mod tests {
                 assert!((c[i * n + j] - want).abs() < 1e-5, "({i},{j})");
             }
         }
-    }
-
-    #[test]
-    fn softmax_rows_hard_excludes_and_handles_empty_rows() {
-        let mut s = vec![3.0f32, 1.0, 2.0, 100.0, 0.5, -1.0, 7.0, 7.0];
-        let mut lse = [0.0f32; 2];
-        softmax_rows(&mut s, 4, 4, &[(0, 3), (2, 2)], &mut lse);
-        let z = (3.0f64).exp() + 1.0f64.exp() + 2.0f64.exp();
-        assert!((s[0] as f64 - 3.0f64.exp() / z).abs() < 1e-6);
-        assert_eq!(s[3], 0.0);
-        assert!((lse[0] as f64 - z.ln()).abs() < 1e-5);
-        assert_eq!(&s[4..8], &[0.0; 4]);
-        assert_eq!(lse[1], f32::NEG_INFINITY);
     }
 }

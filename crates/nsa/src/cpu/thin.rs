@@ -1,0 +1,273 @@
+//! Attention of one token's `G` query rows against keys it sees in full (the selection branch,
+//! SPEC.md "Selection branch", and decode chunks), in the *transposed* layout of
+//! [`super::micro`]: the rows are the `w = ceil(G / 8) * 8` lanes of each key's row of
+//! `S^T` (`[nk, w]`), so the softmax over the keys is a lane-wise running max and sum, and no
+//! key or value is ever copied or packed.
+//!
+//! Forward: `S^T = K Q^T`, `P^T = exp(S^T - m)`, `O^T = V^T P^T`, then `o = O / sum` and
+//! `lse = m + ln(sum)` per row. Backward (query side): `dP^T = V dO^T`,
+//! `dS^T = P^T * (dP^T - delta)`, `dq += scale * (K^T dS^T)^T`.
+
+use super::attend::Seg;
+use super::micro::gemm_thin;
+use super::tile::{ensure, exp_f32, MatRef};
+
+/// Per-thread scratch of thin tiles (always written before read).
+#[derive(Default)]
+pub(crate) struct ThinScratch {
+    qt: Vec<f32>,
+    dot: Vec<f32>,
+    st: Vec<f32>,
+    dpt: Vec<f32>,
+    outt: Vec<f32>,
+    m: Vec<f32>,
+    sum: Vec<f32>,
+    /// Lanes and keys of the last forward.
+    w: usize,
+    ncols: usize,
+}
+
+/// Lanes of a tile of `rows` rows.
+fn lanes(rows: usize) -> usize {
+    rows.div_ceil(8) * 8
+}
+
+/// `out[c * w + r] = x[r, c]` for `r < rows`, zero for the padding lanes: `[cols, w]`.
+fn pack_t(x: MatRef<'_>, w: usize, out: &mut Vec<f32>) {
+    ensure(out, x.cols * w);
+    let out = &mut out[..x.cols * w];
+    out.fill(0.0);
+    for r in 0..x.rows {
+        for c in 0..x.cols {
+            out[c * w + r] = x.data[r * x.rs + c * x.cs];
+        }
+    }
+}
+
+/// `S^T[off.., :] = K_seg Q^T` for every segment (`st` is `[ncols, w]`).
+fn logits_t(segs: &[Seg<'_>], qt: &[f32], w: usize, st: &mut [f32]) {
+    let mut off = 0;
+    for seg in segs {
+        gemm_thin(seg.k, qt, w, &mut st[off * w..], false);
+        off += seg.len();
+    }
+}
+
+/// `O^T (+)= X_seg^T M^T[seg rows]` over the segments (`m` is `[ncols, w]`, `out` `[D, w]`);
+/// `X` is the values (`which_v`) or the keys.
+fn times_t(segs: &[Seg<'_>], which_v: bool, m: &[f32], w: usize, out: &mut [f32]) {
+    let mut off = 0;
+    let mut first = true;
+    for seg in segs {
+        let x = if which_v { seg.v } else { seg.k };
+        if seg.len() > 0 {
+            gemm_thin(x.t(), &m[off * w..], w, out, !first);
+            first = false;
+        }
+        off += seg.len();
+    }
+    if first {
+        let d = if which_v {
+            segs[0].v.cols
+        } else {
+            segs[0].k.cols
+        };
+        out[..d * w].fill(0.0);
+    }
+}
+
+/// Forward for `q` (`[G, dk]`, scaled) against every key of `segs`: writes `o` (`[G, dv]`) and
+/// `lse` (`[G]`; `-inf` and a zero row when there are no keys). With `keep_probs`, the
+/// probabilities stay in the scratch afterwards ([`ThinScratch::probs`]).
+pub(crate) fn forward(
+    q: MatRef<'_>,
+    segs: &[Seg<'_>],
+    scr: &mut ThinScratch,
+    o: &mut [f32],
+    lse: &mut [f32],
+    keep_probs: bool,
+) {
+    let (rows, dv) = (q.rows, segs.first().map_or(0, |s| s.v.cols));
+    let ncols: usize = segs.iter().map(|s| s.len()).sum();
+    scr.w = lanes(rows);
+    scr.ncols = ncols;
+    if ncols == 0 {
+        o[..rows * dv].fill(0.0);
+        lse[..rows].fill(f32::NEG_INFINITY);
+        return;
+    }
+    let w = lanes(rows);
+    pack_t(q, w, &mut scr.qt);
+    ensure(&mut scr.st, ncols * w);
+    ensure(&mut scr.outt, dv * w);
+    scr.m.clear();
+    scr.m.resize(w, f32::NEG_INFINITY);
+    scr.sum.clear();
+    scr.sum.resize(w, 0.0);
+    logits_t(segs, &scr.qt, w, &mut scr.st);
+    exp_lanes(&mut scr.st[..ncols * w], w, &mut scr.m, &mut scr.sum);
+    times_t(segs, true, &scr.st, w, &mut scr.outt);
+    for r in 0..rows {
+        let inv = 1.0 / scr.sum[r];
+        for (c, d) in o[r * dv..(r + 1) * dv].iter_mut().enumerate() {
+            *d = scr.outt[c * w + r] * inv;
+        }
+        lse[r] = scr.m[r] + scr.sum[r].ln();
+        // `sum` now holds the inverse, for the probabilities.
+        scr.sum[r] = inv;
+    }
+    if keep_probs {
+        for row in scr.st[..ncols * w].chunks_exact_mut(w) {
+            for (x, &inv) in row.iter_mut().zip(&scr.sum[..rows]) {
+                *x *= inv;
+            }
+        }
+    }
+}
+
+impl ThinScratch {
+    /// The probabilities of the last [`forward`] with `keep_probs`: `(p, w)`, `p[i * w + r]`
+    /// for key `i` and row `r` (`[ncols, w]`).
+    pub fn probs(&self) -> (&[f32], usize) {
+        (&self.st[..self.ncols * self.w], self.w)
+    }
+}
+
+/// Query side of the backward for one token: `dq += scale * dS @ K` (`dq` `[G, dk]`), from the
+/// branch's upstream gradient `dob` (`[G, dv]`), the forward's `lse` and
+/// `delta[r] = dot(dob_r, o_r)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_q(
+    q: MatRef<'_>,
+    dob: MatRef<'_>,
+    segs: &[Seg<'_>],
+    lse: &[f32],
+    delta: &[f32],
+    scale: f32,
+    scr: &mut ThinScratch,
+    dq: &mut [f32],
+) {
+    let (rows, dk) = (q.rows, q.cols);
+    let ncols: usize = segs.iter().map(|s| s.len()).sum();
+    if ncols == 0 {
+        return;
+    }
+    let w = lanes(rows);
+    pack_t(q, w, &mut scr.qt);
+    pack_t(dob, w, &mut scr.dot);
+    ensure(&mut scr.st, ncols * w);
+    ensure(&mut scr.dpt, ncols * w);
+    ensure(&mut scr.outt, dk * w);
+    logits_t(segs, &scr.qt, w, &mut scr.st);
+    let mut off = 0;
+    for seg in segs {
+        gemm_thin(seg.v, &scr.dot, w, &mut scr.dpt[off * w..], false);
+        off += seg.len();
+    }
+    // Padding lanes and rows that see nothing: lse = +inf gives P = 0 there.
+    scr.m.clear();
+    scr.m.resize(w, f32::INFINITY);
+    scr.sum.clear();
+    scr.sum.resize(w, 0.0);
+    for r in 0..rows {
+        if lse[r] != f32::NEG_INFINITY {
+            scr.m[r] = lse[r];
+            scr.sum[r] = delta[r];
+        }
+    }
+    dscores_lanes(
+        &mut scr.st[..ncols * w],
+        &mut scr.dpt[..ncols * w],
+        w,
+        &scr.m,
+        &scr.sum,
+    );
+    times_t(segs, false, &scr.dpt, w, &mut scr.outt);
+    for r in 0..rows {
+        for (c, d) in dq[r * dk..(r + 1) * dk].iter_mut().enumerate() {
+            *d += scale * scr.outt[c * w + r];
+        }
+    }
+}
+
+/// Lane-wise softmax numerators of `st` (`[nk, w]`): `m[r]` = max over keys, `x <- e^{x - m}`,
+/// `sum[r]` = their sum (in key order).
+fn exp_lanes(st: &mut [f32], w: usize, m: &mut [f32], sum: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::tile::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { exp_lanes_avx2(st, w, m, sum) };
+    }
+    exp_lanes_body(st, w, m, sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_lanes_avx2(st: &mut [f32], w: usize, m: &mut [f32], sum: &mut [f32]) {
+    exp_lanes_body(st, w, m, sum)
+}
+
+#[inline(always)]
+fn exp_lanes_body(st: &mut [f32], w: usize, m: &mut [f32], sum: &mut [f32]) {
+    // Groups of 8 lanes, the running max and sum held in registers across the keys.
+    let nk = st.len() / w;
+    for g in (0..w).step_by(8) {
+        let mut mx: [f32; 8] = m[g..g + 8].try_into().unwrap();
+        for j in 0..nk {
+            let x: &[f32; 8] = st[j * w + g..j * w + g + 8].try_into().unwrap();
+            for i in 0..8 {
+                mx[i] = if x[i] > mx[i] { x[i] } else { mx[i] };
+            }
+        }
+        let mut acc: [f32; 8] = sum[g..g + 8].try_into().unwrap();
+        for j in 0..nk {
+            let x: &mut [f32; 8] = (&mut st[j * w + g..j * w + g + 8]).try_into().unwrap();
+            for i in 0..8 {
+                let e = exp_f32(x[i] - mx[i]);
+                x[i] = e;
+                acc[i] += e;
+            }
+        }
+        m[g..g + 8].copy_from_slice(&mx);
+        sum[g..g + 8].copy_from_slice(&acc);
+    }
+}
+
+/// `P = e^{S - lse}` into `st`, `dS = P * (dP - delta)` into `dpt` (lane-wise `lse`, `delta`;
+/// a lane with `lse = +inf` gets zeros).
+fn dscores_lanes(st: &mut [f32], dpt: &mut [f32], w: usize, lse: &[f32], delta: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::tile::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { dscores_lanes_avx2(st, dpt, w, lse, delta) };
+    }
+    dscores_lanes_body(st, dpt, w, lse, delta)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dscores_lanes_avx2(
+    st: &mut [f32],
+    dpt: &mut [f32],
+    w: usize,
+    lse: &[f32],
+    delta: &[f32],
+) {
+    dscores_lanes_body(st, dpt, w, lse, delta)
+}
+
+#[inline(always)]
+fn dscores_lanes_body(st: &mut [f32], dpt: &mut [f32], w: usize, lse: &[f32], delta: &[f32]) {
+    let (lse, delta) = (&lse[..w], &delta[..w]);
+    for (srow, drow) in st.chunks_exact_mut(w).zip(dpt.chunks_exact_mut(w)) {
+        for (((s, d), &l), &dl) in srow.iter_mut().zip(drow.iter_mut()).zip(lse).zip(delta) {
+            let p = if l == f32::INFINITY {
+                0.0
+            } else {
+                exp_f32(*s - l)
+            };
+            *s = p;
+            *d = p * (*d - dl);
+        }
+    }
+}
