@@ -20,6 +20,7 @@
 //! plus 256 chunk counters per (head, block)) and the partial sums of long lists.
 //! `linear`/`mlp` phi return `Unsupported` (their backward is CPU-only so far).
 
+pub mod bench;
 mod kernels;
 mod plan;
 

@@ -1,0 +1,80 @@
+//! Standalone timing of the CUDA backward pass:
+//! `cargo run -p nsa --features cuda --release --example cuda_bench_bwd -- [T,...] [--dk192] [--g-sweep]`
+//! B = 1, HQ = 64, HKV = 4, dk = dv = 128 unless told; per-kernel medians (CUDA events), the
+//! effective rates against the counted work (`nsa::cuda::backward::bench::bwd_work`), and the
+//! device memory of forward + backward.
+
+#[cfg(feature = "cuda")]
+fn main() -> nsa::Result<()> {
+    use nsa::cuda::backward::bench;
+    use nsa::cuda::CudaContext;
+    use nsa::NsaConfig;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let ts: Vec<usize> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .flat_map(|a| a.split(',').map(|s| s.parse::<usize>().expect("T values")))
+        .collect();
+    let ts = if ts.is_empty() {
+        vec![8192, 16384, 32768, 65536, 131072]
+    } else {
+        ts
+    };
+    let ctx = CudaContext::new(0)?;
+    println!("device: {} ({})", ctx.device_name()?, ctx.arch());
+    let mut shapes: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // T, HQ, HKV, dk, dv
+    for &t in &ts {
+        shapes.push((t, 64, 4, 128, 128));
+    }
+    if args.iter().any(|a| a == "--dk192") {
+        for &t in &ts {
+            shapes.push((t, 64, 4, 192, 128));
+        }
+    }
+    if args.iter().any(|a| a == "--g-sweep") {
+        for g in [1, 2, 4, 8] {
+            shapes.push((32768, 64, 64 / g, 128, 128));
+        }
+    }
+    println!(
+        "{:>6} {:>3} {:>3} {:>3} {:>3} | {:>7} {:>7} {:>6} | {:>7} {:>7} | {:>6} {:>7} {:>7} | {:>8} {:>7} | {:>8} {:>8} | TFLOP/s dq/dkdv cmp, win, sel",
+        "T", "HQ", "HKV", "dk", "dv", "cmp_dq", "cmp_kv", "mean", "win_dq", "win_kv", "index",
+        "sel_dq", "sel_kv", "bwd ms", "fwd ms", "peak GiB", "bwd GiB"
+    );
+    for (t, hq, hkv, dk, dv) in shapes {
+        let cfg = NsaConfig::builder().heads(hq).kv_heads(hkv).build()?;
+        let w = bench::bwd_work(&cfg, &[t], dk, dv);
+        let r = bench::time_backward(&ctx, &cfg, &[t], dk, dv, 1, 5, t as u64)?;
+        let k = r.times;
+        let rate = |f: f64, ms: f32| f / (ms as f64 * 1e-3) / 1e12;
+        println!(
+            "{t:>6} {hq:>3} {hkv:>3} {dk:>3} {dv:>3} | {:>7.2} {:>7.2} {:>6.2} | {:>7.2} {:>7.2} | {:>6.2} {:>7.2} {:>7.2} | {:>8.2} {:>7.2} | {:>8.2} {:>8.2} | {:.0}/{:.0}, {:.0}/{:.0}, {:.0}/{:.0}  (segments {}, partial slots {})",
+            k.cmp_dq,
+            k.cmp_dkdv,
+            k.cmp_mean,
+            k.win_dq,
+            k.win_dkdv,
+            k.sel_index,
+            k.sel_dq,
+            k.sel_dkdv,
+            k.total,
+            r.forward_ms,
+            r.peak_bytes as f64 / (1u64 << 30) as f64,
+            r.backward_bytes as f64 / (1u64 << 30) as f64,
+            rate(w.dq_flops[0], k.cmp_dq),
+            rate(w.dkdv_flops[0], k.cmp_dkdv),
+            rate(w.dq_flops[2], k.win_dq),
+            rate(w.dkdv_flops[2], k.win_dkdv),
+            rate(w.dq_flops[1], k.sel_dq),
+            rate(w.dkdv_flops[1], k.sel_dkdv),
+            r.segments,
+            r.partial_slots,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("cuda_bench_bwd needs `--features cuda`");
+}
