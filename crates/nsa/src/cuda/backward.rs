@@ -99,6 +99,11 @@ pub struct DeviceBackward {
     n_rows_sel: usize,
     cmp_kv: CudaSlice<i32>,
     n_cmp_kv: usize,
+    cmp_reduce: CudaSlice<i32>,
+    n_cmp_reduce: usize,
+    /// Partial sums of the compressed key tiles cut into chunks `[slots, HKV, 64, dk|dv]`.
+    pkc: CudaSlice<f32>,
+    pvc: CudaSlice<f32>,
     win_kv: CudaSlice<i32>,
     n_win_kv: usize,
     seqs: CudaSlice<i32>,
@@ -211,8 +216,12 @@ impl DeviceBackward {
             rows64: upload_i32(ctx, &p.rows64)?,
             n_rows_sel: p.rows_sel.len() / 4,
             rows_sel: upload_i32(ctx, &p.rows_sel)?,
-            n_cmp_kv: p.cmp_kv.len() / 4,
+            n_cmp_kv: p.cmp_kv.len() / 8,
             cmp_kv: upload_i32(ctx, &p.cmp_kv)?,
+            n_cmp_reduce: p.cmp_reduce.len() / 4,
+            cmp_reduce: upload_i32(ctx, &p.cmp_reduce)?,
+            pkc: f(p.cmp_slots * hkv * plan::KT * dk)?,
+            pvc: f(p.cmp_slots * hkv * plan::KT * dv)?,
             n_win_kv: p.win_kv.len() / 4,
             win_kv: upload_i32(ctx, &p.win_kv)?,
             seqs: upload_i32(ctx, &p.seqs)?,
@@ -332,6 +341,8 @@ impl DeviceBackward {
             + f(&self.dvc)
             + f(&self.pk)
             + f(&self.pv)
+            + f(&self.pkc)
+            + f(&self.pvc)
             + [
                 &self.cnt,
                 &self.total,
@@ -427,9 +438,22 @@ pub fn backward_device(
             .arg(&b.dg[0])
             .arg(&b.cmp_kv)
             .arg(&mut b.dkc)
-            .arg(&mut b.dvc);
-        // SAFETY: matches `cmp_bwd_dkdv`; one CTA per (64 compressed tokens, KV head).
+            .arg(&mut b.dvc)
+            .arg(&mut b.pkc)
+            .arg(&mut b.pvc);
+        // SAFETY: matches `cmp_bwd_dkdv`; one CTA per (64 compressed tokens, chunk, KV head).
         unsafe { l.launch(grid(b.n_cmp_kv, hkv, 128, sm.kv)) }.map_err(driver_err)?;
+    }
+    if b.n_cmp_reduce > 0 {
+        let f = b.func("cmp_dkdv_reduce")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&b.cmp_reduce)
+            .arg(&b.pkc)
+            .arg(&b.pvc)
+            .arg(&mut b.dkc)
+            .arg(&mut b.dvc);
+        // SAFETY: matches `cmp_dkdv_reduce`; one CTA per (chunked tile, KV head).
+        unsafe { l.launch(grid(b.n_cmp_reduce, hkv, 256, 0)) }.map_err(driver_err)?;
     }
     rec(2)?;
     {

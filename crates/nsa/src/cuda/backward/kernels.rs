@@ -44,7 +44,12 @@ impl BwdFamily {
     /// The `extern "C"` kernels the family defines.
     pub fn kernels(self) -> &'static [&'static str] {
         match self {
-            BwdFamily::Cmp => &["cmp_bwd_dq", "cmp_bwd_dkdv", "cmp_mean_bwd"],
+            BwdFamily::Cmp => &[
+                "cmp_bwd_dq",
+                "cmp_bwd_dkdv",
+                "cmp_dkdv_reduce",
+                "cmp_mean_bwd",
+            ],
             BwdFamily::Win => &["win_bwd_dq", "win_bwd_dkdv"],
             BwdFamily::Sel => &[
                 "sel_bwd_dq",

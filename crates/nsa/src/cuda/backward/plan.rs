@@ -15,8 +15,13 @@ pub struct BwdPlan {
     pub rows64: Vec<i32>,
     /// `(start, len, t0, 0)` per `sel_positions` positions (sel_bwd_dq).
     pub rows_sel: Vec<i32>,
-    /// `(start, len, c0, cstart)` per 64 compressed tokens (cmp_bwd_dkdv).
+    /// `(start, len, c0, cstart, p0, np, slot, 0)` per (64 compressed tokens, chunk of the
+    /// positions that see them) (cmp_bwd_dkdv); slot -1: the tile's only chunk.
     pub cmp_kv: Vec<i32>,
+    /// `(first compressed token, nk, first slot, chunks)` per tile cut into chunks (cmp_dkdv_reduce).
+    pub cmp_reduce: Vec<i32>,
+    /// Partial-sum slots of the compressed key tiles (each `HKV x 64` keys).
+    pub cmp_slots: usize,
     /// `(start, len, k0, 0)` per 64 raw tokens (win_bwd_dkdv).
     pub win_kv: Vec<i32>,
     /// `(start, len, cstart, first selection block)` per sequence.
@@ -48,6 +53,8 @@ pub fn build(cfg: &NsaConfig, cu: &[usize]) -> BwdPlan {
         rows64: Vec::new(),
         rows_sel: Vec::new(),
         cmp_kv: Vec::new(),
+        cmp_reduce: Vec::new(),
+        cmp_slots: 0,
         win_kv: Vec::new(),
         seqs: Vec::new(),
         blocks: Vec::new(),
@@ -68,9 +75,33 @@ pub fn build(cfg: &NsaConfig, cu: &[usize]) -> BwdPlan {
         for t0 in (0..len).step_by(psel).rev() {
             p.rows_sel.extend([start, len, t0, 0].map(|v| v as i32));
         }
-        // early compressed tokens are seen by the most positions: first
+        // A compressed key tile [c0, c0 + 64) is seen by the positions t >= c0*d + l - 1: cut
+        // them into chunks of max(16384 / G, len / 8) positions (at most 8 per tile, so the
+        // partial sums stay O(T)); early tiles (most positions) first.
+        let chunk = (16384 / g).max(len.div_ceil(8)).max(1);
         for c0 in (0..ncmp).step_by(KT) {
-            p.cmp_kv.extend([start, len, c0, cstart].map(|v| v as i32));
+            let npos = len.saturating_sub(c0 * d + l - 1);
+            let nchunks = npos.div_ceil(chunk).max(1);
+            let nk = KT.min(ncmp - c0);
+            if nchunks > 1 {
+                p.cmp_reduce
+                    .extend([cstart + c0, nk, p.cmp_slots, nchunks].map(|v| v as i32));
+            }
+            for k in 0..nchunks {
+                let p0 = k * chunk;
+                let np = chunk.min(npos - p0.min(npos));
+                let slot = if nchunks > 1 {
+                    (p.cmp_slots + k) as i32
+                } else {
+                    -1
+                };
+                p.cmp_kv
+                    .extend([start, len, c0, cstart, p0, np].map(|v| v as i32));
+                p.cmp_kv.extend([slot, 0]);
+            }
+            if nchunks > 1 {
+                p.cmp_slots += nchunks;
+            }
         }
         for k0 in (0..len).step_by(KT) {
             p.win_kv.extend([start, len, k0, 0].map(|v| v as i32));

@@ -6,8 +6,10 @@
 //               pass 2 accumulates dQ over the same tiles and writes dq (first branch: `=`).
 //               Rows with no visible block (t < l - 1) get lse = +inf, dg = 0, dq = 0: no NaN.
 // cmp_bwd_dkdv  key-major: one CTA = KV group g and 64 compressed tokens [c0, c0 + 64) of one
-//               sequence; it walks every (position t >= c0*d + l - 1, head of g) row and writes
-//               dKcmp, dVcmp (f32 scratch) of its 64 compressed tokens. No atomics.
+//               sequence and one chunk of the positions t >= c0*d + l - 1 that see them; it walks
+//               the (position, head of g) rows and writes dKcmp, dVcmp (f32 scratch) of its 64
+//               compressed tokens, or a partial sum that cmp_dkdv_reduce adds up in chunk order.
+//               No atomics.
 // cmp_mean_bwd  phi = mean backward: raw token s of a sequence belongs to the compressed blocks
 //               i with i*d <= s < i*d + l (at most l/d of them); dk[s] = (1/l) sum_i dKcmp[i],
 //               gathered in ascending i (no scatter, no atomics).
@@ -70,32 +72,63 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq(
     bw_rows_dq<false>(Qs, dOs, Ks, Vs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
-// items[b] = (seq start, seq len, c0, cstart): 64 compressed tokens [c0, c0 + 64) of a sequence.
+// items[b] = (seq start, seq len, c0, cstart, p0, np, slot, 0): the 64 compressed tokens
+// [c0, c0 + 64) of a sequence against the positions [tlo + p0, tlo + p0 + np) (tlo: the first
+// position that sees token c0). A key tile's positions are cut into at most a few chunks so that
+// the tiles of early tokens (seen by every later position) do not outlast the others; slot < 0:
+// the only chunk, written to dKcmp/dVcmp directly; else a partial sum in slot `slot`.
 extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dkdv(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const float* __restrict__ lse,
     const float* __restrict__ dg, const int4* __restrict__ items, float* __restrict__ dkc,
-    float* __restrict__ dvc) {
+    float* __restrict__ dvc, float* __restrict__ pk, float* __restrict__ pv) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int4 it = items[blockIdx.x];
+    const int4 it = items[2 * blockIdx.x], it2 = items[2 * blockIdx.x + 1];
     const int start = it.x, len = it.y, c0 = it.z, cstart = it.w;
+    const int p0 = it2.x, np = it2.y, slot = it2.z;
     const int g = blockIdx.y;
     const int ncmp_seq = len >= CMP_L ? (len - CMP_L) / CMP_D + 1 : 0;
     const int nk = min(KT, ncmp_seq - c0);
     bw_load_kv(smem, kc, vc, (i64)(cstart + c0), g, nk);
-    const int tlo = c0 * CMP_D + CMP_L - 1;   // first position that sees block c0
-    const int npos = max(len - tlo, 0);
+    const int tlo = c0 * CMP_D + CMP_L - 1 + p0;
     float dk[DK / 8][4], dv[DV / 8][4];
     bw_zero<DK>(dk);
     bw_zero<DV>(dv);
     bw_dkdv_rows(
-        smem, q, dO, lse, dg, gate, g, npos * G, [&](int p) { return start + tlo + p; },
+        smem, q, dO, lse, dg, gate, g, np * G, [&](int p) { return start + tlo + p; },
         [&](int tok) { return tok - start; },
         [&](int key, int t) { return key < nk && (c0 + key) * CMP_D + CMP_L - 1 <= t; }, dk, dv);
     cp_async_wait_all();
-    bw_store_kv(
-        dk, dv, nk, SCALE_NAT, [&](int key) { return dkc + ((i64)(cstart + c0 + key) * HKV + g) * DK; },
-        [&](int key) { return dvc + ((i64)(cstart + c0 + key) * HKV + g) * DV; });
+    if (slot < 0) {
+        bw_store_kv(
+            dk, dv, nk, SCALE_NAT, [&](int key) { return dkc + ((i64)(cstart + c0 + key) * HKV + g) * DK; },
+            [&](int key) { return dvc + ((i64)(cstart + c0 + key) * HKV + g) * DV; });
+    } else {
+        const i64 at = ((i64)slot * HKV + g) * KT;
+        bw_store_kv(
+            dk, dv, nk, SCALE_NAT, [&](int key) { return pk + (at + key) * DK; },
+            [&](int key) { return pv + (at + key) * DV; });
+    }
+}
+
+// items[b] = (first compressed token, nk, first slot, chunks) of a key tile cut into chunks:
+// adds the chunks' partial sums in chunk order.
+extern "C" __global__ void cmp_dkdv_reduce(const int4* __restrict__ items, const float* __restrict__ pk,
+                                           const float* __restrict__ pv, float* __restrict__ dkc,
+                                           float* __restrict__ dvc) {
+    const int4 it = items[blockIdx.x];
+    const int g = blockIdx.y;
+    for (int e = threadIdx.x; e < it.y * (DK + DV); e += blockDim.x) {
+        const int key = e / (DK + DV), c = e % (DK + DV);
+        float acc = 0.f;
+        if (c < DK) {
+            for (int k = 0; k < it.w; ++k) acc += pk[(((i64)(it.z + k) * HKV + g) * KT + key) * DK + c];
+            dkc[((i64)(it.x + key) * HKV + g) * DK + c] = acc;
+        } else {
+            for (int k = 0; k < it.w; ++k) acc += pv[(((i64)(it.z + k) * HKV + g) * KT + key) * DV + c - DK];
+            dvc[((i64)(it.x + key) * HKV + g) * DV + c - DK] = acc;
+        }
+    }
 }
 
 // seqs[b] = (start, len, cstart, *); largest b with seqs[b].x <= tok.
