@@ -4,24 +4,30 @@
 # The GPU machine has no Rust toolchain: everything is built on this side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACK=gpu-pack
+# PACK: output folder (must be git-ignored); ONLY: prefix of the test targets to take (default cuda)
+PACK=${PACK:-gpu-pack}
+ONLY=${ONLY:-cuda}
 rm -rf "$PACK"
 mkdir -p "$PACK/tests" "$PACK/bin"
 
 # test executables of the cuda feature (only the CUDA suites: the CPU ones run in CI)
 cargo test -p nsa --features cuda --release --no-run --message-format=json 2>/dev/null \
-  | python3 -c '
+  | ONLY="$ONLY" python3 -c '
+import os
 import json, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except Exception: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"] and m["target"]["name"].startswith("cuda"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"] and m["target"]["name"].startswith(os.environ["ONLY"]):
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" "$PACK/tests/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
 
 # standalone CUDA timing (examples/cuda_bench.rs)
 cargo build -p nsa --features cuda --release --example cuda_bench
 cp target/release/examples/cuda_bench "$PACK/bin/"
+# decode step timing (examples/cuda_bench_decode.rs)
+cargo build -p nsa --features cuda --release --example cuda_bench_decode
+cp target/release/examples/cuda_bench_decode "$PACK/bin/"
 
 # the CLI (benchmarks), when it builds with the cuda feature
 if cargo build -p nsa-cli --features cuda --release 2>/dev/null; then

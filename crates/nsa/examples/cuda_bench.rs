@@ -34,8 +34,8 @@ fn main() -> nsa::Result<()> {
         }
     }
     println!(
-        "{:>7} {:>3} {:>3} {:>3} {:>3} | {:>8} {:>8} {:>8} {:>8} | {:>8} | {:>6} {:>6} {:>6} (TFLOP/s cmp/sel/win)",
-        "T", "HQ", "HKV", "dk", "dv", "compress", "cmp+topn", "selected", "window", "total ms", "cmp", "sel", "win"
+        "{:>7} {:>3} {:>3} {:>3} {:>3} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} | {:>6} {:>6} {:>6} {:>6} (TFLOP/s)",
+        "T", "HQ", "HKV", "dk", "dv", "compress", "cmp", "topn", "selected", "window", "total ms", "cmp", "topn", "sel", "win"
     );
     for (t, hq, hkv, dk, dv) in shapes {
         let cfg = NsaConfig::builder().heads(hq).kv_heads(hkv).build()?;
@@ -43,13 +43,15 @@ fn main() -> nsa::Result<()> {
         let k = bench::time_forward(&ctx, &cfg, &[t], dk, dv, 2, 7, t as u64)?;
         let rate = |f: f64, ms: f32| f / (ms as f64 * 1e-3) / 1e12;
         println!(
-            "{t:>7} {hq:>3} {hkv:>3} {dk:>3} {dv:>3} | {:>8.3} {:>8.3} {:>8.3} {:>8.3} | {:>8.3} | {:>6.1} {:>6.1} {:>6.1}",
+            "{t:>7} {hq:>3} {hkv:>3} {dk:>3} {dv:>3} | {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} | {:>8.3} | {:>6.1} {:>6.1} {:>6.1} {:>6.1}",
             k.compress,
-            k.cmp_topn,
+            k.cmp,
+            k.topn,
             k.selected,
             k.window,
             k.total,
-            rate(w.cmp_flops, k.cmp_topn),
+            rate(w.cmp_flops, k.cmp),
+            rate(w.topn_flops, k.topn),
             rate(w.sel_flops, k.selected),
             rate(w.win_flops, k.window)
         );

@@ -46,20 +46,22 @@ struct BwdSmem {
     /// sel_bwd_dq
     rows_sel: usize,
     sel_threads: usize,
-    /// key-major kernels (`BW_KV_SMEM`).
+    /// key-major kernels (`BW_KV_SMEM`: K/V tile, two buffers of 32 rows of q and do).
     kv: usize,
 }
 
 fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize) -> BwdSmem {
     let (qs, ks, vs, ds) = (dk + 8, dk + 8, dv + 8, dv + 8);
     let kvt = plan::KT * (ks + vs) * 2;
+    // BW_QSTAGES: the row-major kernels double-buffer their K/V tiles when dk + dv <= 256
+    let stages = if dk + dv <= 256 { 2 } else { 1 };
     let p = plan::sel_positions(g);
     let sel_rows = (p * g).div_ceil(16) * 16;
     BwdSmem {
-        rows64: plan::BQ_ROWS * (qs + ds) * 2 + kvt,
-        rows_sel: sel_rows * (qs + ds) * 2 + kvt + p * nsel * 4,
+        rows64: plan::BQ_ROWS * (qs + ds) * 2 + stages * kvt,
+        rows_sel: sel_rows * (qs + ds) * 2 + stages * kvt + p * nsel * 4,
         sel_threads: sel_rows * 2,
-        kv: kvt + 32 * (qs + ds) * 2 + 32 * 16,
+        kv: kvt + 2 * (32 * (qs + ds) * 2 + 32 * 16),
     }
 }
 

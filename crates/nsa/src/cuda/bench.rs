@@ -11,7 +11,10 @@ use crate::error::Result;
 /// written once, bf16 activations, f32 output).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct KernelWork {
+    /// pass 1 (QK and PV) of the compressed attention
     pub cmp_flops: f64,
+    /// pass 2 (QK again; the P x W scoring products are not counted)
+    pub topn_flops: f64,
     pub sel_flops: f64,
     pub win_flops: f64,
     pub total_bytes: f64,
@@ -27,8 +30,8 @@ pub fn kernel_work(cfg: &NsaConfig, seqlens: &[usize], dk: usize, dv: usize) -> 
         n_tok += len as f64;
         for t in 0..len {
             let ncmp = blocks::cmp_visible(t, cfg.cmp_block, cfg.cmp_stride) as f64;
-            // pass 1: QK and PV; pass 2: QK again
-            w.cmp_flops += hq * ncmp * (2.0 * dkf * 2.0 + 2.0 * dvf);
+            w.cmp_flops += hq * ncmp * (2.0 * dkf + 2.0 * dvf);
+            w.topn_flops += hq * ncmp * 2.0 * dkf;
             let nblk = blocks::sel_admissible(t, cfg.sel_block).min(cfg.sel_count);
             // the selected tokens s <= t: full blocks except the own one
             let own = t / cfg.sel_block;
@@ -82,7 +85,8 @@ pub fn time_forward(
     };
     Ok(KernelTimes {
         compress: med(|t| t.compress),
-        cmp_topn: med(|t| t.cmp_topn),
+        cmp: med(|t| t.cmp),
+        topn: med(|t| t.topn),
         selected: med(|t| t.selected),
         window: med(|t| t.window),
         total: med(|t| t.total),

@@ -431,13 +431,19 @@ impl GpuDecodeCache {
 
     /// Grows the work buffers for `rows` rows and the split plan `sp`.
     fn ensure_work(&mut self, stream: &Arc<CudaStream>, rows: usize, sp: &Splits) -> Result<()> {
-        let (hq, hkv, dk, dv, g) = (
-            self.cfg.heads,
-            self.cfg.kv_heads,
-            self.dk,
-            self.dv,
-            self.cfg.group_size(),
-        );
+        self.ensure_rows(stream, rows)?;
+        let (hkv, dv, g) = (self.cfg.kv_heads, self.dv, self.cfg.group_size());
+        let w = &mut self.work;
+        let rg = rows * hkv;
+        grow(stream, &mut w.part_o, rg * sp.ns() * g * dv)?;
+        grow(stream, &mut w.part_ml, rg * sp.ns() * g * 2)?;
+        grow(stream, &mut w.part_u, rg * sp.sc * g * sp.uj)?;
+        Ok(())
+    }
+
+    /// Grows the per-row work buffers (tokens, descriptors, outputs) for `rows` rows.
+    fn ensure_rows(&mut self, stream: &Arc<CudaStream>, rows: usize) -> Result<()> {
+        let (hq, hkv, dk, dv) = (self.cfg.heads, self.cfg.kv_heads, self.dk, self.dv);
         let w = &mut self.work;
         if w.rows < rows {
             w.wdesc = stream.alloc_zeros::<i32>(rows * 4).map_err(driver_err)?;
@@ -462,10 +468,6 @@ impl GpuDecodeCache {
                 .map_err(driver_err)?;
             w.rows = rows;
         }
-        let rg = rows * hkv;
-        grow(stream, &mut w.part_o, rg * sp.ns() * g * dv)?;
-        grow(stream, &mut w.part_ml, rg * sp.ns() * g * 2)?;
-        grow(stream, &mut w.part_u, rg * sp.sc * g * sp.uj)?;
         Ok(())
     }
 
@@ -948,8 +950,7 @@ pub fn prefill(
     }
     for chunk in wrows.chunks(WRITE_ROWS) {
         let rows: Vec<usize> = chunk.iter().map(|w| w.0).collect();
-        let sp = cache.plan(rows.len(), 1)?;
-        cache.ensure_work(&s, rows.len(), &sp)?;
+        cache.ensure_rows(&s, rows.len())?;
         cache.upload_tokens(ctx, x, &rows)?;
         // (b, t, first position of b in this launch, one past its last)
         let mut span = std::collections::HashMap::new();

@@ -4,11 +4,11 @@
 //! first use with the shapes baked in. The pipeline of one forward call (SPEC.md):
 //!
 //! 1. `compress_mean`   phi = mean: compressed K/V per sequence (bf16).
-//! 2. `cmp_attn_topn`   compressed attention (writes `g_cmp * o_cmp`), then, from the same tiles
-//!    and the row log-sum-exp, the Eq. 9 selection scores, the group sum, forced blocks and the
-//!    streaming top-n (writes `sel_idx`).
-//! 3. `sel_attn`        attention over the selected blocks (adds `g_slc * o_slc`).
-//! 4. `win_attn`        sliding window (adds `g_win * o_win`): the gated sum is complete.
+//! 2. `cmp_attn`        compressed attention (writes `g_cmp * o_cmp` and the row log-sum-exp).
+//! 3. `cmp_topn`        Q Kcmp^T again -> p_cmp, the Eq. 9 selection scores (tensor cores), the
+//!    group sum, forced blocks and the streaming top-n (writes `sel_idx`).
+//! 4. `sel_attn`        attention over the selected blocks (adds `g_slc * o_slc`).
+//! 5. `win_attn`        sliding window (adds `g_win * o_win`): the gated sum is complete.
 //!
 //! Every tensor offset inside the kernels is 64-bit; token counts must fit in `i32`.
 
@@ -157,6 +157,7 @@ impl CudaContext {
 #[derive(Debug, Clone, Copy)]
 struct Footprint {
     cmp_smem: usize,
+    topn_smem: usize,
     sel_smem: usize,
     sel_threads: usize,
     sel_positions: usize,
@@ -177,13 +178,19 @@ fn footprint(shape: &Shape) -> Footprint {
     // JSPAN / JW in cmp_attn.cu: selection blocks one tile of 64 compressed blocks touches
     let jspan = (63 * shape.cmp_d + shape.cmp_l - 1) / shape.sel_l + 2;
     let jw = jspan.div_ceil(8) * 8;
+    let max_chunks = p_sel * shape.nsel * shape.sel_l.div_ceil(32);
     Footprint {
-        cmp_smem: tiles(rows)
+        cmp_smem: tiles(rows),
+        topn_smem: (rows * qs + 64 * ks) * 2
             + rows * (jw + 4) * 4
             + p_rows * 128 * 4
             + p_rows * 32 * 8
             + jw * (64 + 8) * 2,
-        sel_smem: tiles(sel_warps * 16) + p_sel * shape.nsel * 4,
+        // Q rows, two stages of 32 K/V keys, the index lists and the chunk list (sel_attn.cu)
+        sel_smem: (sel_warps * 16 * qs + 2 * 32 * ks + 2 * 32 * vs) * 2
+            + p_sel * shape.nsel * 4
+            + 2 * max_chunks * 4
+            + 16,
         sel_threads: sel_warps * 32,
         sel_positions: p_sel,
         win_smem: tiles(rows),
@@ -306,6 +313,8 @@ pub struct DeviceInputs {
     gates: [CudaSlice<f32>; 3],
     kc: CudaSlice<u16>,
     vc: CudaSlice<u16>,
+    /// `[N, HQ]` log-sum-exp (log2 domain) of the compressed attention
+    lse: CudaSlice<f32>,
     /// `[N, HKV, n]`
     pub sel_idx: CudaSlice<i32>,
     /// `[N, HQ, dv]`
@@ -366,7 +375,11 @@ impl DeviceInputs {
         }
         let shape = shape_of(cfg, dk, dv);
         let fp = footprint(&shape);
-        let need = fp.cmp_smem.max(fp.sel_smem).max(fp.win_smem);
+        let need = fp
+            .cmp_smem
+            .max(fp.topn_smem)
+            .max(fp.sel_smem)
+            .max(fp.win_smem);
         if need > ctx.max_smem {
             return Err(NsaError::Unsupported(format!(
                 "kernels need {need} bytes of shared memory per block, the device offers {}",
@@ -397,6 +410,7 @@ impl DeviceInputs {
             gates: [f(n * hq)?, f(n * hq)?, f(n * hq)?],
             kc: bf(ncmp * hkv * dk)?,
             vc: bf(ncmp * hkv * dv)?,
+            lse: f(n * hq)?,
             // SAFETY: as above.
             sel_idx: unsafe { s.alloc::<i32>(n * hkv * cfg.sel_count) }.map_err(driver_err)?,
             out: f(n * hq * dv)?,
@@ -506,7 +520,8 @@ impl DeviceInputs {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct KernelTimes {
     pub compress: f32,
-    pub cmp_topn: f32,
+    pub cmp: f32,
+    pub topn: f32,
     pub selected: f32,
     pub window: f32,
     pub total: f32,
@@ -523,6 +538,7 @@ pub fn forward_device(
     let fp = x.fp;
     let f_compress = ctx.function(Family::Compress, shape, 0)?;
     let f_cmp = ctx.function(Family::CmpAttn, shape, fp.cmp_smem)?;
+    let f_topn = ctx.named_function(Family::CmpAttn, "cmp_topn", shape, fp.topn_smem)?;
     let f_sel = ctx.function(Family::SelAttn, shape, fp.sel_smem)?;
     let f_win = ctx.function(Family::WinAttn, shape, fp.win_smem)?;
     let s = &ctx.stream;
@@ -533,7 +549,7 @@ pub fn forward_device(
                 .new_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(driver_err)
         };
-        Some([mk()?, mk()?, mk()?, mk()?, mk()?])
+        Some([mk()?, mk()?, mk()?, mk()?, mk()?, mk()?])
     } else {
         None
     };
@@ -577,8 +593,8 @@ pub fn forward_device(
             .arg(&x.gates[0])
             .arg(&x.plan.tiles64)
             .arg(&mut x.out)
-            .arg(&mut x.sel_idx);
-        // SAFETY: matches `cmp_attn_topn`; one CTA per (tile, KV head).
+            .arg(&mut x.lse);
+        // SAFETY: matches `cmp_attn`; one CTA per (tile, KV head).
         unsafe {
             b.launch(LaunchConfig {
                 grid_dim: (x.plan.n_tiles64 as u32, hkv, 1),
@@ -589,7 +605,26 @@ pub fn forward_device(
         .map_err(driver_err)?;
     }
     rec(2)?;
-    // 3. selected attention
+    // 3. selection scores + top-n
+    {
+        let mut b = s.launch_builder(&f_topn);
+        b.arg(&x.q)
+            .arg(&x.kc)
+            .arg(&x.lse)
+            .arg(&x.plan.tiles64)
+            .arg(&mut x.sel_idx);
+        // SAFETY: matches `cmp_topn`; the same tiles as `cmp_attn`.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (x.plan.n_tiles64 as u32, hkv, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: fp.topn_smem as u32,
+            })
+        }
+        .map_err(driver_err)?;
+    }
+    rec(3)?;
+    // 4. selected attention
     {
         let mut b = s.launch_builder(&f_sel);
         b.arg(&x.q)
@@ -609,8 +644,8 @@ pub fn forward_device(
         }
         .map_err(driver_err)?;
     }
-    rec(3)?;
-    // 4. sliding window, completing the gated sum
+    rec(4)?;
+    // 5. sliding window, completing the gated sum
     {
         let mut b = s.launch_builder(&f_win);
         b.arg(&x.q)
@@ -629,15 +664,16 @@ pub fn forward_device(
         }
         .map_err(driver_err)?;
     }
-    rec(4)?;
+    rec(5)?;
     if let (Some(t), Some(ev)) = (times, &events) {
         let el = |a: usize, b: usize| ev[a].elapsed_ms(&ev[b]).map_err(driver_err);
         *t = KernelTimes {
             compress: el(0, 1)?,
-            cmp_topn: el(1, 2)?,
-            selected: el(2, 3)?,
-            window: el(3, 4)?,
-            total: el(0, 4)?,
+            cmp: el(1, 2)?,
+            topn: el(2, 3)?,
+            selected: el(3, 4)?,
+            window: el(4, 5)?,
+            total: el(0, 5)?,
         };
     }
     Ok(())

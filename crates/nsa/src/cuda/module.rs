@@ -18,7 +18,7 @@ const COMMON: &str = include_str!("kernels/common.cu");
 pub enum Family {
     /// `phi = mean`: compressed K/V.
     Compress,
-    /// Compressed attention + selection scores + top-n.
+    /// Compressed attention (`cmp_attn`), then selection scores + top-n (`cmp_topn`).
     CmpAttn,
     /// Attention over the selected blocks.
     SelAttn,
@@ -57,7 +57,7 @@ impl Family {
     pub fn kernel(self) -> &'static str {
         match self {
             Family::Compress => "compress_mean",
-            Family::CmpAttn => "cmp_attn_topn",
+            Family::CmpAttn => "cmp_attn",
             Family::SelAttn => "sel_attn",
             Family::WinAttn => "win_attn",
             Family::Fill => "fill_normal_bf16",

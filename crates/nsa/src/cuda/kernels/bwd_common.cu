@@ -173,12 +173,75 @@ __device__ __forceinline__ void bw_dq_tile(const bf16_t* Qs, const bf16_t* dOs, 
     bw_mm_pm<DK, KT>(dq, s, Ks, KS_STRIDE);
 }
 
-// The two passes of a row-major CTA: `for_tiles(fn)` loads each key tile of the rows' union into
-// Ks/Vs (with the barriers) and calls fn(lo, hi) with the thread's two rows' key masks.
+// K/V tile buffers of the row-major kernels: 2 (the next tile loads while this one is used)
+// when two CTAs still fit an SM (dk + dv <= 256), else 1.
+#define BW_QSTAGES ((DK + DV) <= 256 ? 2 : 1)
+
+__device__ __forceinline__ void bw_cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// One key tile of a row-major walk: `nk` keys from global row `row` (KV rows, stride HKV * D),
+// `k0` its first key (branch-specific meaning), `chose` a branch-specific bit set.
+struct BwTile {
+    i64 row;
+    int k0, nk;
+    unsigned chose;
+};
+
+// Walks the tiles that next(tile) produces (false: no more), loading each into Kbuf/Vbuf (one of
+// BW_QSTAGES buffers) and calling fn(lo, hi, Ks, Vs) with the thread's row masks from
+// mask(tile, lo, hi). Every thread of the CTA calls it (it has barriers).
+template <int NTHREADS, class Next, class Mask, class Fn>
+__device__ __forceinline__ void bw_pipeline(bf16_t* Kbuf, bf16_t* Vbuf, const bf16_t* __restrict__ k,
+                                            const bf16_t* __restrict__ v, int g, Next next, Mask mask, Fn fn) {
+    auto load = [&](const BwTile& t, int b) {
+        load_rows_async<KT, DK, KS_STRIDE, NTHREADS>(Kbuf + b * KT * KS_STRIDE, k + (t.row * HKV + g) * DK, t.nk,
+                                                     [&](int r) { return (i64)r * HKV * DK; });
+        load_rows_async<KT, DV, VS_STRIDE, NTHREADS>(Vbuf + b * KT * VS_STRIDE, v + (t.row * HKV + g) * DV, t.nk,
+                                                     [&](int r) { return (i64)r * HKV * DV; });
+        cp_async_commit();
+    };
+    BwTile cur, nxt;
+    bool have = next(cur);
+    __syncthreads();   // earlier users of the buffers are done
+    if (BW_QSTAGES == 2) {
+        if (have) load(cur, 0);
+        int b = 0;
+        while (have) {
+            const bool more = next(nxt);
+            if (more) {
+                load(nxt, b ^ 1);
+                bw_cp_async_wait_1();
+            } else {
+                cp_async_wait_all();
+            }
+            __syncthreads();
+            int lo[2], hi[2];
+            mask(cur, lo, hi);
+            fn(lo, hi, Kbuf + b * KT * KS_STRIDE, Vbuf + b * KT * VS_STRIDE);
+            __syncthreads();
+            cur = nxt;
+            have = more;
+            b ^= 1;
+        }
+    } else {
+        while (have) {
+            load(cur, 0);
+            cp_async_wait_all();
+            __syncthreads();
+            int lo[2], hi[2];
+            mask(cur, lo, hi);
+            fn(lo, hi, Kbuf, Vbuf);
+            __syncthreads();
+            have = next(cur);
+        }
+    }
+}
+
+// The two passes of a row-major CTA: `for_tiles(fn)` walks the key tiles of the rows' union
+// (bw_pipeline) and calls fn(lo, hi, Ks, Vs) with the thread's two rows' key masks.
 // Writes lse (scratch) and dg (the gate gradient) of every valid row, and dq (= or +=).
 template <bool ACC, class ForTiles>
-__device__ __forceinline__ void bw_rows_dq(const bf16_t* Qs, const bf16_t* dOs, const bf16_t* Ks,
-                                           const bf16_t* Vs, int row0, const i64 (&qrow)[2],
+__device__ __forceinline__ void bw_rows_dq(const bf16_t* Qs, const bf16_t* dOs, int row0, const i64 (&qrow)[2],
                                            const bool (&valid)[2], const float* __restrict__ gate,
                                            float* __restrict__ lse_out, float* __restrict__ dg_out,
                                            float* __restrict__ dq_out, ForTiles for_tiles) {
@@ -188,7 +251,9 @@ __device__ __forceinline__ void bw_rows_dq(const bf16_t* Qs, const bf16_t* dOs, 
     {
         float o[DV / 8][4];
         bw_zero<DV>(o);
-        for_tiles([&](const int (&lo)[2], const int (&hi)[2]) { bw_fwd_tile(Qs, Ks, Vs, row0, lo, hi, m, l, o); });
+        for_tiles([&](const int (&lo)[2], const int (&hi)[2], const bf16_t* Ks, const bf16_t* Vs) {
+            bw_fwd_tile(Qs, Ks, Vs, row0, lo, hi, m, l, o);
+        });
         cp_async_wait_all();
         __syncthreads();
         bw_stats_finish(dOs, row0, m, l, o, lse, dg);
@@ -203,7 +268,9 @@ __device__ __forceinline__ void bw_rows_dq(const bf16_t* Qs, const bf16_t* dOs, 
     }
     float dq[DK / 8][4];
     bw_zero<DK>(dq);
-    for_tiles([&](const int (&lo)[2], const int (&hi)[2]) { bw_dq_tile(Qs, dOs, Ks, Vs, row0, lo, hi, lse, dg, gt, dq); });
+    for_tiles([&](const int (&lo)[2], const int (&hi)[2], const bf16_t* Ks, const bf16_t* Vs) {
+        bw_dq_tile(Qs, dOs, Ks, Vs, row0, lo, hi, lse, dg, gt, dq);
+    });
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         if (!valid[i]) continue;
@@ -251,56 +318,68 @@ __device__ __forceinline__ void bw_dkdv_tile(const bf16_t* Ks, const bf16_t* Vs,
     bw_mm_pm<DK, BW_RT>(dk, dpt, Qs, QS_STRIDE);
 }
 
-// Shared memory of a key-major CTA (bytes): K, V tiles, BW_RT rows of Q and do, row metadata.
-#define BW_KV_SMEM ((KT * KS_STRIDE + KT * VS_STRIDE + BW_RT * QS_STRIDE + BW_RT * DOS_STRIDE) * 2 + BW_RT * 16)
+// Shared memory of a key-major CTA (bytes): K, V tiles, two buffers of BW_RT rows of q and do
+// and their row metadata (double buffering: the next rows load while these are used).
+#define BW_ROWBUF ((BW_RT * QS_STRIDE + BW_RT * DOS_STRIDE) * 2 + BW_RT * 16)
+#define BW_KV_SMEM ((KT * KS_STRIDE + KT * VS_STRIDE) * 2 + 2 * BW_ROWBUF)
 
 // Runs the key-major loop over `nrows_total` virtual rows (row rho = position rho / G, head
-// g*G + rho % G) for the K/V tile already in Ks/Vs. tok_of(p): packed token index of position p;
-// t_of(tok): its seq-local position. Accumulates into dk, dv (unscaled dk).
+// g*G + rho % G) for the K/V tile whose loads were committed (bw_load_kv) before. tok_of(p):
+// packed token index of position p; t_of(tok): its seq-local position. Accumulates into dk, dv
+// (dk unscaled). Row steps are double-buffered: step i + 1's q/do rows (cp.async) and metadata
+// load while step i computes.
 template <class TokOf, class TOf, class Ok>
 __device__ __forceinline__ void bw_dkdv_rows(unsigned char* smem, const bf16_t* __restrict__ q,
                                              const bf16_t* __restrict__ dO, const float* __restrict__ lse,
                                              const float* __restrict__ dg, const float* __restrict__ gate, int g,
                                              int nrows_total, TokOf tok_of, TOf t_of, Ok ok,
                                              float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
-    bf16_t* Ks = (bf16_t*)smem;
-    bf16_t* Vs = Ks + KT * KS_STRIDE;
-    bf16_t* Qs = Vs + KT * VS_STRIDE;
-    bf16_t* dOs = Qs + BW_RT * QS_STRIDE;
-    float* rlse = (float*)(dOs + BW_RT * DOS_STRIDE);
-    float* rdg = rlse + BW_RT;
-    float* rgate = rdg + BW_RT;
-    int* rt = (int*)(rgate + BW_RT);
-    __shared__ i64 rrow[BW_RT];
+    const bf16_t* Ks = (const bf16_t*)smem;
+    const bf16_t* Vs = Ks + KT * KS_STRIDE;
+    unsigned char* rowbuf = smem + (KT * KS_STRIDE + KT * VS_STRIDE) * 2;
     const int tid = threadIdx.x;
-    for (int rho0 = 0; rho0 < nrows_total; rho0 += BW_RT) {
+    auto Qb = [&](int b) { return (bf16_t*)(rowbuf + b * BW_ROWBUF); };
+    auto dOb = [&](int b) { return Qb(b) + BW_RT * QS_STRIDE; };
+    auto meta = [&](int b) { return (float*)(dOb(b) + BW_RT * DOS_STRIDE); };   // lse, dg, gate, t
+    // issues the loads of the rows [rho0, rho0 + BW_RT) into buffer b (one commit group)
+    auto stage = [&](int rho0, int b) {
         const int nrows = min(BW_RT, nrows_total - rho0);
-        __syncthreads();   // previous step done with Qs / dOs / metadata
+        auto qrow = [&](int r) {
+            const int rho = rho0 + r;
+            return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
+        };
+        load_rows_async<BW_RT, DK, QS_STRIDE, 128>(Qb(b), q, nrows, [&](int r) { return qrow(r) * DK; });
+        load_rows_async<BW_RT, DV, DOS_STRIDE, 128>(dOb(b), dO, nrows, [&](int r) { return qrow(r) * DV; });
+        cp_async_commit();
         if (tid < BW_RT) {
+            float* m = meta(b);
             if (tid < nrows) {
-                const int rho = rho0 + tid;
-                const int tok = tok_of(rho / G);
-                const i64 qr = (i64)tok * HQ + g * G + rho % G;
-                rrow[tid] = qr;
-                rlse[tid] = lse[qr];
-                rdg[tid] = dg[qr];
-                rgate[tid] = gate[qr];
-                rt[tid] = t_of(tok);
+                const i64 qr = qrow(tid);
+                m[tid] = lse[qr];
+                m[BW_RT + tid] = dg[qr];
+                m[2 * BW_RT + tid] = gate[qr];
+                ((int*)m)[3 * BW_RT + tid] = t_of(tok_of((rho0 + tid) / G));
             } else {
-                rrow[tid] = 0;
-                rlse[tid] = 0.f;
-                rdg[tid] = 0.f;
-                rgate[tid] = 0.f;
-                rt[tid] = -1;
+                m[tid] = 0.f;
+                m[BW_RT + tid] = 0.f;
+                m[2 * BW_RT + tid] = 0.f;
+                ((int*)m)[3 * BW_RT + tid] = -1;
             }
         }
-        __syncthreads();
-        load_rows_async<BW_RT, DK, QS_STRIDE, 128>(Qs, q, nrows, [&](int r) { return rrow[r] * DK; });
-        load_rows_async<BW_RT, DV, DOS_STRIDE, 128>(dOs, dO, nrows, [&](int r) { return rrow[r] * DV; });
-        cp_async_commit();
-        cp_async_wait_all();
-        __syncthreads();
-        bw_dkdv_tile(Ks, Vs, Qs, dOs, rlse, rdg, rgate, rt, ok, dk, dv);
+    };
+    if (nrows_total > 0) stage(0, 0);
+    for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += BW_RT) {
+        const int b = i & 1;
+        if (rho0 + BW_RT < nrows_total) {
+            stage(rho0 + BW_RT, b ^ 1);
+            bw_cp_async_wait_1();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();   // step i's rows and metadata are visible
+        const float* m = meta(b);
+        bw_dkdv_tile(Ks, Vs, Qb(b), dOb(b), m, m + BW_RT, m + 2 * BW_RT, (const int*)(m + 3 * BW_RT), ok, dk, dv);
+        __syncthreads();   // buffer b is free for step i + 2
     }
 }
 

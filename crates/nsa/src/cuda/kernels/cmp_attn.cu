@@ -59,19 +59,16 @@ __device__ __forceinline__ int warp_sort_asc_int(int x) {
     return x;
 }
 
-extern "C" __global__ void __launch_bounds__(128) cmp_attn_topn(
+// Pass 1 (kernel `cmp_attn`): writes g_cmp * o_cmp (the first term of the gated sum, `=`) and
+// the log2-domain log-sum-exp of every row to `lse` ([N, HQ]; +inf for rows that see nothing).
+extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const float* __restrict__ gate, const int4* __restrict__ items, float* __restrict__ out,
-    int* __restrict__ sel_idx) {
+    float* __restrict__ lse_out) {
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* Ks = Qs + CMP_ROWS * QS_STRIDE;
     bf16_t* Vs = Ks + KT * KS_STRIDE;
-    float* Ds = (float*)(Vs + KT * VS_STRIDE);          // [CMP_ROWS][DS_STRIDE] per-row block scores
-    float* score = Ds + CMP_ROWS * DS_STRIDE;
-    bf16_t* Wt = (bf16_t*)(score + P_CMP * RING + P_CMP * TOPW * 2);   // [JW][WT_STRIDE] f16 bits
-    float* topv = score + P_CMP * RING;
-    int* topi = (int*)(topv + P_CMP * TOPW);
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z, cstart = it.w;
@@ -123,19 +120,63 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn_topn(
     cp_async_wait_all();
     float inv[2 * CMT];
     rowstats_finish(st, inv);
-    float lse[2 * CMT];
     {
         float* dst[2 * CMT];
         float sc[2 * CMT];
 #pragma unroll
         for (int h = 0; h < 2 * CMT; ++h) {
-            lse[h] = st.l[h] > 0.f ? st.m[h] + log2f(st.l[h]) : POS_INF;
             const i64 qrow = (i64)(start + tt[h]) * HQ + g * G + rr[h] % G;
+            if (valid[h] && (lane & 3) == 0) lse_out[qrow] = st.l[h] > 0.f ? st.m[h] + log2f(st.l[h]) : POS_INF;
             dst[h] = valid[h] ? out + qrow * DV : nullptr;
             sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
         }
         store_rows<false, CMT>(dst, sc, o);
     }
+
+}
+
+// Pass 2 (kernel `cmp_topn`): selection scores and the streaming top-n, from the row
+// log-sum-exp of pass 1; writes sel_idx.
+extern "C" __global__ void __launch_bounds__(128) cmp_topn(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const float* __restrict__ lse_in,
+    const int4* __restrict__ items, int* __restrict__ sel_idx) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* Qs = (bf16_t*)smem;
+    bf16_t* Ks = Qs + CMP_ROWS * QS_STRIDE;
+    float* Ds = (float*)(Ks + KT * KS_STRIDE);          // [CMP_ROWS][DS_STRIDE] per-row block scores
+    float* score = Ds + CMP_ROWS * DS_STRIDE;
+    float* topv = score + P_CMP * RING;
+    int* topi = (int*)(topv + P_CMP * TOPW);
+    bf16_t* Wt = (bf16_t*)(topi + P_CMP * TOPW);        // [JW][WT_STRIDE] f16 bits
+
+    const int4 it = items[blockIdx.x];
+    const int start = it.x, len = it.y, t0 = it.z, cstart = it.w;
+    const int g = blockIdx.y;
+    const int npos = min(P_CMP, len - t0), nrows = npos * G;
+    const int tmax = t0 + npos - 1;
+    const int ncmp = cmp_visible(tmax);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+    const int row0 = warp * 16 * CMT;
+
+    load_rows_async<CMP_ROWS, DK, QS_STRIDE, 128>(Qs, q, nrows, [&](int r) {
+        return ((i64)(start + t0 + r / G) * HQ + g * G + r % G) * DK;
+    });
+    cp_async_commit();
+
+    int rr[2 * CMT], tt[2 * CMT], vis[2 * CMT];
+    bool valid[2 * CMT];
+#pragma unroll
+    for (int h = 0; h < 2 * CMT; ++h) {
+        rr[h] = row0 + (h >> 1) * 16 + gr + 8 * (h & 1);
+        valid[h] = rr[h] < nrows;
+        tt[h] = t0 + rr[h] / G;
+        vis[h] = valid[h] ? cmp_visible(tt[h]) : 0;
+    }
+    auto krow = [&](int r) { return ((i64)(cstart + r) * HKV + g) * DK; };
+    float lse[2 * CMT];
+#pragma unroll
+    for (int h = 0; h < 2 * CMT; ++h)
+        lse[h] = valid[h] ? lse_in[(i64)(start + tt[h]) * HQ + g * G + rr[h] % G] : POS_INF;
 
     // ---- pass 2: selection scores and streaming top-n ----
     for (int e = tid; e < P_CMP * RING; e += 128) score[e] = 0.f;

@@ -26,8 +26,8 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq(
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* dOs = Qs + BQ_ROWS * QS_STRIDE;
-    bf16_t* Ks = dOs + BQ_ROWS * DOS_STRIDE;
-    bf16_t* Vs = Ks + KT * KS_STRIDE;
+    bf16_t* Ks = dOs + BQ_ROWS * DOS_STRIDE;   // BW_QSTAGES tiles
+    bf16_t* Vs = Ks + BW_QSTAGES * KT * KS_STRIDE;
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z, cstart = it.w;
@@ -53,23 +53,28 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq(
         qrow[i] = valid[i] ? qoff(r) : 0;
     }
     auto for_tiles = [&](auto fn) {
-        for (int c0 = 0; c0 < ncmp; c0 += KT) {
-            const int nk = min(KT, ncmp - c0);
-            __syncthreads();
-            load_rows_async<KT, DK, KS_STRIDE, 128>(Ks, kc + ((i64)(cstart + c0) * HKV + g) * DK, nk,
-                                                    [&](int r) { return (i64)r * HKV * DK; });
-            load_rows_async<KT, DV, VS_STRIDE, 128>(Vs, vc + ((i64)(cstart + c0) * HKV + g) * DV, nk,
-                                                    [&](int r) { return (i64)r * HKV * DV; });
-            cp_async_commit();
-            cp_async_wait_all();
-            __syncthreads();
-            int lo[2] = {0, 0}, hi[2];
+        int c = 0;
+        bw_pipeline<128>(
+            Ks, Vs, kc, vc, g,
+            [&](BwTile& t) {
+                if (c >= ncmp) return false;
+                t.row = cstart + c;
+                t.k0 = c;
+                t.nk = min(KT, ncmp - c);
+                t.chose = 0;
+                c += KT;
+                return true;
+            },
+            [&](const BwTile& t, int (&lo)[2], int (&hi)[2]) {
 #pragma unroll
-            for (int i = 0; i < 2; ++i) hi[i] = min(max(vis[i] - c0, 0), nk);
-            fn(lo, hi);
-        }
+                for (int i = 0; i < 2; ++i) {
+                    lo[i] = 0;
+                    hi[i] = min(max(vis[i] - t.k0, 0), t.nk);
+                }
+            },
+            fn);
     };
-    bw_rows_dq<false>(Qs, dOs, Ks, Vs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
+    bw_rows_dq<false>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
 // items[b] = (seq start, seq len, c0, cstart, p0, np, slot, 0): the 64 compressed tokens

@@ -100,6 +100,8 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+// Waits until at most one committed group is still in flight (double buffering).
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 // Loads `nrows` rows of `D` bf16 each into smem (row stride `STRIDE`), zero-filling rows
 // `nrows .. ROWS`. Row r comes from `base + row_off(r)` (element offset, 64-bit).
@@ -133,14 +135,14 @@ struct RowStats {
 };
 
 // S = Q K^T for the warp's 16*MT query rows (q_row0 .. of Qs) against the KT keys of Ks.
-template <int MT>
+template <int MT, int NK = KT>
 __device__ __forceinline__ void qk_tile(const bf16_t* Qs, const bf16_t* Ks, int q_row0,
-                                        float (&s)[MT][KT / 8][4]) {
+                                        float (&s)[MT][NK / 8][4]) {
     const int lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; ++nt)
+        for (int nt = 0; nt < NK / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
 #pragma unroll
@@ -155,7 +157,7 @@ __device__ __forceinline__ void qk_tile(const bf16_t* Qs, const bf16_t* Ks, int 
             a[mt][3] = *(const u32*)(q0 + 8 * QS_STRIDE + 8);
         }
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; ++nt) {
+        for (int nt = 0; nt < NK / 8; ++nt) {
             const bf16_t* k0 = Ks + (nt * 8 + gr) * KS_STRIDE + kk + gc;
             const u32 b0 = *(const u32*)(k0), b1 = *(const u32*)(k0 + 8);
 #pragma unroll
@@ -166,20 +168,20 @@ __device__ __forceinline__ void qk_tile(const bf16_t* Qs, const bf16_t* Ks, int 
 
 // One key tile of flash attention for the warp's rows: S = Q K^T (tensor cores), masked by
 // [lo, hi) per row (key index in the tile), the online softmax update, and O += P V.
-template <int MT>
+template <int MT, int NK = KT>
 __device__ __forceinline__ void attn_tile(const bf16_t* Qs, const bf16_t* Ks, const bf16_t* Vs,
                                           int q_row0, const int (&lo)[2 * MT], const int (&hi)[2 * MT],
                                           RowStats<MT>& st, float (&o)[MT][DV / 8][4]) {
     const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
-    float s[MT][KT / 8][4];
-    qk_tile<MT>(Qs, Ks, q_row0, s);
+    float s[MT][NK / 8][4];
+    qk_tile<MT, NK>(Qs, Ks, q_row0, s);
     float mx[2 * MT];
 #pragma unroll
     for (int i = 0; i < 2 * MT; ++i) mx[i] = NEG_INF;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; ++nt)
+        for (int nt = 0; nt < NK / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = 2 * mt + (e >> 1), key = nt * 8 + gc + (e & 1);
@@ -201,7 +203,7 @@ __device__ __forceinline__ void attn_tile(const bf16_t* Qs, const bf16_t* Ks, co
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; ++nt)
+        for (int nt = 0; nt < NK / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = 2 * mt + (e >> 1);
@@ -221,7 +223,7 @@ __device__ __forceinline__ void attn_tile(const bf16_t* Qs, const bf16_t* Ks, co
             o[mt][nt][3] *= alpha[2 * mt + 1];
         }
 #pragma unroll
-    for (int kc = 0; kc < KT / 16; ++kc) {
+    for (int kc = 0; kc < NK / 16; ++kc) {
         u32 a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {

@@ -7,23 +7,35 @@
 // (row r -> position t0 + r / G, head g*G + r % G) and walks the *union* of their selected blocks
 // in ascending order (a P-way merge of the sorted index lists, one lane per position): each block
 // is loaded once, and the rows of positions that did not choose it are masked out. Neighbouring
-// positions share the forced blocks and usually most of the chosen ones, so the union stays close
-// to n while the tensor core rows are full. For G >= 16 one position fills G / 16 warps.
+// positions share the forced blocks and, with real (correlated) queries, most chosen ones, so
+// the union stays close to n while the tensor-core rows are full. For G >= 16 one position fills
+// G / 16 warps.
+//
+// The union is first written out as a list of 32-key chunks (first key, length, which positions
+// chose the block); the chunks then stream through two shared-memory stages with cp.async, the
+// next chunk loading while the current one is computed (a 1-warp CTA has no other warps of its
+// own to hide the load latency behind).
 
 #define P_SEL (G >= 16 ? 1 : 16 / G)
 #define SEL_WARPS ((P_SEL * G + 15) / 16)
 #define SEL_ROWS (SEL_WARPS * 16)
+#define SEL_THREADS (SEL_WARPS * 32)
+#define SK 32                                              // keys per chunk
+#define MAX_CHUNKS (P_SEL * NSEL * ((SEL_L + SK - 1) / SK))
 #define INT_MAX_ 0x7fffffff
 
-extern "C" __global__ void __launch_bounds__(SEL_WARPS * 32) sel_attn(
+extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
     const float* __restrict__ gate, const int4* __restrict__ items, const int* __restrict__ sel_idx,
     float* __restrict__ out) {
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
-    bf16_t* Ks = Qs + SEL_ROWS * QS_STRIDE;
-    bf16_t* Vs = Ks + KT * KS_STRIDE;
-    int* idx_s = (int*)(Vs + KT * VS_STRIDE);   // [P_SEL][NSEL]
+    bf16_t* Ks = Qs + SEL_ROWS * QS_STRIDE;         // [2][SK][KS_STRIDE]
+    bf16_t* Vs = Ks + 2 * SK * KS_STRIDE;           // [2][SK][VS_STRIDE]
+    int* idx_s = (int*)(Vs + 2 * SK * VS_STRIDE);   // [P_SEL][NSEL]
+    int* ch_k0 = idx_s + P_SEL * NSEL;              // [MAX_CHUNKS] first key of the chunk
+    int* ch_mask = ch_k0 + MAX_CHUNKS;              // [MAX_CHUNKS] (positions that chose it) << 8 | length
+    int* n_chunks = ch_mask + MAX_CHUNKS;
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z;
@@ -33,16 +45,45 @@ extern "C" __global__ void __launch_bounds__(SEL_WARPS * 32) sel_attn(
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2;
     const int row0 = warp * 16;
 
-    load_rows_async<SEL_ROWS, DK, QS_STRIDE, SEL_WARPS * 32>(Qs, q, nrows, [&](int r) {
+    load_rows_async<SEL_ROWS, DK, QS_STRIDE, SEL_THREADS>(Qs, q, nrows, [&](int r) {
         return ((i64)(start + t0 + r / G) * HQ + g * G + r % G) * DK;
     });
     cp_async_commit();
-    for (int e = tid; e < P_SEL * NSEL; e += SEL_WARPS * 32) {
+    for (int e = tid; e < P_SEL * NSEL; e += SEL_THREADS) {
         const int p = e / NSEL;
         int v = p < npos ? sel_idx[((i64)(start + t0 + p) * HKV + g) * NSEL + e % NSEL] : -1;
         idx_s[e] = v < 0 ? INT_MAX_ : v;
     }
     __syncthreads();
+
+    // the union of the positions' blocks, ascending, as chunks (warp 0; lane p < P_SEL holds
+    // position p's next block)
+    if (warp == 0) {
+        int ptr = 0, count = 0;
+        int cur = lane < P_SEL ? idx_s[lane * NSEL] : INT_MAX_;
+        while (true) {
+            int b = cur;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
+            if (b == INT_MAX_) break;
+            const unsigned chose = __ballot_sync(0xffffffff, lane < P_SEL && cur == b);
+            if (lane < P_SEL && cur == b) {
+                ++ptr;
+                cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
+            }
+            const int bend = min((b + 1) * SEL_L, tmax + 1);
+            for (int k0 = b * SEL_L; k0 < bend; k0 += SK) {
+                if (lane == 0) {
+                    ch_k0[count] = k0;
+                    ch_mask[count] = (int)(chose << 8) | min(SK, bend - k0);
+                }
+                ++count;
+            }
+        }
+        if (lane == 0) *n_chunks = count;
+    }
+    __syncthreads();
+    const int nch = *n_chunks;
 
     int rr[2], tt[2], pp[2];
     bool valid[2];
@@ -59,38 +100,36 @@ extern "C" __global__ void __launch_bounds__(SEL_WARPS * 32) sel_attn(
     float o[1][DV / 8][4];
     zero_acc(o);
 
-    // P-way merge of the sorted block lists: lane p < P_SEL holds position p's next block.
-    int ptr = 0;
-    int cur = lane < P_SEL ? idx_s[lane * NSEL] : INT_MAX_;
-    while (true) {
-        int b = cur;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
-        if (b == INT_MAX_) break;
-        const unsigned chose = __ballot_sync(0xffffffff, lane < P_SEL && cur == b);
-        if (lane < P_SEL && cur == b) {
-            ++ptr;
-            cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
-        }
-        const int bend = min((b + 1) * SEL_L, tmax + 1);
-        for (int k0 = b * SEL_L; k0 < bend; k0 += KT) {
-            const int nk = min(KT, bend - k0);
-            __syncthreads();
-            load_rows_async<KT, DK, KS_STRIDE, SEL_WARPS * 32>(Ks, ks + ((i64)(start + k0) * HKV + g) * DK, nk,
-                                                               [&](int r) { return (i64)r * HKV * DK; });
-            load_rows_async<KT, DV, VS_STRIDE, SEL_WARPS * 32>(Vs, vs + ((i64)(start + k0) * HKV + g) * DV, nk,
-                                                               [&](int r) { return (i64)r * HKV * DV; });
-            cp_async_commit();
+    auto issue = [&](int c) {
+        const int k0 = ch_k0[c], nk = ch_mask[c] & 0xff, stage = c & 1;
+        load_rows_async<SK, DK, KS_STRIDE, SEL_THREADS>(Ks + stage * SK * KS_STRIDE,
+                                                        ks + ((i64)(start + k0) * HKV + g) * DK, nk,
+                                                        [&](int r) { return (i64)r * HKV * DK; });
+        load_rows_async<SK, DV, VS_STRIDE, SEL_THREADS>(Vs + stage * SK * VS_STRIDE,
+                                                        vs + ((i64)(start + k0) * HKV + g) * DV, nk,
+                                                        [&](int r) { return (i64)r * HKV * DV; });
+        cp_async_commit();
+    };
+    if (nch > 0) issue(0);
+    for (int c = 0; c < nch; ++c) {
+        if (c + 1 < nch) {
+            issue(c + 1);
+            cp_async_wait_one();
+        } else {
             cp_async_wait_all();
-            __syncthreads();
-            int lo[2] = {0, 0}, hi[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const bool sel = valid[h] && ((chose >> pp[h]) & 1u);
-                hi[h] = sel ? min(max(tt[h] + 1 - k0, 0), nk) : 0;
-            }
-            attn_tile<1>(Qs, Ks, Vs, row0, lo, hi, st, o);
         }
+        __syncthreads();
+        const int k0 = ch_k0[c], nk = ch_mask[c] & 0xff;
+        const unsigned chose = (unsigned)ch_mask[c] >> 8;
+        int lo[2] = {0, 0}, hi[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const bool sel = valid[h] && ((chose >> pp[h]) & 1u);
+            hi[h] = sel ? min(max(tt[h] + 1 - k0, 0), nk) : 0;
+        }
+        const int stage = c & 1;
+        attn_tile<1, SK>(Qs, Ks + stage * SK * KS_STRIDE, Vs + stage * SK * VS_STRIDE, row0, lo, hi, st, o);
+        __syncthreads();
     }
     cp_async_wait_all();
     float inv[2];

@@ -31,9 +31,9 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq(
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* dOs = Qs + BS_ROWS * QS_STRIDE;
-    bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;
-    bf16_t* Vs = Ks + KT * KS_STRIDE;
-    int* idx_s = (int*)(Vs + KT * VS_STRIDE);   // [BS_P][NSEL]
+    bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;   // BW_QSTAGES tiles
+    bf16_t* Vs = Ks + BW_QSTAGES * KT * KS_STRIDE;
+    int* idx_s = (int*)(Vs + BW_QSTAGES * KT * VS_STRIDE);   // [BS_P][NSEL]
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z;
@@ -65,43 +65,48 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq(
         tt[i] = t0 + pp[i];
         qrow[i] = valid[i] ? qoff(r) : 0;
     }
-    // P-way merge of the sorted block lists (lane p < BS_P holds position p's next block); every
-    // warp walks the same sequence, so the barriers inside match.
+    // P-way merge of the sorted block lists (lane p < BS_P holds position p's next block), then
+    // the block's key tiles; every warp walks the same sequence, so the barriers inside match.
     auto for_tiles = [&](auto fn) {
         int ptr = 0;
         int cur = lane < BS_P ? idx_s[lane * NSEL] : INT_MAX_;
-        while (true) {
-            int b = cur;
+        int k0 = 0, bend = 0;
+        unsigned chose = 0;
+        bw_pipeline<BS_THREADS>(
+            Ks, Vs, ks, vs, g,
+            [&](BwTile& t) {
+                if (k0 + KT < bend) {
+                    k0 += KT;
+                } else {
+                    int b = cur;
 #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
-            if (b == INT_MAX_) break;
-            const unsigned chose = __ballot_sync(0xffffffff, lane < BS_P && cur == b);
-            if (lane < BS_P && cur == b) {
-                ++ptr;
-                cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
-            }
-            const int bend = min((b + 1) * SEL_L, tmax + 1);
-            for (int k0 = b * SEL_L; k0 < bend; k0 += KT) {
-                const int nk = min(KT, bend - k0);
-                __syncthreads();
-                load_rows_async<KT, DK, KS_STRIDE, BS_THREADS>(Ks, ks + ((i64)(start + k0) * HKV + g) * DK, nk,
-                                                               [&](int r) { return (i64)r * HKV * DK; });
-                load_rows_async<KT, DV, VS_STRIDE, BS_THREADS>(Vs, vs + ((i64)(start + k0) * HKV + g) * DV, nk,
-                                                               [&](int r) { return (i64)r * HKV * DV; });
-                cp_async_commit();
-                cp_async_wait_all();
-                __syncthreads();
-                int lo[2] = {0, 0}, hi[2];
+                    for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
+                    if (b == INT_MAX_) return false;
+                    chose = __ballot_sync(0xffffffff, lane < BS_P && cur == b);
+                    if (lane < BS_P && cur == b) {
+                        ++ptr;
+                        cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
+                    }
+                    k0 = b * SEL_L;
+                    bend = min((b + 1) * SEL_L, tmax + 1);
+                }
+                t.row = start + k0;
+                t.k0 = k0;
+                t.nk = min(KT, bend - k0);
+                t.chose = chose;
+                return true;
+            },
+            [&](const BwTile& t, int (&lo)[2], int (&hi)[2]) {
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
-                    const bool sel = valid[i] && ((chose >> pp[i]) & 1u);
-                    hi[i] = sel ? min(max(tt[i] + 1 - k0, 0), nk) : 0;
+                    const bool sel = valid[i] && ((t.chose >> pp[i]) & 1u);
+                    lo[i] = 0;
+                    hi[i] = sel ? min(max(tt[i] + 1 - t.k0, 0), t.nk) : 0;
                 }
-                fn(lo, hi);
-            }
-        }
+            },
+            fn);
     };
-    bw_rows_dq<true>(Qs, dOs, Ks, Vs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
+    bw_rows_dq<true>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
 // seqs[b] = (start, len, cstart, first selection block of the sequence in the batch numbering)

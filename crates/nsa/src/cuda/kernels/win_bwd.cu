@@ -16,8 +16,8 @@ extern "C" __global__ void __launch_bounds__(128) win_bwd_dq(
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* dOs = Qs + BQ_ROWS * QS_STRIDE;
-    bf16_t* Ks = dOs + BQ_ROWS * DOS_STRIDE;
-    bf16_t* Vs = Ks + KT * KS_STRIDE;
+    bf16_t* Ks = dOs + BQ_ROWS * DOS_STRIDE;   // BW_QSTAGES tiles
+    bf16_t* Vs = Ks + BW_QSTAGES * KT * KS_STRIDE;
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z;
@@ -44,26 +44,28 @@ extern "C" __global__ void __launch_bounds__(128) win_bwd_dq(
     }
     const int kbeg = max(0, t0 - WIN + 1), kend = tmax + 1;
     auto for_tiles = [&](auto fn) {
-        for (int k0 = kbeg; k0 < kend; k0 += KT) {
-            const int nk = min(KT, kend - k0);
-            __syncthreads();
-            load_rows_async<KT, DK, KS_STRIDE, 128>(Ks, kw + ((i64)(start + k0) * HKV + g) * DK, nk,
-                                                    [&](int r) { return (i64)r * HKV * DK; });
-            load_rows_async<KT, DV, VS_STRIDE, 128>(Vs, vw + ((i64)(start + k0) * HKV + g) * DV, nk,
-                                                    [&](int r) { return (i64)r * HKV * DV; });
-            cp_async_commit();
-            cp_async_wait_all();
-            __syncthreads();
-            int lo[2], hi[2];
+        int k0 = kbeg;
+        bw_pipeline<128>(
+            Ks, Vs, kw, vw, g,
+            [&](BwTile& t) {
+                if (k0 >= kend) return false;
+                t.row = start + k0;
+                t.k0 = k0;
+                t.nk = min(KT, kend - k0);
+                t.chose = 0;
+                k0 += KT;
+                return true;
+            },
+            [&](const BwTile& t, int (&lo)[2], int (&hi)[2]) {
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                lo[i] = max(tt[i] - WIN + 1 - k0, 0);
-                hi[i] = valid[i] ? min(max(tt[i] + 1 - k0, 0), nk) : 0;
-            }
-            fn(lo, hi);
-        }
+                for (int i = 0; i < 2; ++i) {
+                    lo[i] = max(tt[i] - WIN + 1 - t.k0, 0);
+                    hi[i] = valid[i] ? min(max(tt[i] + 1 - t.k0, 0), t.nk) : 0;
+                }
+            },
+            fn);
     };
-    bw_rows_dq<true>(Qs, dOs, Ks, Vs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
+    bw_rows_dq<true>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
 // items[b] = (seq start, seq len, k0, 0)
