@@ -22,12 +22,14 @@ for line in sys.stdin:
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" "$PACK/tests/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
 
-# standalone CUDA timing (examples/cuda_bench.rs)
-cargo build -p nsa --features cuda --release --example cuda_bench
-cp target/release/examples/cuda_bench "$PACK/bin/"
-# decode step timing (examples/cuda_bench_decode.rs)
-cargo build -p nsa --features cuda --release --example cuda_bench_decode
-cp target/release/examples/cuda_bench_decode "$PACK/bin/"
+# standalone CUDA timing programs: every crates/nsa/examples/cuda_*.rs (cuda_bench: forward,
+# others: backward, decode)
+for f in crates/nsa/examples/cuda_*.rs; do
+  [[ -f $f ]] || continue
+  ex=$(basename "$f" .rs)
+  cargo build -p nsa --features cuda --release --example "$ex"
+  cp "target/release/examples/$ex" "$PACK/bin/"
+done
 
 # the CLI (benchmarks), when it builds with the cuda feature
 if cargo build -p nsa-cli --features cuda --release 2>/dev/null; then
