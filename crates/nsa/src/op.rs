@@ -127,9 +127,13 @@ pub fn decode_replay(
             |c, cache, b, xs| crate::cpu::decode::prefill(c, cache, b, xs, phi),
             |c, cache, xs| crate::cpu::decode::step(c, cache, xs, phi),
         ),
-        Device::Cuda(_) => Err(NsaError::Unsupported(
-            "GPU decoding is not implemented yet; use --device cpu".into(),
-        )),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let ctx = crate::cuda::CudaContext::new(*ordinal)?;
+            crate::cuda::decode::replay(&ctx, cfg, x, phi, prefill)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => no_cuda(),
     }
 }
 
