@@ -97,7 +97,7 @@ fn group_row(
         k: kv_rows(seq.k_cmp(), hkv, dk, g, 0, nvis),
         v: kv_rows(seq.v_cmp(), hkv, dv, g, 0, nvis),
     };
-    thin::forward(qm, &[cseg], thin, oc, lse, true);
+    thin::forward(qm, &[cseg], None, thin, oc, lse, true);
 
     // Selection.
     let (p, w) = thin.probs();
@@ -114,7 +114,7 @@ fn group_row(
         k: kv_rows(seq.k_win(), hkv, dk, g, k0, k1 - k0),
         v: kv_rows(seq.v_win(), hkv, dv, g, k0, k1 - k0),
     };
-    thin::forward(qm, &[wseg], thin, ow, lse, false);
+    thin::forward(qm, &[wseg], None, thin, ow, lse, false);
 
     let heads = g * gs..(g + 1) * gs;
     combine::mix(
@@ -294,6 +294,7 @@ pub fn step_split(
             thin::forward(
                 MatRef::rows(&qs[p], gs, dk),
                 &[seg],
+                None,
                 &mut scr.thin,
                 &mut part.o,
                 &mut part.lse,
@@ -416,6 +417,7 @@ pub fn step_split(
             thin::forward(
                 MatRef::rows(&qs[p], gs, dk),
                 &segs,
+                None,
                 &mut scr.thin,
                 &mut part.o,
                 &mut part.lse,

@@ -2,7 +2,7 @@
 //! every KV group and mixing them (see the module documentation of [`super`]).
 
 use super::attend::{gather_rows, Seg};
-use super::compress::CmpKv;
+use super::compress::{self, CmpKv};
 use super::phi::{self, BlockLayout};
 use super::thin;
 use super::thin::ThinScratch;
@@ -18,6 +18,9 @@ use rayon::prelude::*;
 struct Scratch {
     q: Vec<f32>,
     thin: ThinScratch,
+    /// The selection's (the compression probabilities stay in `thin` meanwhile).
+    sthin: ThinScratch,
+    ranges: Vec<(usize, usize)>,
     ob: [Vec<f32>; 3],
     lse: [Vec<f32>; 3],
     runs: Vec<(usize, usize)>,
@@ -103,6 +106,8 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
     let Scratch {
         q,
         thin,
+        sthin,
+        ranges,
         ob: sob,
         lse: slse,
         runs,
@@ -122,48 +127,56 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
         gather_rows(&x.q, hq, gs, dk, s0, g, t0..t1, q, dims.scale);
         let [oc, os, ow] = sob;
         let [lc, ls, lw] = slse;
-        // Token by token, the `G` heads of the group as the lanes of thin tiles (no packing).
+        // The tile's rows (token-major, the `G` heads of the group inner) are the lanes of
+        // thin tiles: no key is packed or copied.
+        let qm = MatRef::rows(q, rows, dk);
+
+        // Sliding window: one key span for the tile, each row its own range.
+        let (k0, k1) = window::span(dims, t0, t1);
+        window::ranges(dims, t0, t1, k0, k1, ranges);
+        let wseg = Seg {
+            k: kv_rows(&x.k_win, hkv, dk, g, s0 + k0, k1 - k0),
+            v: kv_rows(&x.v_win, hkv, dv, g, s0 + k0, k1 - k0),
+        };
+        thin::forward(
+            qm,
+            &[wseg],
+            Some(ranges),
+            thin,
+            &mut ow[..rows * dv],
+            &mut lw[..rows],
+            false,
+        );
+
+        // Compression branch over the compressed tokens visible to the tile's last token;
+        // its probabilities stay in the scratch for the importance scores.
+        let nv = blocks::cmp_visible(t1 - 1, dims.l, dims.d);
+        compress::ranges(dims, t0, t1, 0, nv, ranges);
+        let cseg = kv.seg(dims, b, g, 0, nv);
+        thin::forward(
+            qm,
+            &[cseg],
+            Some(ranges),
+            thin,
+            &mut oc[..rows * dv],
+            &mut lc[..rows],
+            true,
+        );
+        let (probs, w) = thin.probs();
+
+        // Selection, token by token: importance + top-n, then the selected blocks' attention.
         for t in t0..t1 {
             let r0 = (t - t0) * gs;
             let qt = MatRef::rows(&q[r0 * dk..], gs, dk);
             let orow = r0 * dv..(r0 + gs) * dv;
-
-            // Compression branch over the visible compressed tokens; its probabilities stay
-            // in the scratch for the importance scores.
             let nvis = blocks::cmp_visible(t, dims.l, dims.d);
-            let cseg = kv.seg(dims, b, g, 0, nvis);
-            thin::forward(
-                qt,
-                &[cseg],
-                thin,
-                &mut oc[orow.clone()],
-                &mut lc[r0..r0 + gs],
-                true,
-            );
-
-            // Selection: importance + top-n, then the selected blocks' attention.
-            let (p, w) = thin.probs();
+            let p = probs.get(r0..).unwrap_or(&[]);
             select::importance(dims, t, p, 1, w, nvis, psum, scores);
             let row = &mut sel[((t - t0) * hkv + g) * n..][..n];
             select::top_n(dims, scores, best, row);
             select::runs(dims.lp, t, row, runs);
             select::segments(dims, &x.k_slc, &x.v_slc, s0, g, runs, &mut segs);
-            select::forward_token(qt, &segs, thin, &mut os[orow.clone()], &mut ls[r0..r0 + gs]);
-
-            // Sliding window: keys `window_start(t) ..= t`.
-            let (k0, k1) = window::span(dims, t, t + 1);
-            let wseg = Seg {
-                k: kv_rows(&x.k_win, hkv, dk, g, s0 + k0, k1 - k0),
-                v: kv_rows(&x.v_win, hkv, dv, g, s0 + k0, k1 - k0),
-            };
-            thin::forward(
-                qt,
-                &[wseg],
-                thin,
-                &mut ow[orow],
-                &mut lw[r0..r0 + gs],
-                false,
-            );
+            select::forward_token(qt, &segs, sthin, &mut os[orow], &mut ls[r0..r0 + gs]);
         }
 
         // Scatter the group's rows to (token, head) order.

@@ -45,9 +45,14 @@ pub(crate) fn gemm_thin(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accum
     }
     #[cfg(target_arch = "x86_64")]
     if super::tile::has_avx2_fma() {
-        // SAFETY: AVX2 and FMA are present (checked at run time); the bounds of `a` were
-        // checked when the view was made and those of `b`, `c` just above.
-        unsafe { drive_avx2(a, b, w, c, accumulate) };
+        if has_avx512() {
+            // SAFETY: AVX-512F, AVX2 and FMA are present (checked at run time); the bounds of
+            // `a` were checked when the view was made and those of `b`, `c` just above.
+            unsafe { drive_avx512(a, b, w, c, accumulate) };
+            return;
+        }
+        // SAFETY: AVX2 and FMA are present (checked at run time); bounds as above.
+        unsafe { drive_avx2(a, b, w, c, accumulate, 0) };
         return;
     }
     drive_portable(a, b, w, c, accumulate);
@@ -74,21 +79,46 @@ fn drive_portable(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumulate:
     }
 }
 
+/// Whether the AVX-512 build of the kernel may run (same values as the AVX2 one: the same
+/// fused chains, only wider).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Columns `col0..w` (`col0 % 8 == 0`) with the AVX2 micro-kernel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn drive_avx2(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumulate: bool) {
+unsafe fn drive_avx2(
+    a: MatRef<'_>,
+    b: &[f32],
+    w: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    col0: usize,
+) {
     let (m, kk) = (a.rows, a.cols);
     let (ap, bp, cp) = (a.data.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     let mut k0 = 0;
     while k0 < kk {
         let kn = (kk - k0).min(KC);
         let acc_in = accumulate || k0 > 0;
-        let mut col = 0;
-        while col < w {
-            let nv = if w - col >= 16 { 2 } else { 1 };
-            let mut i = 0;
-            while i < m {
+        // `A` the long side (logits: keys x dk): its rows outer, so `MR` rows of `A` stay in
+        // L1 across the strips of the small `B`. Otherwise (outputs: dv x keys) a strip of `B`
+        // outer, so it stays in L1 across the row blocks of `A`.
+        let rows_outer = m > kn;
+        let strips = (w - col0).div_ceil(16);
+        let (no, ni) = if rows_outer {
+            (m.div_ceil(MR), strips)
+        } else {
+            (strips, m.div_ceil(MR))
+        };
+        for oi in 0..no {
+            for ii in 0..ni {
+                let (bi, bc) = if rows_outer { (oi, ii) } else { (ii, oi) };
+                let (i, col) = (bi * MR, col0 + bc * 16);
                 let mr = (m - i).min(MR);
+                let nv = if w - col >= 16 { 2 } else { 1 };
                 let blk = Blk {
                     a: ap.add(i * a.rs + k0 * a.cs),
                     rs: a.rs,
@@ -113,11 +143,70 @@ unsafe fn drive_avx2(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumula
                     (2, _) => blk.run::<2, 1>(),
                     _ => blk.run::<1, 1>(),
                 }
-                i += mr;
             }
-            col += 8 * nv;
         }
         k0 += kn;
+    }
+}
+
+/// Rows of `A` per AVX-512 micro-tile (up to 24 accumulators of 32 registers).
+#[cfg(target_arch = "x86_64")]
+const MR512: usize = 12;
+
+/// The multiple-of-16 columns with the AVX-512 micro-kernel, a last 8-wide strip with AVX2.
+///
+/// The AVX-512 intrinsics are stable since Rust 1.89 (the workspace's declared MSRV is older,
+/// but its locked dependencies already need 1.85; the toolchain in use is newer).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::incompatible_msrv)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn drive_avx512(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumulate: bool) {
+    let (m, kk) = (a.rows, a.cols);
+    let w16 = w / 16 * 16;
+    let (ap, bp, cp) = (a.data.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    let mut k0 = 0;
+    while k0 < kk && w16 > 0 {
+        let kn = (kk - k0).min(KC);
+        let acc_in = accumulate || k0 > 0;
+        let rows_outer = m > kn;
+        let strips = w16.div_ceil(32);
+        let (no, ni) = if rows_outer {
+            (m.div_ceil(MR512), strips)
+        } else {
+            (strips, m.div_ceil(MR512))
+        };
+        for oi in 0..no {
+            for ii in 0..ni {
+                let (bi, bc) = if rows_outer { (oi, ii) } else { (ii, oi) };
+                let (i, col) = (bi * MR512, bc * 32);
+                let mr = (m - i).min(MR512);
+                let nv = if w16 - col >= 32 { 2 } else { 1 };
+                let blk = Blk {
+                    a: ap.add(i * a.rs + k0 * a.cs),
+                    rs: a.rs,
+                    cs: a.cs,
+                    kn,
+                    b: bp.add(k0 * w + col),
+                    w,
+                    c: cp.add(i * w + col),
+                    acc_in,
+                };
+                macro_rules! arms {
+                    ($($r:literal)*) => {
+                        match (mr, nv) {
+                            $(($r, 2) => blk.run512::<$r, 2>(),)*
+                            $(($r, _) => blk.run512::<$r, 1>(),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                arms!(1 2 3 4 5 6 7 8 9 10 11 12);
+            }
+        }
+        k0 += kn;
+    }
+    if w16 < w {
+        drive_avx2(a, b, w, c, accumulate, w16);
     }
 }
 
@@ -171,6 +260,43 @@ impl Blk {
             }
         }
     }
+
+    /// [`Blk::run`] with 16-lane AVX-512 vectors: `16 NV` columns of `B` (Rust >= 1.89).
+    #[allow(clippy::incompatible_msrv)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn run512<const R: usize, const NV: usize>(&self) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        if self.acc_in {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(self.c.add(i * self.w + 16 * v));
+                }
+            }
+        }
+        let mut ak = self.a;
+        let mut bk = self.b;
+        for _ in 0..self.kn {
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(bk.add(16 * v));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ak.add(i * self.rs));
+                for (x, &bb) in row.iter_mut().zip(&bv) {
+                    *x = _mm512_fmadd_ps(av, bb, *x);
+                }
+            }
+            ak = ak.add(self.cs);
+            bk = bk.add(self.w);
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                _mm512_storeu_ps(self.c.add(i * self.w + 16 * v), *x);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -184,7 +310,15 @@ mod tests {
     #[test]
     fn matches_portable_build_bitwise_and_naive_closely() {
         // Odd sizes: remainders of MR, a width with one 8-wide strip, k past one KC pass.
-        for &(m, kk, w) in &[(13, 7, 24), (6, 300, 16), (1, 5, 8), (20, 64, 32)] {
+        // (And, on AVX-512 machines, 12-row remainders and 32/16/8-wide strips.)
+        for &(m, kk, w) in &[
+            (13, 7, 24),
+            (6, 300, 16),
+            (1, 5, 8),
+            (20, 64, 32),
+            (25, 40, 56),
+            (7, 70, 64),
+        ] {
             for &(rs, cs, transposed) in &[(kk, 1, false), (1, m, true)] {
                 let a = data(m * kk, 1.0);
                 let av = MatRef::new(&a, m, kk, rs, cs);
@@ -195,6 +329,17 @@ mod tests {
                     gemm_thin(av, &b, w, &mut fast, accumulate);
                     let mut port = c0.clone();
                     drive_portable(av, &b, w, &mut port, accumulate);
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::cpu::tile::has_avx2_fma() {
+                        let mut v2 = c0.clone();
+                        // SAFETY: AVX2/FMA checked; sizes as in `gemm_thin`.
+                        unsafe { drive_avx2(av, &b, w, &mut v2, accumulate, 0) };
+                        assert_eq!(
+                            v2.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            port.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            "AVX2 build: m={m} k={kk} w={w}"
+                        );
+                    }
                     assert_eq!(
                         fast.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                         port.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),

@@ -158,7 +158,7 @@ pub(crate) fn forward_token(
     o: &mut [f32],
     lse: &mut [f32],
 ) {
-    thin::forward(q, segs, scr, o, lse, false);
+    thin::forward(q, segs, None, scr, o, lse, false);
 }
 
 /// Inverse index of the selection: for each (KV head, sequence, block) the packed tokens that

@@ -22,6 +22,8 @@ pub(crate) struct ThinScratch {
     outt: Vec<f32>,
     m: Vec<f32>,
     sum: Vec<f32>,
+    lo: Vec<u32>,
+    hi: Vec<u32>,
     /// Lanes and keys of the last forward.
     w: usize,
     ncols: usize,
@@ -76,12 +78,14 @@ fn times_t(segs: &[Seg<'_>], which_v: bool, m: &[f32], w: usize, out: &mut [f32]
     }
 }
 
-/// Forward for `q` (`[G, dk]`, scaled) against every key of `segs`: writes `o` (`[G, dv]`) and
-/// `lse` (`[G]`; `-inf` and a zero row when there are no keys). With `keep_probs`, the
-/// probabilities stay in the scratch afterwards ([`ThinScratch::probs`]).
+/// Forward for `q` (`[rows, dk]`, scaled) against the keys of `segs` (concatenated): row `r`
+/// sees the keys `ranges[r]` (all of them with `None`), the others are hard-excluded. Writes
+/// `o` (`[rows, dv]`) and `lse` (`[rows]`; `-inf` and a zero row when a row sees nothing).
+/// With `keep_probs`, the probabilities stay in the scratch ([`ThinScratch::probs`]).
 pub(crate) fn forward(
     q: MatRef<'_>,
     segs: &[Seg<'_>],
+    ranges: Option<&[(usize, usize)]>,
     scr: &mut ThinScratch,
     o: &mut [f32],
     lse: &mut [f32],
@@ -104,10 +108,34 @@ pub(crate) fn forward(
     scr.m.resize(w, f32::NEG_INFINITY);
     scr.sum.clear();
     scr.sum.resize(w, 0.0);
+    // Per-lane key ranges (padding lanes see nothing).
+    scr.lo.clear();
+    scr.lo.resize(w, 0);
+    scr.hi.clear();
+    scr.hi.resize(w, 0);
+    for r in 0..rows {
+        let (a, e) = ranges.map_or((0, ncols), |rg| rg[r]);
+        let e = e.min(ncols);
+        scr.lo[r] = a.min(e) as u32;
+        scr.hi[r] = e as u32;
+    }
     logits_t(segs, &scr.qt, w, &mut scr.st);
-    exp_lanes(&mut scr.st[..ncols * w], w, &mut scr.m, &mut scr.sum);
+    exp_lanes(
+        &mut scr.st[..ncols * w],
+        w,
+        &scr.lo,
+        &scr.hi,
+        &mut scr.m,
+        &mut scr.sum,
+    );
     times_t(segs, true, &scr.st, w, &mut scr.outt);
     for r in 0..rows {
+        if scr.sum[r] == 0.0 {
+            // Nothing visible: the branch contributes exactly 0.
+            o[r * dv..(r + 1) * dv].fill(0.0);
+            lse[r] = f32::NEG_INFINITY;
+            continue;
+        }
         let inv = 1.0 / scr.sum[r];
         for (c, d) in o[r * dv..(r + 1) * dv].iter_mut().enumerate() {
             *d = scr.outt[c * w + r] * inv;
@@ -190,43 +218,89 @@ pub(crate) fn backward_q(
     }
 }
 
-/// Lane-wise softmax numerators of `st` (`[nk, w]`): `m[r]` = max over keys, `x <- e^{x - m}`,
-/// `sum[r]` = their sum (in key order).
-fn exp_lanes(st: &mut [f32], w: usize, m: &mut [f32], sum: &mut [f32]) {
+/// Lane-wise softmax numerators of `st` (`[nk, w]`), lane `r` seeing keys `lo[r]..hi[r]`:
+/// `m[r]` = max over its keys, `x <- e^{x - m}` there and exactly 0 elsewhere, `sum[r]` =
+/// their sum (in key order; 0 for a lane that sees nothing).
+fn exp_lanes(st: &mut [f32], w: usize, lo: &[u32], hi: &[u32], m: &mut [f32], sum: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::tile::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-        return unsafe { exp_lanes_avx2(st, w, m, sum) };
+        return unsafe { exp_lanes_avx2(st, w, lo, hi, m, sum) };
     }
-    exp_lanes_body(st, w, m, sum)
+    exp_lanes_body(st, w, lo, hi, m, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp_lanes_avx2(st: &mut [f32], w: usize, m: &mut [f32], sum: &mut [f32]) {
-    exp_lanes_body(st, w, m, sum)
+unsafe fn exp_lanes_avx2(
+    st: &mut [f32],
+    w: usize,
+    lo: &[u32],
+    hi: &[u32],
+    m: &mut [f32],
+    sum: &mut [f32],
+) {
+    exp_lanes_body(st, w, lo, hi, m, sum)
 }
 
 #[inline(always)]
-fn exp_lanes_body(st: &mut [f32], w: usize, m: &mut [f32], sum: &mut [f32]) {
+fn exp_lanes_body(
+    st: &mut [f32],
+    w: usize,
+    lo: &[u32],
+    hi: &[u32],
+    m: &mut [f32],
+    sum: &mut [f32],
+) {
     // Groups of 8 lanes, the running max and sum held in registers across the keys.
     let nk = st.len() / w;
     for g in (0..w).step_by(8) {
+        let l8: [u32; 8] = lo[g..g + 8].try_into().unwrap();
+        let h8: [u32; 8] = hi[g..g + 8].try_into().unwrap();
+        // Keys every lane of the group sees (no masking needed there).
+        let clo = (*l8.iter().max().unwrap() as usize).min(nk);
+        let chi = (*h8.iter().min().unwrap() as usize).clamp(clo, nk);
         let mut mx: [f32; 8] = m[g..g + 8].try_into().unwrap();
-        for j in 0..nk {
+        for j in (0..clo).chain(chi..nk) {
+            let x: &[f32; 8] = st[j * w + g..j * w + g + 8].try_into().unwrap();
+            let ju = j as u32;
+            for i in 0..8 {
+                let keep = (ju >= l8[i]) & (ju < h8[i]) & (x[i] > mx[i]);
+                mx[i] = if keep { x[i] } else { mx[i] };
+            }
+        }
+        for j in clo..chi {
             let x: &[f32; 8] = st[j * w + g..j * w + g + 8].try_into().unwrap();
             for i in 0..8 {
                 mx[i] = if x[i] > mx[i] { x[i] } else { mx[i] };
             }
         }
+        // Sums in key order (the masked and unmasked parts in sequence).
         let mut acc: [f32; 8] = sum[g..g + 8].try_into().unwrap();
-        for j in 0..nk {
+        let masked = |j: usize, st: &mut [f32], acc: &mut [f32; 8]| {
+            let x: &mut [f32; 8] = (&mut st[j * w + g..j * w + g + 8]).try_into().unwrap();
+            let ju = j as u32;
+            for i in 0..8 {
+                let inr = (ju >= l8[i]) & (ju < h8[i]);
+                let e = exp_f32(x[i] - mx[i]);
+                let e = if inr { e } else { 0.0 };
+                x[i] = e;
+                acc[i] += e;
+            }
+        };
+        for j in 0..clo {
+            masked(j, st, &mut acc);
+        }
+        for j in clo..chi {
             let x: &mut [f32; 8] = (&mut st[j * w + g..j * w + g + 8]).try_into().unwrap();
             for i in 0..8 {
                 let e = exp_f32(x[i] - mx[i]);
                 x[i] = e;
                 acc[i] += e;
             }
+        }
+        for j in chi..nk {
+            masked(j, st, &mut acc);
         }
         m[g..g + 8].copy_from_slice(&mx);
         sum[g..g + 8].copy_from_slice(&acc);
