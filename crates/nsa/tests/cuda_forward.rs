@@ -88,10 +88,11 @@ fn round_bf16(x: &NsaInputs<f32>) -> NsaInputs<f32> {
 fn check_selection(
     cfg: &NsaConfig,
     x: &NsaInputs<f64>,
+    phi: &PhiParams<f64>,
     want: &[i32],
     got: &[i32],
 ) -> Vec<(usize, usize, Vec<usize>)> {
-    let (scores, maxb) = reference::selection_scores(cfg, x, &PhiParams::mean()).unwrap();
+    let (scores, maxb) = reference::selection_scores(cfg, x, phi).unwrap();
     let (hkv, n) = (cfg.kv_heads, cfg.sel_count);
     let mut differing = Vec::new();
     let mut worst = 0.0f64;
@@ -203,16 +204,33 @@ fn patch_reference(
 }
 
 fn run_case(name: &str, cfg: &NsaConfig, seqlens: &[usize], dk: usize, dv: usize, shared: bool) {
+    run_case_phi(name, cfg, seqlens, dk, dv, shared, 0);
+}
+
+/// `hidden` is the MLP width (used when `cfg.phi` is mlp); the phi weights are random f32 and
+/// reach the reference unrounded (the kernels read them as f32 too).
+fn run_case_phi(
+    name: &str,
+    cfg: &NsaConfig,
+    seqlens: &[usize],
+    dk: usize,
+    dv: usize,
+    shared: bool,
+    hidden: usize,
+) {
     let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
-    let x = round_bf16(&NsaInputs::random(cfg, seqlens, dk, dv, shared, seed()));
-    let got = cuda::forward(&ctx, cfg, &x, &PhiParams::mean()).unwrap();
+    let sd = seed();
+    let x = round_bf16(&NsaInputs::random(cfg, seqlens, dk, dv, shared, sd));
+    let phi = PhiParams::random(cfg, dk, dv, hidden, sd);
+    let got = cuda::forward(&ctx, cfg, &x, &phi).unwrap();
     let x64 = x.map(|v| v as f64);
-    let want = reference::forward(cfg, &x64, &PhiParams::mean()).unwrap();
+    let phi64 = phi.map(|v| v as f64);
+    let want = reference::forward(cfg, &x64, &phi64).unwrap();
     assert!(
         got.o.iter().all(|v| v.is_finite()),
         "{name}: non-finite output (unwritten?)"
     );
-    let differing = check_selection(cfg, &x64, &want.sel_idx, &got.sel_idx);
+    let differing = check_selection(cfg, &x64, &phi64, &want.sel_idx, &got.sel_idx);
     let mut want_o = want.o.clone();
     patch_reference(cfg, &x64, &mut want_o, &differing, &want.sel_idx);
     let err = rel_rms(&got.o, &want_o);
@@ -294,6 +312,18 @@ fn head_dim_256_group32() {
 }
 
 #[test]
+fn phi_linear_group4() {
+    let c = cfg(8, 2).phi(PhiKind::Linear).build().unwrap();
+    run_case_phi("phi-linear", &c, &[600, 45], 64, 64, false, 0);
+}
+
+#[test]
+fn phi_mlp_group2_dk_ne_dv() {
+    let c = cfg(4, 2).phi(PhiKind::Mlp).build().unwrap();
+    run_case_phi("phi-mlp", &c, &[500], 64, 32, false, 48);
+}
+
+#[test]
 fn unsupported_shapes_are_typed_errors() {
     let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
     let c = cfg(4, 2).build().unwrap();
@@ -314,11 +344,11 @@ fn unsupported_shapes_are_typed_errors() {
         cuda::forward(&ctx, &big_n, &x, &PhiParams::mean()),
         Err(NsaError::Unsupported(_))
     ));
+    // phi weights of the wrong kind for the configuration
     let lin = cfg(4, 2).phi(PhiKind::Linear).build().unwrap();
     let x = NsaInputs::random(&lin, &[70], 64, 64, false, s);
-    let phi = PhiParams::random(&lin, 64, 64, 0, s);
     assert!(matches!(
-        cuda::forward(&ctx, &lin, &x, &phi),
+        cuda::forward(&ctx, &lin, &x, &PhiParams::mean()),
         Err(NsaError::Unsupported(_))
     ));
     // bad input is still rejected before any kernel runs

@@ -21,7 +21,7 @@ pub use module::{compile, default_mt, Compiled, Family, Shape};
 
 use crate::config::{NsaConfig, PhiKind};
 use crate::error::{NsaError, Result};
-use crate::inputs::{NsaInputs, NsaOutput, PhiParams};
+use crate::inputs::{NsaInputs, NsaOutput, PhiParams, PhiWeights};
 use cudarc::driver::{self, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -198,8 +198,21 @@ fn footprint(shape: &Shape) -> Footprint {
     }
 }
 
-/// Checks what the kernels support; every refusal is a typed `Unsupported`.
+/// Checks what the kernels support, `phi = mean` included (decode, backward); every refusal
+/// is a typed `Unsupported`.
 pub fn check_supported(cfg: &NsaConfig, dk: usize, dv: usize) -> Result<()> {
+    check_shapes(cfg, dk, dv)?;
+    if cfg.phi != PhiKind::Mean {
+        return Err(NsaError::Unsupported(format!(
+            "this CUDA path implements phi = mean only, got {:?}",
+            cfg.phi
+        )));
+    }
+    Ok(())
+}
+
+/// The shape limits of the forward kernels (any `phi`).
+pub fn check_shapes(cfg: &NsaConfig, dk: usize, dv: usize) -> Result<()> {
     cfg.validate()?;
     cfg.validate_dims(dk, dv)?;
     for (name, d) in [("dk", dk), ("dv", dv)] {
@@ -219,12 +232,6 @@ pub fn check_supported(cfg: &NsaConfig, dk: usize, dv: usize) -> Result<()> {
         return Err(NsaError::Unsupported(format!(
             "CUDA kernels need a group size G <= {MAX_GROUP}, got {}",
             cfg.group_size()
-        )));
-    }
-    if cfg.phi != PhiKind::Mean {
-        return Err(NsaError::Unsupported(format!(
-            "CUDA forward implements phi = mean only so far, got {:?}",
-            cfg.phi
         )));
     }
     Ok(())
@@ -319,6 +326,18 @@ pub struct DeviceInputs {
     pub sel_idx: CudaSlice<i32>,
     /// `[N, HQ, dv]`
     pub out: CudaSlice<f32>,
+    /// `phi` weights when `cfg.phi` is linear or mlp ([`DeviceInputs::set_phi`]).
+    phi: Option<DevicePhi>,
+}
+
+/// `phi` weights (linear / mlp) on the device, f32, in the layout of [`PhiWeights`]:
+/// `[pe, w]` or `[pe, w1, b1, w2, b2]` for K and for V, plus the MLP's hidden buffer.
+struct DevicePhi {
+    k: Vec<CudaSlice<f32>>,
+    v: Vec<CudaSlice<f32>>,
+    hidden: usize,
+    /// `[HKV, n_cmp, hidden]` (MLP only)
+    hbuf: CudaSlice<f32>,
 }
 
 /// f32 -> bf16 bits, round to nearest even (the rounding the tests apply to the reference inputs).
@@ -333,7 +352,7 @@ impl DeviceInputs {
     /// Validates the inputs, converts them to bf16 and uploads them.
     pub fn upload(ctx: &CudaContext, cfg: &NsaConfig, x: &NsaInputs<f32>) -> Result<Self> {
         x.validate(cfg)?;
-        check_supported(cfg, x.dk, x.dv)?;
+        check_shapes(cfg, x.dk, x.dv)?;
         let mut dev = Self::allocate(ctx, cfg, &x.cu_seqlens, x.dk, x.dv)?;
         let s = &ctx.stream;
         let bf = |v: &Vec<f32>, dst: &mut CudaSlice<u16>| {
@@ -414,6 +433,7 @@ impl DeviceInputs {
             // SAFETY: as above.
             sel_idx: unsafe { s.alloc::<i32>(n * hkv * cfg.sel_count) }.map_err(driver_err)?,
             out: f(n * hq * dv)?,
+            phi: None,
         })
     }
 
@@ -485,6 +505,37 @@ impl DeviceInputs {
         Ok(dev)
     }
 
+    /// Uploads the `phi` weights (needed when `cfg.phi` is linear or mlp; a no-op for mean).
+    pub fn set_phi(&mut self, ctx: &CudaContext, phi: &PhiParams<f32>) -> Result<()> {
+        phi.validate(&self.cfg, self.shape.dk, self.shape.dv)?;
+        let up = |w: &PhiWeights<f32>| -> Result<Vec<CudaSlice<f32>>> {
+            let parts: Vec<&Vec<f32>> = match w {
+                PhiWeights::Mean => vec![],
+                PhiWeights::Linear { pe, w } => vec![pe, w],
+                PhiWeights::Mlp { pe, w1, b1, w2, b2 } => vec![pe, w1, b1, w2, b2],
+            };
+            parts
+                .into_iter()
+                .map(|p| ctx.stream.clone_htod(p).map_err(driver_err))
+                .collect()
+        };
+        self.phi = match self.cfg.phi {
+            PhiKind::Mean => None,
+            _ => {
+                let hidden = phi.hidden;
+                let len = (self.cfg.kv_heads * self.plan.n_cmp_total * hidden).max(1);
+                Some(DevicePhi {
+                    k: up(&phi.k)?,
+                    v: up(&phi.v)?,
+                    hidden,
+                    // SAFETY: written by the first MLP layer before the second reads it.
+                    hbuf: unsafe { ctx.stream.alloc::<f32>(len) }.map_err(driver_err)?,
+                })
+            }
+        };
+        Ok(())
+    }
+
     /// Fills the outputs with NaN (tests: every element must be written by the kernels).
     pub fn poison_outputs(&mut self, ctx: &CudaContext) -> Result<()> {
         let nan = vec![f32::NAN; self.out.len()];
@@ -527,6 +578,111 @@ pub struct KernelTimes {
     pub total: f32,
 }
 
+/// One `phi` (linear: one GEMM; mlp: two) from raw `src` `[N, HKV, d]` into the compressed
+/// `dst` `[n_cmp, HKV, d]` (bf16), see `kernels/phi.cu`.
+#[allow(clippy::too_many_arguments)]
+fn run_phi(
+    ctx: &CudaContext,
+    f: &CudaFunction,
+    shape: &Shape,
+    src: &CudaSlice<u16>,
+    w: &[CudaSlice<f32>],
+    hidden: usize,
+    hbuf: &mut CudaSlice<f32>,
+    items: &CudaSlice<i32>,
+    m: usize,
+    d: usize,
+    dst: &mut CudaSlice<u16>,
+) -> Result<()> {
+    let l = shape.cmp_l;
+    let null = 0u64;
+    let grid = |n: usize| -> Result<(u32, u32, u32)> {
+        let gy = m.div_ceil(64);
+        if gy > 65535 {
+            return Err(NsaError::Unsupported(format!(
+                "phi GEMM over {m} compressed tokens (at most {} per call)",
+                65535 * 64
+            )));
+        }
+        Ok((n.div_ceil(64) as u32, gy as u32, shape.hkv as u32))
+    };
+    let cfg = |n: usize| -> Result<LaunchConfig> {
+        Ok(LaunchConfig {
+            grid_dim: grid(n)?,
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    };
+    let (mi, di, lkd) = (m as i32, d as i32, (l * d) as i32);
+    let (one, zero) = (1i32, 0i32);
+    match w.len() {
+        2 => {
+            // linear: dst = flatten(x + pe) @ w
+            let (n, kd) = (d as i32, lkd);
+            let mut b = ctx.stream.launch_builder(f);
+            b.arg(src)
+                .arg(&w[0])
+                .arg(&null)
+                .arg(items)
+                .arg(&mi)
+                .arg(&n)
+                .arg(&kd)
+                .arg(&di);
+            b.arg(&one)
+                .arg(&w[1])
+                .arg(&null)
+                .arg(&zero)
+                .arg(&null)
+                .arg(dst);
+            // SAFETY: matches `phi_gemm`; null pointers are the unused operands.
+            unsafe { b.launch(cfg(d)?) }.map_err(driver_err)?;
+        }
+        5 => {
+            // mlp: h = silu(flatten(x + pe) @ w1 + b1); dst = h @ w2 + b2
+            let (h, kd) = (hidden as i32, lkd);
+            let mut b = ctx.stream.launch_builder(f);
+            b.arg(src)
+                .arg(&w[0])
+                .arg(&null)
+                .arg(items)
+                .arg(&mi)
+                .arg(&h)
+                .arg(&kd)
+                .arg(&di);
+            b.arg(&one)
+                .arg(&w[1])
+                .arg(&w[2])
+                .arg(&one)
+                .arg(&mut *hbuf)
+                .arg(&null);
+            // SAFETY: as above.
+            unsafe { b.launch(cfg(hidden)?) }.map_err(driver_err)?;
+            let n = d as i32;
+            let mut b = ctx.stream.launch_builder(f);
+            b.arg(src)
+                .arg(&null)
+                .arg(&*hbuf)
+                .arg(items)
+                .arg(&mi)
+                .arg(&n)
+                .arg(&h)
+                .arg(&di);
+            b.arg(&zero)
+                .arg(&w[3])
+                .arg(&w[4])
+                .arg(&zero)
+                .arg(&null)
+                .arg(dst);
+            // SAFETY: as above.
+            unsafe { b.launch(cfg(d)?) }.map_err(driver_err)?;
+        }
+        k => {
+            return Err(NsaError::Cuda(format!("phi weights: {k} tensors")));
+        }
+    }
+    Ok(())
+}
+
 /// Runs the forward pass on device-resident inputs; with `times`, records events around each
 /// kernel and waits for them.
 pub fn forward_device(
@@ -560,8 +716,33 @@ pub fn forward_device(
         Ok(())
     };
     rec(0)?;
-    // 1. phi = mean
-    if x.plan.n_compress > 0 {
+    // 1. phi: mean, or the linear / mlp GEMMs
+    if x.plan.n_compress > 0 && x.cfg.phi != PhiKind::Mean {
+        let ph = x
+            .phi
+            .as_mut()
+            .ok_or_else(|| NsaError::MissingTensor("phi weights (DeviceInputs::set_phi)".into()))?;
+        let f_phi = ctx.function(Family::Phi, shape, 0)?;
+        let m = x.plan.n_compress;
+        for (src, w, dst, d) in [
+            (&x.k[0], &ph.k, &mut x.kc, shape.dk),
+            (&x.v[0], &ph.v, &mut x.vc, shape.dv),
+        ] {
+            run_phi(
+                ctx,
+                &f_phi,
+                shape,
+                src,
+                w,
+                ph.hidden,
+                &mut ph.hbuf,
+                &x.plan.compress,
+                m,
+                d,
+                dst,
+            )?;
+        }
+    } else if x.plan.n_compress > 0 {
         let per = x.plan.n_compress * shape.hkv * (shape.dk + shape.dv) / 8;
         let threads = 256u32;
         let blocks = per.div_ceil(threads as usize) as u32;
@@ -688,6 +869,7 @@ pub fn forward(
 ) -> Result<NsaOutput<f32>> {
     phi.validate(cfg, x.dk, x.dv)?;
     let mut dev = DeviceInputs::upload(ctx, cfg, x)?;
+    dev.set_phi(ctx, phi)?;
     dev.poison_outputs(ctx)?;
     forward_device(ctx, &mut dev, None)?;
     dev.download(ctx)

@@ -28,17 +28,20 @@ pub enum Family {
     Fill,
     /// Decoding over the paged cache (cuda/decode.rs): write, attention splits, top-n, combine.
     Decode,
+    /// phi = linear / mlp: small GEMMs into the compressed K/V.
+    Phi,
 }
 
 impl Family {
     /// Every family, for compile-only checks.
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Family::Compress,
         Family::CmpAttn,
         Family::SelAttn,
         Family::WinAttn,
         Family::Fill,
         Family::Decode,
+        Family::Phi,
     ];
 
     /// The `.cu` source of the family (without the prelude).
@@ -49,6 +52,7 @@ impl Family {
             Family::SelAttn => include_str!("kernels/sel_attn.cu"),
             Family::WinAttn => include_str!("kernels/win_attn.cu"),
             Family::Fill => include_str!("kernels/fill.cu"),
+            Family::Phi => include_str!("kernels/phi.cu"),
             Family::Decode => include_str!("kernels/decode_attn.cu"),
         }
     }
@@ -61,6 +65,7 @@ impl Family {
             Family::SelAttn => "sel_attn",
             Family::WinAttn => "win_attn",
             Family::Fill => "fill_normal_bf16",
+            Family::Phi => "phi_gemm",
             Family::Decode => "decode_attn_cw",
         }
     }
