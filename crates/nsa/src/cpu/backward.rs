@@ -28,6 +28,8 @@ use rayon::prelude::*;
 const CMP_CHUNK: usize = 32;
 /// Window keys per key-major task.
 const WIN_CHUNK: usize = 64;
+/// Query rows per GEMM of the key-major passes.
+const KV_ROWS: usize = 256;
 /// Queries per part of a selection block's task.
 const HOT: usize = 512;
 
@@ -370,9 +372,15 @@ fn dq_tile(ctx: &Ctx<'_>, b: usize, t0: usize, t1: usize, out: &mut [f32], scr: 
     }
 }
 
+/// Query tokens per GEMM of the key-major passes: `KV_ROWS / G` (the `G` heads of each token
+/// are rows), so the packing of each key block is shared by many query rows.
+fn kv_query_tokens(d: &Dims) -> usize {
+    (KV_ROWS / d.g).max(1)
+}
+
 /// Key-major sub-tiles: query tokens `ta..tb` in steps of the tile size.
 fn subtiles(d: &Dims, ta: usize, tb: usize) -> impl Iterator<Item = (usize, usize)> {
-    let tq = d.tile_tokens();
+    let tq = kv_query_tokens(d);
     (ta..tb).step_by(tq).map(move |a| (a, (a + tq).min(tb)))
 }
 
@@ -473,7 +481,7 @@ fn sel_kv(
     let qs = inv.queries(g, b, j);
     // One part of the query list into (dk, dv) (accumulating).
     let part = |toks: &[u32], dk: &mut [f32], dv: &mut [f32], scr: &mut Scratch| {
-        let tq = d.tile_tokens();
+        let tq = kv_query_tokens(d);
         for chunk in toks.chunks(tq) {
             let it = chunk.iter().map(|&t| t as usize);
             ctx.gather(1, b, g, it.clone(), scr, true);

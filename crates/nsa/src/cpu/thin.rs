@@ -224,10 +224,14 @@ pub(crate) fn backward_q(
 fn exp_lanes(st: &mut [f32], w: usize, lo: &[u32], hi: &[u32], m: &mut [f32], sum: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::tile::has_avx2_fma() {
+        if w % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked at run time).
+            return unsafe { exp_lanes_avx512(st, w, lo, hi, m, sum) };
+        }
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
         return unsafe { exp_lanes_avx2(st, w, lo, hi, m, sum) };
     }
-    exp_lanes_body(st, w, lo, hi, m, sum)
+    exp_lanes_body::<8>(st, w, lo, hi, m, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -240,11 +244,14 @@ unsafe fn exp_lanes_avx2(
     m: &mut [f32],
     sum: &mut [f32],
 ) {
-    exp_lanes_body(st, w, lo, hi, m, sum)
+    exp_lanes_body::<8>(st, w, lo, hi, m, sum)
 }
 
-#[inline(always)]
-fn exp_lanes_body(
+/// The same lane-wise operations 16 lanes at a time (bitwise the same values: no operation
+/// depends on the vector width).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn exp_lanes_avx512(
     st: &mut [f32],
     w: usize,
     lo: &[u32],
@@ -252,35 +259,47 @@ fn exp_lanes_body(
     m: &mut [f32],
     sum: &mut [f32],
 ) {
-    // Groups of 8 lanes, the running max and sum held in registers across the keys.
+    exp_lanes_body::<16>(st, w, lo, hi, m, sum)
+}
+
+#[inline(always)]
+fn exp_lanes_body<const L: usize>(
+    st: &mut [f32],
+    w: usize,
+    lo: &[u32],
+    hi: &[u32],
+    m: &mut [f32],
+    sum: &mut [f32],
+) {
+    // Groups of `L` lanes (`L` divides `w`), the running max and sum held in registers across the keys.
     let nk = st.len() / w;
-    for g in (0..w).step_by(8) {
-        let l8: [u32; 8] = lo[g..g + 8].try_into().unwrap();
-        let h8: [u32; 8] = hi[g..g + 8].try_into().unwrap();
+    for g in (0..w).step_by(L) {
+        let l8: [u32; L] = lo[g..g + L].try_into().unwrap();
+        let h8: [u32; L] = hi[g..g + L].try_into().unwrap();
         // Keys every lane of the group sees (no masking needed there).
         let clo = (*l8.iter().max().unwrap() as usize).min(nk);
         let chi = (*h8.iter().min().unwrap() as usize).clamp(clo, nk);
-        let mut mx: [f32; 8] = m[g..g + 8].try_into().unwrap();
+        let mut mx: [f32; L] = m[g..g + L].try_into().unwrap();
         for j in (0..clo).chain(chi..nk) {
-            let x: &[f32; 8] = st[j * w + g..j * w + g + 8].try_into().unwrap();
+            let x: &[f32; L] = st[j * w + g..j * w + g + L].try_into().unwrap();
             let ju = j as u32;
-            for i in 0..8 {
+            for i in 0..L {
                 let keep = (ju >= l8[i]) & (ju < h8[i]) & (x[i] > mx[i]);
                 mx[i] = if keep { x[i] } else { mx[i] };
             }
         }
         for j in clo..chi {
-            let x: &[f32; 8] = st[j * w + g..j * w + g + 8].try_into().unwrap();
-            for i in 0..8 {
+            let x: &[f32; L] = st[j * w + g..j * w + g + L].try_into().unwrap();
+            for i in 0..L {
                 mx[i] = if x[i] > mx[i] { x[i] } else { mx[i] };
             }
         }
         // Sums in key order (the masked and unmasked parts in sequence).
-        let mut acc: [f32; 8] = sum[g..g + 8].try_into().unwrap();
-        let masked = |j: usize, st: &mut [f32], acc: &mut [f32; 8]| {
-            let x: &mut [f32; 8] = (&mut st[j * w + g..j * w + g + 8]).try_into().unwrap();
+        let mut acc: [f32; L] = sum[g..g + L].try_into().unwrap();
+        let masked = |j: usize, st: &mut [f32], acc: &mut [f32; L]| {
+            let x: &mut [f32; L] = (&mut st[j * w + g..j * w + g + L]).try_into().unwrap();
             let ju = j as u32;
-            for i in 0..8 {
+            for i in 0..L {
                 let inr = (ju >= l8[i]) & (ju < h8[i]);
                 let e = exp_f32(x[i] - mx[i]);
                 let e = if inr { e } else { 0.0 };
@@ -292,8 +311,8 @@ fn exp_lanes_body(
             masked(j, st, &mut acc);
         }
         for j in clo..chi {
-            let x: &mut [f32; 8] = (&mut st[j * w + g..j * w + g + 8]).try_into().unwrap();
-            for i in 0..8 {
+            let x: &mut [f32; L] = (&mut st[j * w + g..j * w + g + L]).try_into().unwrap();
+            for i in 0..L {
                 let e = exp_f32(x[i] - mx[i]);
                 x[i] = e;
                 acc[i] += e;
@@ -302,8 +321,8 @@ fn exp_lanes_body(
         for j in chi..nk {
             masked(j, st, &mut acc);
         }
-        m[g..g + 8].copy_from_slice(&mx);
-        sum[g..g + 8].copy_from_slice(&acc);
+        m[g..g + L].copy_from_slice(&mx);
+        sum[g..g + L].copy_from_slice(&acc);
     }
 }
 
@@ -312,6 +331,10 @@ fn exp_lanes_body(
 fn dscores_lanes(st: &mut [f32], dpt: &mut [f32], w: usize, lse: &[f32], delta: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::tile::has_avx2_fma() {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked at run time).
+            return unsafe { dscores_lanes_avx512(st, dpt, w, lse, delta) };
+        }
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
         return unsafe { dscores_lanes_avx2(st, dpt, w, lse, delta) };
     }
@@ -321,6 +344,18 @@ fn dscores_lanes(st: &mut [f32], dpt: &mut [f32], w: usize, lse: &[f32], delta: 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dscores_lanes_avx2(
+    st: &mut [f32],
+    dpt: &mut [f32],
+    w: usize,
+    lse: &[f32],
+    delta: &[f32],
+) {
+    dscores_lanes_body(st, dpt, w, lse, delta)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dscores_lanes_avx512(
     st: &mut [f32],
     dpt: &mut [f32],
     w: usize,
