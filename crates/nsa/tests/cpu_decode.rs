@@ -221,12 +221,18 @@ fn step_rejects_bad_batches() {
 /// order) still equal the forward's rows, and are bitwise identical for 1 and 3 threads.
 #[test]
 fn split_steps_equal_forward_rows_for_any_thread_count() {
-    let prefix = [0usize, 9, 40, 77];
+    // 8 (sequence, group) pairs: the per-pair phases run in parallel.
+    split_steps(&[0, 9, 40, 77], 2);
+    // One pair (one sequence, one KV head): they run inline.
+    split_steps(&[61], 1);
+}
+
+fn split_steps(prefix: &[usize], hkv: usize) {
     let steps = 6;
     let lens: Vec<usize> = prefix.iter().map(|&p| p + steps).collect();
     let c = case(
         "split G=4 mlp",
-        cfg(8, 2, 8, 4, 16, 4, 24, PhiKind::Mlp),
+        cfg(4 * hkv, hkv, 8, 4, 16, 4, 24, PhiKind::Mlp),
         &lens,
         16,
         8,
@@ -289,7 +295,7 @@ fn split_steps_equal_forward_rows_for_any_thread_count() {
         }
     }
     let mut cache = DecodeCache::<f32>::new(&c.cfg, prefix.len(), c.x.dk, dv).unwrap();
-    let xs = step_batch(&c.x, &[0, 0, 0, 0]);
+    let xs = step_batch(&c.x, &vec![0; prefix.len()]);
     assert!(matches!(
         nsa::cpu::decode::step_split(&c.cfg, &mut cache, &xs, &c.phi, 0),
         Err(nsa::NsaError::Decode(_))

@@ -217,7 +217,9 @@ pub fn prefill(
 
 /// Keys per chunk of a decode step's split (flash-decoding): compressed tokens per task of the
 /// compression branch, selected or window tokens per task of the other two.
-pub const DECODE_SPLIT: usize = 256;
+pub const DECODE_SPLIT: usize = 128;
+/// (Sequence, KV group) pairs from which the per-pair phases of a step run in parallel.
+const PAR_PAIRS: usize = 4;
 
 /// One decode step for the whole batch: `x` holds one token per sequence (`cu_seqlens = [0, 1,
 /// .., B]`); token `b` is appended to sequence `b` (any length, possibly empty) and the rows
@@ -318,57 +320,69 @@ pub fn step_split(
         first[p + 1] += first[p];
     }
     let mut o_cmp = vec![0.0f32; npairs * gs * dv];
-    let runs: Vec<Vec<(usize, usize)>> = o_cmp
-        .par_chunks_mut(gs * dv)
-        .zip(out.sel_idx.par_chunks_mut(n))
-        .enumerate()
-        .map_init(Scratch::default, |scr, (p, (oc, sel))| {
-            let seq = &seqs[p / hkv];
-            let t = seq.len() - 1;
-            let nvis = seq.num_cmp();
-            let parts = &cparts[first[p]..first[p + 1]];
-            let lse = merge(parts, gs, dv, oc);
-            // Global probabilities `[nvis, w]` (key-major, the `G` rows as lanes) from the
-            // chunks' local ones.
-            let w = gs.div_ceil(8) * 8;
-            ensure(&mut scr.s2, nvis * w);
-            let mut wts = vec![0.0f32; w];
-            let mut i0 = 0;
-            for part in parts {
-                let nk = part.p.len() / w;
-                for (r, (&lt, &lc)) in lse.iter().zip(&part.lse).enumerate() {
-                    wts[r] = if lt == f32::NEG_INFINITY {
-                        0.0
-                    } else {
-                        exp_f32(lc - lt)
-                    };
-                }
-                for (d, s) in scr.s2[i0 * w..(i0 + nk) * w]
-                    .chunks_exact_mut(w)
-                    .zip(part.p.chunks_exact(w))
-                {
-                    for ((d, &v), &f) in d.iter_mut().zip(s).zip(&wts) {
-                        *d = f * v;
-                    }
-                }
-                i0 += nk;
+    let select_pair = |scr: &mut Scratch, (p, (oc, sel)): (usize, (&mut [f32], &mut [i32]))| {
+        let seq = &seqs[p / hkv];
+        let t = seq.len() - 1;
+        let nvis = seq.num_cmp();
+        let parts = &cparts[first[p]..first[p + 1]];
+        let lse = merge(parts, gs, dv, oc);
+        // Global probabilities `[nvis, w]` (key-major, the `G` rows as lanes) from the
+        // chunks' local ones.
+        let w = gs.div_ceil(8) * 8;
+        ensure(&mut scr.s2, nvis * w);
+        let mut wts = vec![0.0f32; w];
+        let mut i0 = 0;
+        for part in parts {
+            let nk = part.p.len() / w;
+            for (r, (&lt, &lc)) in lse.iter().zip(&part.lse).enumerate() {
+                wts[r] = if lt == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    exp_f32(lc - lt)
+                };
             }
-            select::importance(
-                &dims,
-                t,
-                &scr.s2,
-                1,
-                w,
-                nvis,
-                &mut scr.psum,
-                &mut scr.scores,
-            );
-            select::top_n(&dims, &scr.scores, &mut scr.best, sel);
-            let mut r = Vec::new();
-            select::runs(dims.lp, t, sel, &mut r);
-            r
-        })
-        .collect();
+            for (d, s) in scr.s2[i0 * w..(i0 + nk) * w]
+                .chunks_exact_mut(w)
+                .zip(part.p.chunks_exact(w))
+            {
+                for ((d, &v), &f) in d.iter_mut().zip(s).zip(&wts) {
+                    *d = f * v;
+                }
+            }
+            i0 += nk;
+        }
+        select::importance(
+            &dims,
+            t,
+            &scr.s2,
+            1,
+            w,
+            nvis,
+            &mut scr.psum,
+            &mut scr.scores,
+        );
+        select::top_n(&dims, &scr.scores, &mut scr.best, sel);
+        let mut r = Vec::new();
+        select::runs(dims.lp, t, sel, &mut r);
+        r
+    };
+    // Few pairs: inline (a parallel phase costs a round trip through the pool).
+    let runs: Vec<Vec<(usize, usize)>> = if npairs >= PAR_PAIRS {
+        o_cmp
+            .par_chunks_mut(gs * dv)
+            .zip(out.sel_idx.par_chunks_mut(n))
+            .enumerate()
+            .map_init(Scratch::default, |scr, a| select_pair(scr, a))
+            .collect()
+    } else {
+        let mut scr = Scratch::default();
+        o_cmp
+            .chunks_mut(gs * dv)
+            .zip(out.sel_idx.chunks_mut(n))
+            .enumerate()
+            .map(|a| select_pair(&mut scr, a))
+            .collect()
+    };
 
     // 3. Selected and window tokens, split over chunks of at most `split` tokens.
     // Job: (pair, branch 1 = slc / 2 = win, token ranges of the chunk).
@@ -436,30 +450,32 @@ pub fn step_split(
         }
         e.1 = i + 1;
     }
-    out.o
-        .par_chunks_mut(gs * dv)
-        .enumerate()
-        .for_each(|(p, o)| {
-            let (b, g) = (p / hkv, p % hkv);
-            let mut os = vec![0.0f32; gs * dv];
-            let mut ow = vec![0.0f32; gs * dv];
-            for (k, dst) in [(0usize, &mut os), (1, &mut ow)] {
-                let (a, e) = bounds[p * 2 + k];
-                merge(&aparts[a..e], gs, dv, dst);
-            }
-            let heads = g * gs..(g + 1) * gs;
-            let gates = gates_of(x, hq, b);
-            combine::mix(
-                [
-                    &gates[0][heads.clone()],
-                    &gates[1][heads.clone()],
-                    &gates[2][heads],
-                ],
-                [&o_cmp[p * gs * dv..(p + 1) * gs * dv], &os, &ow],
-                o,
-                dv,
-            );
-        });
+    let mix_pair = |(p, o): (usize, &mut [f32])| {
+        let (b, g) = (p / hkv, p % hkv);
+        let mut os = vec![0.0f32; gs * dv];
+        let mut ow = vec![0.0f32; gs * dv];
+        for (k, dst) in [(0usize, &mut os), (1, &mut ow)] {
+            let (a, e) = bounds[p * 2 + k];
+            merge(&aparts[a..e], gs, dv, dst);
+        }
+        let heads = g * gs..(g + 1) * gs;
+        let gates = gates_of(x, hq, b);
+        combine::mix(
+            [
+                &gates[0][heads.clone()],
+                &gates[1][heads.clone()],
+                &gates[2][heads],
+            ],
+            [&o_cmp[p * gs * dv..(p + 1) * gs * dv], &os, &ow],
+            o,
+            dv,
+        );
+    };
+    if npairs >= PAR_PAIRS {
+        out.o.par_chunks_mut(gs * dv).enumerate().for_each(mix_pair);
+    } else {
+        out.o.chunks_mut(gs * dv).enumerate().for_each(mix_pair);
+    }
     Ok(out)
 }
 
