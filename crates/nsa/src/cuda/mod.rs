@@ -172,7 +172,8 @@ fn footprint(shape: &Shape) -> Footprint {
     let mt = shape.mt;
     let rows = 64 * mt;
     let p_rows = rows / g;
-    let p_sel = if g >= 16 { 1 } else { 16 / g };
+    // P_SEL in sel_attn.cu
+    let p_sel = if g >= 64 { 1 } else { (64 / g).min(32) };
     let sel_warps = (p_sel * g).div_ceil(16);
     let tiles = |rows: usize| (rows * qs + 64 * ks + 64 * vs) * 2;
     // JSPAN / JW in cmp_attn.cu: selection blocks one tile of 64 compressed blocks touches
@@ -189,7 +190,7 @@ fn footprint(shape: &Shape) -> Footprint {
         // Q rows, two stages of 32 K/V keys, the index lists and the chunk list (sel_attn.cu)
         sel_smem: (sel_warps * 16 * qs + 2 * 32 * ks + 2 * 32 * vs) * 2
             + p_sel * shape.nsel * 4
-            + 2 * max_chunks * 4
+            + 3 * max_chunks * 4
             + 16,
         sel_threads: sel_warps * 32,
         sel_positions: p_sel,

@@ -3,20 +3,21 @@
 //
 // Group-centric: one CTA serves one KV group g, so the G query heads of a position share every
 // K/V block loaded into shared memory. Small groups would fill only G of the 16 rows of an
-// m16n8k16 tile; instead the CTA packs P_SEL = 16 / G consecutive positions into the rows
-// (row r -> position t0 + r / G, head g*G + r % G) and walks the *union* of their selected blocks
-// in ascending order (a P-way merge of the sorted index lists, one lane per position): each block
-// is loaded once, and the rows of positions that did not choose it are masked out. Neighbouring
-// positions share the forced blocks and, with real (correlated) queries, most chosen ones, so
-// the union stays close to n while the tensor-core rows are full. For G >= 16 one position fills
-// G / 16 warps.
+// m16n8k16 tile; instead the CTA packs P_SEL = min(32, 64 / G) consecutive positions into its
+// rows (row r -> position t0 + r / G, head g*G + r % G) and walks the *union* of their selected
+// blocks in ascending order (a P-way merge of the sorted index lists, one lane per position):
+// each block is loaded once for all of them; rows of positions that did not choose it are
+// masked, and a warp none of whose positions chose it skips the block. Neighbouring positions
+// share the forced blocks and, with real (correlated) queries, most chosen ones, so the union
+// stays close to n while the tensor-core rows are full. For G >= 64 one position fills G / 16
+// warps.
 //
 // The union is first written out as a list of 32-key chunks (first key, length, which positions
 // chose the block); the chunks then stream through two shared-memory stages with cp.async, the
 // next chunk loading while the current one is computed (a 1-warp CTA has no other warps of its
 // own to hide the load latency behind).
 
-#define P_SEL (G >= 16 ? 1 : 16 / G)
+#define P_SEL (G >= 64 ? 1 : (64 / G > 32 ? 32 : 64 / G))
 #define SEL_WARPS ((P_SEL * G + 15) / 16)
 #define SEL_ROWS (SEL_WARPS * 16)
 #define SEL_THREADS (SEL_WARPS * 32)
@@ -34,8 +35,9 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
     bf16_t* Vs = Ks + 2 * SK * KS_STRIDE;           // [2][SK][VS_STRIDE]
     int* idx_s = (int*)(Vs + 2 * SK * VS_STRIDE);   // [P_SEL][NSEL]
     int* ch_k0 = idx_s + P_SEL * NSEL;              // [MAX_CHUNKS] first key of the chunk
-    int* ch_mask = ch_k0 + MAX_CHUNKS;              // [MAX_CHUNKS] (positions that chose it) << 8 | length
-    int* n_chunks = ch_mask + MAX_CHUNKS;
+    int* ch_nk = ch_k0 + MAX_CHUNKS;                // [MAX_CHUNKS] its length
+    unsigned* ch_mask = (unsigned*)(ch_nk + MAX_CHUNKS);   // [MAX_CHUNKS] positions that chose it
+    int* n_chunks = (int*)(ch_mask + MAX_CHUNKS);
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z;
@@ -75,7 +77,8 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
             for (int k0 = b * SEL_L; k0 < bend; k0 += SK) {
                 if (lane == 0) {
                     ch_k0[count] = k0;
-                    ch_mask[count] = (int)(chose << 8) | min(SK, bend - k0);
+                    ch_nk[count] = min(SK, bend - k0);
+                    ch_mask[count] = chose;
                 }
                 ++count;
             }
@@ -100,8 +103,15 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
     float o[1][DV / 8][4];
     zero_acc(o);
 
+    // positions this warp's rows belong to (a warp skips chunks none of them chose)
+    unsigned warp_pos = 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+        if (valid[h]) warp_pos |= 1u << pp[h];
+    warp_pos = __reduce_or_sync(0xffffffff, warp_pos);
+
     auto issue = [&](int c) {
-        const int k0 = ch_k0[c], nk = ch_mask[c] & 0xff, stage = c & 1;
+        const int k0 = ch_k0[c], nk = ch_nk[c], stage = c & 1;
         load_rows_async<SK, DK, KS_STRIDE, SEL_THREADS>(Ks + stage * SK * KS_STRIDE,
                                                         ks + ((i64)(start + k0) * HKV + g) * DK, nk,
                                                         [&](int r) { return (i64)r * HKV * DK; });
@@ -119,16 +129,18 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
             cp_async_wait_all();
         }
         __syncthreads();
-        const int k0 = ch_k0[c], nk = ch_mask[c] & 0xff;
-        const unsigned chose = (unsigned)ch_mask[c] >> 8;
-        int lo[2] = {0, 0}, hi[2];
+        const int k0 = ch_k0[c], nk = ch_nk[c];
+        const unsigned chose = ch_mask[c];
+        if (chose & warp_pos) {
+            int lo[2] = {0, 0}, hi[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const bool sel = valid[h] && ((chose >> pp[h]) & 1u);
-            hi[h] = sel ? min(max(tt[h] + 1 - k0, 0), nk) : 0;
+            for (int h = 0; h < 2; ++h) {
+                const bool sel = valid[h] && ((chose >> pp[h]) & 1u);
+                hi[h] = sel ? min(max(tt[h] + 1 - k0, 0), nk) : 0;
+            }
+            const int stage = c & 1;
+            attn_tile<1, SK>(Qs, Ks + stage * SK * KS_STRIDE, Vs + stage * SK * VS_STRIDE, row0, lo, hi, st, o);
         }
-        const int stage = c & 1;
-        attn_tile<1, SK>(Qs, Ks + stage * SK * KS_STRIDE, Vs + stage * SK * VS_STRIDE, row0, lo, hi, st, o);
         __syncthreads();
     }
     cp_async_wait_all();
