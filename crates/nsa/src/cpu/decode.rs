@@ -44,7 +44,6 @@ impl BlockCompressor<f32> for CpuCompressor<'_> {
 #[derive(Default)]
 struct Scratch {
     q: Vec<f32>,
-    s2: Vec<f32>,
     thin: ThinScratch,
     ob: [Vec<f32>; 3],
     lse: Vec<f32>,
@@ -71,7 +70,6 @@ fn group_row(
     let t = seq.len() - 1;
     let Scratch {
         q: qs,
-        s2: _,
         thin,
         ob,
         lse,
@@ -219,7 +217,7 @@ pub fn prefill(
 /// compression branch, selected or window tokens per task of the other two.
 pub const DECODE_SPLIT: usize = 128;
 /// (Sequence, KV group) pairs from which the per-pair phases of a step run in parallel.
-const PAR_PAIRS: usize = 4;
+const PAR_PAIRS: usize = 2;
 
 /// One decode step for the whole batch: `x` holds one token per sequence (`cu_seqlens = [0, 1,
 /// .., B]`); token `b` is appended to sequence `b` (any length, possibly empty) and the rows
@@ -326,14 +324,12 @@ pub fn step_split(
         let nvis = seq.num_cmp();
         let parts = &cparts[first[p]..first[p + 1]];
         let lse = merge(parts, gs, dv, oc);
-        // Global probabilities `[nvis, w]` (key-major, the `G` rows as lanes) from the
-        // chunks' local ones.
+        // Eq. 10's group sum straight from the chunks' local probabilities: key `i` of
+        // chunk `c` weighs `sum_r p_c[i, r] e^{lse_c[r] - lse[r]}` (a fixed-order lane sum).
         let w = gs.div_ceil(8) * 8;
-        ensure(&mut scr.s2, nvis * w);
         let mut wts = vec![0.0f32; w];
-        let mut i0 = 0;
+        scr.psum.clear();
         for part in parts {
-            let nk = part.p.len() / w;
             for (r, (&lt, &lc)) in lse.iter().zip(&part.lse).enumerate() {
                 wts[r] = if lt == f32::NEG_INFINITY {
                     0.0
@@ -341,26 +337,11 @@ pub fn step_split(
                     exp_f32(lc - lt)
                 };
             }
-            for (d, s) in scr.s2[i0 * w..(i0 + nk) * w]
-                .chunks_exact_mut(w)
-                .zip(part.p.chunks_exact(w))
-            {
-                for ((d, &v), &f) in d.iter_mut().zip(s).zip(&wts) {
-                    *d = f * v;
-                }
-            }
-            i0 += nk;
+            scr.psum
+                .extend(part.p.chunks_exact(w).map(|row| lane_dot(row, &wts)));
         }
-        select::importance(
-            &dims,
-            t,
-            &scr.s2,
-            1,
-            w,
-            nvis,
-            &mut scr.psum,
-            &mut scr.scores,
-        );
+        debug_assert_eq!(scr.psum.len(), nvis);
+        select::spread(&dims, t, &scr.psum, &mut scr.scores);
         select::top_n(&dims, &scr.scores, &mut scr.best, sel);
         let mut r = Vec::new();
         select::runs(dims.lp, t, sel, &mut r);
@@ -477,6 +458,19 @@ pub fn step_split(
         out.o.chunks_mut(gs * dv).enumerate().for_each(mix_pair);
     }
     Ok(out)
+}
+
+/// `sum_r x[r] y[r]` over a multiple-of-8 lane row, in a fixed order (8 partial sums, then
+/// a fixed tree) so that it vectorises.
+#[inline]
+fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (a, b) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 /// A decode attention task: (pair `b * HKV + g`, branch 1 = selected / 2 = window, token ranges).

@@ -52,6 +52,16 @@ pub(crate) fn importance(
             a
         }));
     }
+    spread(dims, t, psum, scores);
+}
+
+/// Eq. 9 from the group-summed probabilities `psum[i]` of the compressed blocks visible at
+/// `t`: `scores[j]` (`sel_admissible(t)` of them, zeroed first) `= sum_i psum[i] *
+/// overlap(i, j) / d`.
+pub(crate) fn spread(dims: &Dims, t: usize, psum: &[f32], scores: &mut Vec<f32>) {
+    let nadm = blocks::sel_admissible(t, dims.lp);
+    scores.clear();
+    scores.resize(nadm, 0.0);
     let (l, d, lp) = (dims.l, dims.d, dims.lp);
     for (i, &p) in psum.iter().enumerate() {
         let a0 = i * d;
