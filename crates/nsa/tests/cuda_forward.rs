@@ -323,6 +323,23 @@ fn phi_mlp_group2_dk_ne_dv() {
     run_case_phi("phi-mlp", &c, &[500], 64, 32, false, 48);
 }
 
+/// SPEC.md deterministic mode: the same inputs give bitwise-identical outputs (no atomics,
+/// fixed reduction orders), run after run.
+#[test]
+fn repeated_runs_are_bitwise_identical() {
+    let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
+    let c = cfg(32, 2).build().unwrap();
+    let x = NsaInputs::random(&c, &[900, 133], 128, 128, false, seed());
+    let a = cuda::forward(&ctx, &c, &x, &PhiParams::mean()).unwrap();
+    let b = cuda::forward(&ctx, &c, &x, &PhiParams::mean()).unwrap();
+    assert_eq!(a.sel_idx, b.sel_idx);
+    let same =
+        a.o.iter()
+            .zip(&b.o)
+            .all(|(p, q)| p.to_bits() == q.to_bits());
+    assert!(same, "outputs differ between two runs on the same inputs");
+}
+
 #[test]
 fn unsupported_shapes_are_typed_errors() {
     let ctx = cuda::CudaContext::new(0).expect("a CUDA device");

@@ -165,6 +165,13 @@ struct Footprint {
     positions_64: usize,
 }
 
+/// `cmp_attn` double-buffers its K/V tiles unless built with `-DCMP_SINGLE_BUFFER`
+/// (an experiment switch through `NSA_CUDA_DEFINES`).
+fn cmp_double_buffered() -> bool {
+    !std::env::var("NSA_CUDA_DEFINES")
+        .is_ok_and(|d| d.split_whitespace().any(|x| x == "-DCMP_SINGLE_BUFFER"))
+}
+
 fn footprint(shape: &Shape) -> Footprint {
     let g = shape.hq / shape.hkv;
     let (qs, ks, vs) = (shape.dk + 8, shape.dk + 8, shape.dv + 8);
@@ -181,7 +188,12 @@ fn footprint(shape: &Shape) -> Footprint {
     let jw = jspan.div_ceil(8) * 8;
     let max_chunks = p_sel * shape.nsel * shape.sel_l.div_ceil(32);
     Footprint {
-        cmp_smem: tiles(rows),
+        // two K/V stages in `cmp_attn` (see cmp_double_buffered)
+        cmp_smem: if cmp_double_buffered() {
+            tiles(rows) + 64 * (ks + vs) * 2
+        } else {
+            tiles(rows)
+        },
         topn_smem: (rows * qs + 64 * ks) * 2
             + rows * (jw + 4) * 4
             + p_rows * 128 * 4

@@ -28,6 +28,11 @@
 #define JSPAN ((63 * CMP_D + CMP_L - 1) / SEL_L + 2)
 #define JW (((JSPAN + 7) / 8) * 8)
 #define DS_STRIDE (JW + 4)      // floats per row of the per-row block scores
+// Blocks a tile can complete, and how many tiles may pass between merges: the pending blocks
+// (at most JSPAN + MERGE_EVERY * PER_TILE) must fit the ring without two sharing a slot.
+#define PER_TILE ((64 * CMP_D + SEL_L - 1) / SEL_L + 1)
+#define MERGE_EVERY_RAW ((RING - JSPAN) / PER_TILE - 1)
+#define MERGE_EVERY (MERGE_EVERY_RAW < 1 ? 1 : MERGE_EVERY_RAW)
 #define WT_STRIDE (KT + 8)      // f16 per row of the transposed overlap matrix
 #define INT_MAX_ 0x7fffffff
 
@@ -101,6 +106,38 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     rowstats_init(st);
     float o[CMT][DV / 8][4];
     zero_acc(o);
+#ifndef CMP_SINGLE_BUFFER
+    // two K/V stages, the next tile loading while the current one is computed (-DCMP_SINGLE_BUFFER
+    // restores the one-stage loop below, for comparisons)
+    auto issue = [&](int c0) {
+        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & 1;
+        load_rows_async<KT, DK, KS_STRIDE, 128>(Ks + stage * (KT * KS_STRIDE + KT * VS_STRIDE), kc + krow(c0), nk,
+                                                [&](int r) { return (i64)r * HKV * DK; });
+        load_rows_async<KT, DV, VS_STRIDE, 128>(Ks + stage * (KT * KS_STRIDE + KT * VS_STRIDE) + KT * KS_STRIDE, vc + vrow(c0), nk,
+                                                [&](int r) { return (i64)r * HKV * DV; });
+        cp_async_commit();
+    };
+    if (ncmp > 0) issue(0);
+    for (int c0 = 0; c0 < ncmp; c0 += KT) {
+        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & 1;
+        if (c0 + KT < ncmp) {
+            issue(c0 + KT);
+            cp_async_wait_one();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+        int lo[2 * CMT], hi[2 * CMT];
+#pragma unroll
+        for (int h = 0; h < 2 * CMT; ++h) {
+            lo[h] = 0;
+            hi[h] = min(max(vis[h] - c0, 0), nk);
+        }
+        const bf16_t* Kst = Ks + stage * (KT * KS_STRIDE + KT * VS_STRIDE);
+        attn_tile<CMT>(Qs, Kst, Kst + KT * KS_STRIDE, row0, lo, hi, st, o);
+        __syncthreads();
+    }
+#else
     for (int c0 = 0; c0 < ncmp; c0 += KT) {
         const int nk = min(KT, ncmp - c0);
         __syncthreads();
@@ -117,6 +154,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
         }
         attn_tile<CMT>(Qs, Ks, Vs, row0, lo, hi, st, o);
     }
+#endif
     cp_async_wait_all();
     float inv[2 * CMT];
     rowstats_finish(st, inv);
@@ -315,12 +353,14 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
         // blocks whose last overlapping compressed block is < c1 are complete
         const int j_fin = min((c1 * CMP_D) / SEL_L, nsel_max);
 #ifndef EXP_NO_MERGE
-        if (j_fin > j_done) {
+        // merging every MERGE_EVERY tiles (uniform across the CTA) saves barriers; the ring
+        // still holds every pending block (see MERGE_EVERY)
+        if (j_fin > j_done && (c0 / KT) % MERGE_EVERY == MERGE_EVERY - 1) {
             merge(j_done, j_fin);
             j_done = j_fin;
+            __syncthreads();
         }
 #endif
-        __syncthreads();
 #endif
     }
 #endif
