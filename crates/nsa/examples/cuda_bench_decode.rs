@@ -37,7 +37,7 @@ fn main() -> nsa::Result<()> {
         cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, cfg.sel_count, cfg.window
     );
     println!(
-        "{:>7} {:>3} {:>3} {:>4} | {:>9} {:>9} {:>11} | {:>8} {:>8} {:>8} | {:>6} {:>6} | {:>8} | splits sc/cc sw/cw ss/spb",
+        "{:>7} {:>3} {:>3} {:>4} | {:>9} {:>9} {:>11} | {:>8} {:>8} {:>8} | {:>6} {:>6} | {:>8} | splits sc/cc sw/cw ss/spb | us: write cmp topn sel+win combine",
         "ctx", "dk", "dv", "B", "eager us", "graph us", "tokens/s", "kv MB", "bound MB", "other MB", "GB/s", "% bw", "dense MB"
     );
     for &(dk, dv) in &dims {
@@ -50,7 +50,7 @@ fn main() -> nsa::Result<()> {
                         let moved = t.bytes.kv + t.bytes.other;
                         let gbs = moved / (best * 1e-6) / 1e9;
                         println!(
-                            "{len:>7} {dk:>3} {dv:>3} {b:>4} | {:>9.1} {:>9} {:>11.0} | {:>8.1} {:>8.1} {:>8.1} | {:>6.0} {:>5.0}% | {:>8.0} | {}/{} {}/{} {}/{}",
+                            "{len:>7} {dk:>3} {dv:>3} {b:>4} | {:>9.1} {:>9} {:>11.0} | {:>8.1} {:>8.1} {:>8.1} | {:>6.0} {:>5.0}% | {:>8.0} | {}/{} {}/{} {}/{} | {:.1} {:.1} {:.1} {:.1} {:.1}",
                             t.eager_us,
                             t.graph_us.map_or("-".to_string(), |g| format!("{g:.1}")),
                             b as f64 / (best * 1e-6),
@@ -65,7 +65,12 @@ fn main() -> nsa::Result<()> {
                             t.splits.sw,
                             t.splits.cw,
                             t.splits.ss,
-                            t.splits.spb
+                            t.splits.spb,
+                            t.kernels[0],
+                            t.kernels[1],
+                            t.kernels[2],
+                            t.kernels[3],
+                            t.kernels[4]
                         );
                     }
                     Err(e) => println!("{len:>7} {dk:>3} {dv:>3} {b:>4} | error: {e}"),

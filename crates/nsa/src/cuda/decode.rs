@@ -22,8 +22,8 @@
 //! Every step is six launches with no host synchronisation (capturable in a CUDA graph; the
 //! sequence positions live on the device and the write kernel advances them):
 //! `decode_write` (append + compress), `decode_attn_cw` (split-K over compressed tokens with the
-//! Eq. 9 partial scores, and over the window), `decode_topn`, `decode_sel` (split-K over the
-//! selected blocks), `decode_combine` (merge the splits, apply the gates). See
+//! Eq. 9 partial scores), `decode_topn`, `decode_sel` (split-K over the selected blocks and the
+//! window), `decode_combine` (merge the splits, apply the gates). See
 //! `kernels/decode_attn.cu`.
 //!
 //! # Prefill
@@ -52,6 +52,18 @@ const MAX_ROWS: usize = 1024;
 const WRITE_ROWS: usize = 8192;
 /// Dynamic shared memory the small kernels may use without raising their limit.
 const SMALL_SMEM: usize = 48 * 1024;
+
+/// K/V pipeline depth of the attention kernels: `DEC_STAGES` in decode_attn.cu (2 unless an
+/// experiment sets `-DDEC_STAGES=N` through `NSA_CUDA_DEFINES`).
+fn stages() -> usize {
+    std::env::var("NSA_CUDA_DEFINES")
+        .ok()
+        .and_then(|v| {
+            v.split_whitespace()
+                .find_map(|d| d.strip_prefix("-DDEC_STAGES=").and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(2)
+}
 
 /// Page tables of one pool kind: host copy, free list and device copy `[B, maxp]`.
 struct PageTable {
@@ -148,6 +160,12 @@ impl Splits {
     pub fn ns(&self) -> usize {
         self.sc + self.sw + self.ss
     }
+
+    /// Dynamic shared memory of `decode_topn`: (m, l) and weights per (split, head), and the
+    /// head-summed partial scores per (split, block slot).
+    fn topn_smem(&self, g: usize) -> usize {
+        self.sc * g * 12 + self.sc * self.uj * 4
+    }
 }
 
 /// Device buffers of one launch's rows: new tokens, descriptors, partials, outputs.
@@ -210,6 +228,8 @@ pub struct GpuDecodeCache {
     cc_cap: usize,
     attn_smem_max: usize,
     poison: bool,
+    /// events recorded around each kernel of a step (benchmarks), see [`Self::kernel_times`]
+    marks: Option<Vec<cudarc::driver::CudaEvent>>,
 }
 
 impl GpuDecodeCache {
@@ -249,7 +269,7 @@ impl GpuDecodeCache {
         let maxp_cmp = blocks::cmp_blocks_in(max_len, l, d).div_ceil(PAGE).max(1);
         let g = cfg.group_size();
         let qrows = g.div_ceil(16) * 16;
-        let base = (qrows * (dk + 8) + 2 * 64 * (dk + 8 + dv + 8)) * 2;
+        let base = (qrows * (dk + 8) + stages() * 64 * (dk + 8 + dv + 8)) * 2;
         let max_smem = ctx.max_smem;
         if base + g * 64 * 4 > max_smem {
             return Err(NsaError::Unsupported(format!(
@@ -258,7 +278,13 @@ impl GpuDecodeCache {
             )));
         }
         // compressed tokens per split: their logits ([G, cc] f32) stay in shared memory
-        let cc_cap = (((max_smem - base) / (g * 4)) / PAGE * PAGE).clamp(PAGE, 1024);
+        // at most 512 (measured: two CTAs per SM beat longer splits, bench/NOTES-cuda-decode.md);
+        // NSA_DECODE_CC_CAP overrides it (experiments)
+        let cap_env = std::env::var("NSA_DECODE_CC_CAP")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(512);
+        let cc_cap = (((max_smem - base) / (g * 4)) / PAGE * PAGE).clamp(PAGE, cap_env.max(PAGE));
         let attn_smem_max = base + g * cc_cap * 4;
         let sms = ctx
             .ctx
@@ -309,6 +335,7 @@ impl GpuDecodeCache {
             cc_cap,
             attn_smem_max,
             poison: false,
+            marks: None,
         })
     }
 
@@ -393,8 +420,8 @@ impl GpuDecodeCache {
             .div_ceil(per)
             .next_multiple_of(PAGE)
             .clamp(PAGE, self.cc_cap);
-        // the top-n kernel keeps [sc, G] weights in shared memory
-        let sc_max = (SMALL_SMEM / (4 * g)).max(1);
+        // the top-n kernel keeps (m, l) and weights per (split, head) in shared memory
+        let sc_max = (SMALL_SMEM / (16 * g)).max(1);
         if ncmp.div_ceil(cc) > sc_max {
             cc = ncmp.div_ceil(sc_max).next_multiple_of(PAGE);
             if cc > self.cc_cap {
@@ -420,10 +447,10 @@ impl GpuDecodeCache {
             spb,
             uj,
         };
-        if sp.ns() * g * 4 > SMALL_SMEM {
+        if sp.topn_smem(g) > SMALL_SMEM || sp.ns() * 12 > SMALL_SMEM {
             return Err(NsaError::Unsupported(format!(
-                "{} partial slots of {g} heads exceed the combine kernel's shared memory",
-                sp.ns()
+                "{} compressed splits of {g} heads exceed the top-n kernel's shared memory",
+                sp.sc
             )));
         }
         Ok(sp)
@@ -595,23 +622,24 @@ impl GpuDecodeCache {
         let [sc, cc, sw, cw, ss, spb, uj, ns] =
             [sp.sc, sp.cc, sp.sw, sp.cw, sp.ss, sp.spb, sp.uj, sp.ns()].map(|v| v as i32);
         let rg = (rows * hkv) as u32;
+        let marks = self.marks.as_ref();
+        let mark = |i: usize| -> Result<()> {
+            if let Some(m) = marks {
+                m[i].record(stream).map_err(driver_err)?;
+            }
+            Ok(())
+        };
         let w = &mut self.work;
         {
             let mut b = stream.launch_builder(&f_cw);
             b.arg(&w.adesc)
-                .arg(&self.raw.dev)
                 .arg(&self.cmp.dev)
-                .arg(&maxp_raw)
                 .arg(&maxp_cmp)
                 .arg(&w.q)
                 .arg(&self.k_cmp)
                 .arg(&self.v_cmp)
-                .arg(&self.k_win)
-                .arg(&self.v_win)
                 .arg(&sc)
                 .arg(&cc)
-                .arg(&sw)
-                .arg(&cw)
                 .arg(&ns)
                 .arg(&uj)
                 .arg(&mut w.part_o)
@@ -621,12 +649,13 @@ impl GpuDecodeCache {
             // the logits need g * cc * 4 bytes after the base layout.
             unsafe {
                 b.launch(LaunchConfig {
-                    grid_dim: (rg, (sp.sc + sp.sw) as u32, 1),
+                    grid_dim: (rg, sp.sc as u32, 1),
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: (base + g * sp.cc * 4) as u32,
                 })
             }
             .map_err(driver_err)?;
+            mark(2)?;
         }
         {
             let mut b = stream.launch_builder(&f_topn);
@@ -638,15 +667,16 @@ impl GpuDecodeCache {
                 .arg(&ns)
                 .arg(&uj)
                 .arg(&mut w.sel);
-            // SAFETY: matches `decode_topn`; sc * G * 4 <= 48 KiB (plan).
+            // SAFETY: matches `decode_topn`; its shared memory is <= 48 KiB (plan).
             unsafe {
                 b.launch(LaunchConfig {
                     grid_dim: (rg, 1, 1),
                     block_dim: (256, 1, 1),
-                    shared_mem_bytes: (sp.sc * g * 4) as u32,
+                    shared_mem_bytes: sp.topn_smem(g) as u32,
                 })
             }
             .map_err(driver_err)?;
+            mark(3)?;
         }
         {
             let mut b = stream.launch_builder(&f_sel);
@@ -656,9 +686,12 @@ impl GpuDecodeCache {
                 .arg(&w.q)
                 .arg(&self.k_slc)
                 .arg(&self.v_slc)
+                .arg(&self.k_win)
+                .arg(&self.v_win)
                 .arg(&w.sel)
                 .arg(&sc)
                 .arg(&sw)
+                .arg(&cw)
                 .arg(&spb)
                 .arg(&ns)
                 .arg(&mut w.part_o)
@@ -666,12 +699,13 @@ impl GpuDecodeCache {
             // SAFETY: matches `decode_sel`.
             unsafe {
                 b.launch(LaunchConfig {
-                    grid_dim: (rg, sp.ss as u32, 1),
+                    grid_dim: (rg, (sp.sw + sp.ss) as u32, 1),
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: base as u32,
                 })
             }
             .map_err(driver_err)?;
+            mark(4)?;
         }
         {
             let mut b = stream.launch_builder(&f_comb);
@@ -685,15 +719,16 @@ impl GpuDecodeCache {
                 .arg(&sw)
                 .arg(&ss)
                 .arg(&mut w.out);
-            // SAFETY: matches `decode_combine`; ns * G * 4 <= 48 KiB (plan).
+            // SAFETY: matches `decode_combine`; one CTA per (row, group, head).
             unsafe {
                 b.launch(LaunchConfig {
-                    grid_dim: (rg, 1, 1),
+                    grid_dim: (rg, g as u32, 1),
                     block_dim: (128, 1, 1),
-                    shared_mem_bytes: (sp.ns() * g * 4) as u32,
+                    shared_mem_bytes: (sp.ns() * 12) as u32,
                 })
             }
             .map_err(driver_err)?;
+            mark(5)?;
         }
         Ok(())
     }
@@ -812,8 +847,48 @@ impl GpuDecodeCache {
         stream: &Arc<CudaStream>,
         sp: &Splits,
     ) -> Result<()> {
+        self.mark(0, stream)?;
         self.launch_write(ctx, stream, self.batch, true)?;
+        self.mark(1, stream)?;
         self.launch_attention(ctx, stream, self.batch, sp)
+    }
+
+    /// With `on`, [`Self::step_launch`] records an event before and after each of its kernels
+    /// (benchmarks; not while capturing a graph).
+    pub fn set_kernel_timing(&mut self, ctx: &CudaContext, on: bool) -> Result<()> {
+        self.marks = if on {
+            let mk = || {
+                ctx.ctx
+                    .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(driver_err)
+            };
+            Some((0..6).map(|_| mk()).collect::<Result<Vec<_>>>()?)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    fn mark(&self, i: usize, stream: &Arc<CudaStream>) -> Result<()> {
+        if let Some(m) = &self.marks {
+            m[i].record(stream).map_err(driver_err)?;
+        }
+        Ok(())
+    }
+
+    /// Milliseconds of the last timed step's kernels: write, compressed, top-n,
+    /// selected + window, combine (waits for the step).
+    pub fn kernel_times(&self) -> Result<[f32; 5]> {
+        let m = self
+            .marks
+            .as_ref()
+            .ok_or_else(|| NsaError::Cuda("kernel timing is off".into()))?;
+        m[5].synchronize().map_err(driver_err)?;
+        let mut t = [0f32; 5];
+        for (i, v) in t.iter_mut().enumerate() {
+            *v = m[i].elapsed_ms(&m[i + 1]).map_err(driver_err)?;
+        }
+        Ok(t)
     }
 
     /// Advances the host's copy of every length by `steps` (after device-side steps).

@@ -97,6 +97,9 @@ pub struct StepTimes {
     pub graph_us: Option<f64>,
     pub splits: Splits,
     pub bytes: StepBytes,
+    /// medians of the kernels of host-launched steps (us): write, compressed, top-n,
+    /// selected + window, combine
+    pub kernels: [f64; 5],
 }
 
 /// Times decode steps of `batch` sequences at context `len` on random cache content.
@@ -113,7 +116,7 @@ pub fn time_steps(
     seed: u64,
 ) -> Result<StepTimes> {
     // room for: warm-up, eager steps, graph capture (not run), replays
-    let extra = 8 + reps + steps_per_graph * (reps + 2) + 8;
+    let extra = 8 + 2 * reps + steps_per_graph * (reps + 2) + 8;
     let pool = batch * (len + extra).next_multiple_of(super::PAGE);
     let mut cache = GpuDecodeCache::new(ctx, cfg, batch, dk, dv, len + extra, pool)?;
     let start = len - 1; // the first step's token sits at position len - 1
@@ -149,6 +152,19 @@ pub fn time_steps(
             "non-finite decode output in the benchmark".into(),
         ));
     }
+    cache.set_kernel_timing(ctx, true)?;
+    let mut per: Vec<[f32; 5]> = Vec::new();
+    for _ in 0..reps.max(1) {
+        cache.step_launch(ctx, &s, &sp)?;
+        per.push(cache.kernel_times()?);
+    }
+    cache.set_kernel_timing(ctx, false)?;
+    let mut kernels = [0f64; 5];
+    for (k, v) in kernels.iter_mut().enumerate() {
+        let mut col: Vec<f32> = per.iter().map(|p| p[k]).collect();
+        col.sort_by(|x, y| x.total_cmp(y));
+        *v = col[col.len() / 2] as f64 * 1e3;
+    }
     let graph_us = match time_graph(ctx, &mut cache, &sp, reps, steps_per_graph) {
         Ok(v) => Some(v),
         Err(e) => {
@@ -161,6 +177,7 @@ pub fn time_steps(
         graph_us,
         splits: sp,
         bytes: step_bytes(cfg, batch, len, dk, dv, &sp),
+        kernels,
     })
 }
 

@@ -14,11 +14,12 @@
 //                   (phi = mean of the last l raw tokens) from the ring and the new rows;
 //                   in step mode it also reads the position from `lens` and advances it.
 //   decode_ring     (prefill only) refreshes the ring with the chunk's last l tokens.
-//   decode_attn_cw  split-K attention over the compressed tokens (+ Eq. 9 partial scores) and
-//                   over the window; one CTA = (row, KV group, key split).
+//   decode_attn_cw  split-K attention over the compressed tokens (+ Eq. 9 partial scores);
+//                   one CTA = (row, KV group, key split).
 //   decode_topn     per (row, group): log-sum-exp of every head, Eq. 9/10 scores from the
 //                   partials, forced blocks, top-n (ties to the lower index), sorted output.
-//   decode_sel      split-K attention over the selected blocks (token-causal in the own block).
+//   decode_sel      split-K attention over the window and over the selected blocks
+//                   (token-causal in the own block).
 //   decode_combine  merges the splits of each branch and applies the gates.
 //
 // Rows of a CTA are the G query heads of the group (zero-padded to 16 * WM rows): the G heads
@@ -32,6 +33,10 @@
 #define DEC_KW (KT / DEC_WK)                   // keys of a tile per warp: 16, 32 or 64
 #define DEC_QROWS (DEC_WM * 16)
 #define DEC_INT_MAX 0x7fffffff
+// K/V pipeline depth (cp.async stages); the launcher mirrors it (cuda/decode.rs::stages)
+#ifndef DEC_STAGES
+#define DEC_STAGES 2
+#endif
 
 __device__ __forceinline__ int dec_cmp_visible(int t) {
     return t + 1 >= CMP_L ? (t + 1 - CMP_L) / CMP_D + 1 : 0;
@@ -43,7 +48,6 @@ __device__ __forceinline__ i64 dec_page_off(const int* __restrict__ table, int p
     return (((i64)page * HKV + h) * PAGE + (p % PAGE)) * D;
 }
 
-__device__ __forceinline__ void dec_cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 // ---------------------------------------------------------------------------------------------
 // decode_write / decode_ring
@@ -175,19 +179,22 @@ struct DecState {
 // branch only) the logits of the chunk, [G][ls_stride] f32.
 struct DecSmem {
     bf16_t* Qs;
-    bf16_t* Ks[2];
-    bf16_t* Vs[2];
+    bf16_t* Ks[DEC_STAGES];
+    bf16_t* Vs[DEC_STAGES];
     float* Ls;
 };
 
 __device__ __forceinline__ DecSmem dec_smem(unsigned char* smem) {
     DecSmem s;
     s.Qs = (bf16_t*)smem;
-    s.Ks[0] = s.Qs + DEC_QROWS * QS_STRIDE;
-    s.Vs[0] = s.Ks[0] + KT * KS_STRIDE;
-    s.Ks[1] = s.Vs[0] + KT * VS_STRIDE;
-    s.Vs[1] = s.Ks[1] + KT * KS_STRIDE;
-    s.Ls = (float*)(s.Vs[1] + KT * VS_STRIDE);
+    bf16_t* p = s.Qs + DEC_QROWS * QS_STRIDE;
+#pragma unroll
+    for (int i = 0; i < DEC_STAGES; ++i) {
+        s.Ks[i] = p;
+        s.Vs[i] = p + KT * KS_STRIDE;
+        p += KT * (KS_STRIDE + VS_STRIDE);
+    }
+    s.Ls = (float*)p;
     return s;
 }
 
@@ -204,20 +211,39 @@ __device__ __forceinline__ void dec_load_q(bf16_t* Qs, const bf16_t* __restrict_
 
 // Loads keys/values of positions start .. start + nk (rows nk .. KT zero-filled: a zero V row
 // times a zero probability stays 0, never NaN).
+// Page numbers of a tile of nk positions from `start` (KT == PAGE: at most two pages).
+__device__ __forceinline__ int2 dec_tile_pages(const int* __restrict__ table, int start, int nk) {
+    if (nk <= 0) return make_int2(0, 0);
+    const int p0 = start / PAGE;
+    const int a = table[p0];
+    const int b = (start % PAGE) + nk > PAGE ? table[p0 + 1] : a;
+    return make_int2(a, b);
+}
+
+// Loads keys/values of positions start .. start + nk, whose pages are pg (rows nk .. KT
+// zero-filled: a zero V row times a zero probability stays 0, never NaN).
 __device__ __forceinline__ void dec_load_tile(bf16_t* Ks, bf16_t* Vs, const bf16_t* __restrict__ kp,
-                                              const bf16_t* __restrict__ vp, const int* __restrict__ table,
-                                              int g, int start, int nk) {
+                                              const bf16_t* __restrict__ vp, int2 pg, int g, int start,
+                                              int nk) {
     constexpr int CK = DK / 8, CV = DV / 8;
+    const int off0 = start % PAGE;
+    const i64 base0 = ((i64)pg.x * HKV + g) * PAGE, base1 = ((i64)pg.y * HKV + g) * PAGE;
+#pragma unroll 4
     for (int c = threadIdx.x; c < KT * CK; c += 128) {
         const int r = c / CK, k = (c % CK) * 8;
         const bool ok = r < nk;
-        const bf16_t* src = ok ? kp + dec_page_off(table, start + r, g, DK) + k : kp;
+        const int slot = off0 + r;
+        const i64 pos = slot < PAGE ? base0 + slot : base1 + (slot - PAGE);
+        const bf16_t* src = ok ? kp + pos * DK + k : kp;
         cp_async16(Ks + r * KS_STRIDE + k, src, ok ? 16 : 0);
     }
+#pragma unroll 4
     for (int c = threadIdx.x; c < KT * CV; c += 128) {
         const int r = c / CV, k = (c % CV) * 8;
         const bool ok = r < nk;
-        const bf16_t* src = ok ? vp + dec_page_off(table, start + r, g, DV) + k : vp;
+        const int slot = off0 + r;
+        const i64 pos = slot < PAGE ? base0 + slot : base1 + (slot - PAGE);
+        const bf16_t* src = ok ? vp + pos * DV + k : vp;
         cp_async16(Vs + r * VS_STRIDE + k, src, ok ? 16 : 0);
     }
 }
@@ -316,26 +342,43 @@ __device__ __forceinline__ void dec_run(const DecSmem& sm, const bf16_t* __restr
                                         int ls_stride) {
     const int warp = threadIdx.x >> 5;
     const int wm = warp / DEC_WK, wk = warp % DEC_WK;
-    if (ntiles > 0) {
-        int st0, nk0;
-        tile_of(0, st0, nk0);
-        dec_load_tile(sm.Ks[0], sm.Vs[0], kp, vp, table, g, st0, nk0);
-    }
-    cp_async_commit();
-    for (int k = 0; k < ntiles; ++k) {
-        if (k + 1 < ntiles) {
-            int s1, n1;
-            tile_of(k + 1, s1, n1);
-            dec_load_tile(sm.Ks[(k + 1) & 1], sm.Vs[(k + 1) & 1], kp, vp, table, g, s1, n1);
-            cp_async_commit();
-            dec_cp_async_wait_1();
-        } else {
-            cp_async_wait_all();
+    // prologue: tiles 0 .. DEC_STAGES-2 in flight (one commit group each, empty ones too, so
+    // that "all but the newest DEC_STAGES-2 groups done" always means "tile k has landed")
+#pragma unroll
+    for (int k = 0; k < DEC_STAGES - 1; ++k) {
+        if (k < ntiles) {
+            int s0, n0;
+            tile_of(k, s0, n0);
+            dec_load_tile(sm.Ks[k], sm.Vs[k], kp, vp, dec_tile_pages(table, s0, n0), g, s0, n0);
         }
+        cp_async_commit();
+    }
+    // the page numbers of the next tile to issue are read one iteration ahead, so that their
+    // latency hides behind a tile's compute instead of delaying the next copy
+    int2 pg_next = make_int2(0, 0);
+    if (DEC_STAGES - 1 < ntiles) {
+        int s1, n1;
+        tile_of(DEC_STAGES - 1, s1, n1);
+        pg_next = dec_tile_pages(table, s1, n1);
+    }
+    for (int k = 0; k < ntiles; ++k) {
+        const int kn = k + DEC_STAGES - 1;
+        if (kn < ntiles) {
+            int s1, n1;
+            tile_of(kn, s1, n1);
+            dec_load_tile(sm.Ks[kn % DEC_STAGES], sm.Vs[kn % DEC_STAGES], kp, vp, pg_next, g, s1, n1);
+            if (kn + 1 < ntiles) {
+                tile_of(kn + 1, s1, n1);
+                pg_next = dec_tile_pages(table, s1, n1);
+            }
+        }
+        cp_async_commit();
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(DEC_STAGES - 1));
         __syncthreads();
         int start, nk;
         tile_of(k, start, nk);
-        if (wm < DEC_WM) dec_tile(sm.Qs, sm.Ks[k & 1], sm.Vs[k & 1], wm, wk, nk, st, Ls, ls_stride, k * KT);
+        if (wm < DEC_WM)
+            dec_tile(sm.Qs, sm.Ks[k % DEC_STAGES], sm.Vs[k % DEC_STAGES], wm, wk, nk, st, Ls, ls_stride, k * KT);
         __syncthreads();
     }
     cp_async_wait_all();
@@ -436,11 +479,10 @@ __device__ __forceinline__ int dec_i_hi(int j) { return ((j + 1) * SEL_L) / CMP_
 // part_u [rows*HKV, sc, G, uj]: u[h][j - j_lo] = sum_i w(i, j) * exp2(s_hi - M_h) over the
 // chunk's visible compressed blocks i (Eq. 9 before normalisation).
 extern "C" __global__ void __launch_bounds__(128) decode_attn_cw(
-    const int4* __restrict__ adesc, const int* __restrict__ raw_table, const int* __restrict__ cmp_table,
-    int maxp_raw, int maxp_cmp, const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc_pool,
-    const bf16_t* __restrict__ vc_pool, const bf16_t* __restrict__ kw_pool,
-    const bf16_t* __restrict__ vw_pool, int sc, int cc, int sw, int cw, int ns, int uj,
-    float* __restrict__ part_o, float2* __restrict__ part_ml, float* __restrict__ part_u) {
+    const int4* __restrict__ adesc, const int* __restrict__ cmp_table, int maxp_cmp,
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc_pool, const bf16_t* __restrict__ vc_pool,
+    int sc, int cc, int ns, int uj, float* __restrict__ part_o, float2* __restrict__ part_ml,
+    float* __restrict__ part_u) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ float fin_m[DEC_QROWS];
     const DecSmem sm = dec_smem(smem);
@@ -451,7 +493,7 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_cw(
     dec_load_q(sm.Qs, q, qrow, g);
     DecState st;
     dec_state_init(st);
-    if (s < sc) {
+    {
         const int nvis = dec_cmp_visible(t);
         const int c0 = s * cc, c1 = min(c0 + cc, nvis);
         const int n = max(c1 - c0, 0);
@@ -478,9 +520,34 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_cw(
                 u[h * uj + (j - jl)] = acc;
             }
         }
-    } else {
+    }
+}
+
+// Window splits (blockIdx.y < sw) and selected-block splits (the rest) in one launch, neither
+// needing the logits buffer. Selected split s takes the selected slots [s*spb, (s+1)*spb) of sel [rows, HKV, NSEL];
+// block j covers positions [j*l', min((j+1)*l', t+1)), in tiles of KT.
+extern "C" __global__ void __launch_bounds__(128) decode_sel(
+    const int4* __restrict__ adesc, const int* __restrict__ raw_table, int maxp_raw,
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks_pool, const bf16_t* __restrict__ vs_pool,
+    const bf16_t* __restrict__ kw_pool, const bf16_t* __restrict__ vw_pool, const int* __restrict__ sel,
+    int sc, int sw, int cw, int spb, int ns, float* __restrict__ part_o, float2* __restrict__ part_ml) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float fin_m[DEC_QROWS];
+    __shared__ int blk[NSEL];
+    constexpr int TPB = (SEL_L + KT - 1) / KT;   // tiles per selection block
+    const DecSmem sm = dec_smem(smem);
+    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV;
+    const int4 d = adesc[row];
+    const int b = d.x, t = d.y, qrow = d.z;
+    const i64 rg = (i64)row * HKV + g;
+    if ((int)blockIdx.y < sw) {
+        // sliding window: keys max(0, t-w+1) ..= t, split sw ways
+        const int s = blockIdx.y;
+        dec_load_q(sm.Qs, q, qrow, g);
+        DecState st;
+        dec_state_init(st);
         const int lo = max(0, t - WIN + 1);
-        const int k0 = lo + (s - sc) * cw, k1 = min(k0 + cw, t + 1);
+        const int k0 = lo + s * cw, k1 = min(k0 + cw, t + 1);
         const int n = max(k1 - k0, 0);
         const int* table = raw_table + (i64)b * maxp_raw;
         auto tile_of = [&](int k, int& start, int& nk) {
@@ -488,26 +555,11 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_cw(
             nk = min(KT, k1 - start);
         };
         dec_run(sm, kw_pool, vw_pool, table, g, (n + KT - 1) / KT, tile_of, st, nullptr, 0);
-        dec_finish(sm, st, part_o + (rg * ns + s) * G * DV, part_ml + (rg * ns + s) * G, fin_m);
+        const int slot = sc + s;
+        dec_finish(sm, st, part_o + (rg * ns + slot) * G * DV, part_ml + (rg * ns + slot) * G, fin_m);
+        return;
     }
-}
-
-// Selected blocks: split s takes the selected slots [s*spb, (s+1)*spb) of sel [rows, HKV, NSEL];
-// block j covers positions [j*l', min((j+1)*l', t+1)), in tiles of KT.
-extern "C" __global__ void __launch_bounds__(128) decode_sel(
-    const int4* __restrict__ adesc, const int* __restrict__ raw_table, int maxp_raw,
-    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks_pool, const bf16_t* __restrict__ vs_pool,
-    const int* __restrict__ sel, int sc, int sw, int spb, int ns, float* __restrict__ part_o,
-    float2* __restrict__ part_ml) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ float fin_m[DEC_QROWS];
-    __shared__ int blk[NSEL];
-    constexpr int TPB = (SEL_L + KT - 1) / KT;   // tiles per selection block
-    const DecSmem sm = dec_smem(smem);
-    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV, s = blockIdx.y;
-    const int4 d = adesc[row];
-    const int b = d.x, t = d.y, qrow = d.z;
-    const i64 rg = (i64)row * HKV + g;
+    const int s = blockIdx.y - sw;
     const int k0 = s * spb, nb = max(0, min(spb, NSEL - k0));
     for (int k = threadIdx.x; k < nb; k += 128) blk[k] = sel[rg * NSEL + k0 + k];
     dec_load_q(sm.Qs, q, qrow, g);
@@ -587,15 +639,21 @@ __device__ __forceinline__ int dec_sort_asc_int(int x) {
 }
 
 // One CTA (8 warps) per (row, group). p[j] = sum_h sum_i w(i, j) exp2(s_hi - lse_h) is rebuilt
-// from the chunks' partials: each chunk c contributes exp2(M_ch - lse_h) * u_c[h][j]. Forced
-// blocks score +inf; inadmissible ones never enter. sel [rows, HKV, NSEL] ascending, -1 padded.
+// from the chunks' partials: chunk c contributes sum_h exp2(M_ch - lse_h) * u_c[h][j]. The head
+// sum is taken first, coalesced, into P[c][j - j_lo(c)] in shared memory (every global load is
+// issued before any is used); then every warp scores a stride of candidates and keeps a running
+// top-32 (bitonic), and warp 0 merges the eight lists. Forced blocks score +inf; inadmissible
+// ones never enter. sel [rows, HKV, NSEL] ascending, -1 padded.
+// Dynamic shared memory: ml [sc][G] float2, wgt [sc][G], P [sc][uj].
 extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __restrict__ adesc,
                                                               const float2* __restrict__ part_ml,
                                                               const float* __restrict__ part_u, int sc,
                                                               int cc, int ns, int uj,
                                                               int* __restrict__ sel) {
     extern __shared__ __align__(16) unsigned char smem[];
-    float* wgt = (float*)smem;   // [sc][G]
+    float2* ml = (float2*)smem;           // [sc][G]
+    float* wgt = (float*)(ml + sc * G);   // [sc][G]
+    float* P = wgt + sc * G;              // [sc][uj]
     __shared__ float lv[8][32];
     __shared__ int li[8][32];
     const int row = blockIdx.x / HKV, g = blockIdx.x % HKV;
@@ -603,25 +661,42 @@ extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __rest
     const int t = adesc[row].y;
     const int nvis = dec_cmp_visible(t), nadm = t / SEL_L + 1, own = t / SEL_L;
     const i64 rg = (i64)row * HKV + g;
-    for (int h = tid; h < G; h += 256) {
+    for (int e = tid; e < sc * G; e += 256) ml[e] = part_ml[rg * ns * G + e];   // slots [0, sc)
+    __syncthreads();
+    // log-sum-exp of each head over the compressed splits: one warp per head, lanes over splits
+    for (int h = warp; h < G; h += 8) {
         float M = NEG_INF;
-        for (int s = 0; s < sc; ++s) {
-            const float2 ml = part_ml[(rg * ns + s) * G + h];
-            if (ml.y > 0.f) M = fmaxf(M, ml.x);
-        }
+        for (int s = lane; s < sc; s += 32)
+            if (ml[s * G + h].y > 0.f) M = fmaxf(M, ml[s * G + h].x);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffff, M, o));
         float L = 0.f;
-        for (int s = 0; s < sc; ++s) {
-            const float2 ml = part_ml[(rg * ns + s) * G + h];
-            if (ml.y > 0.f) L += ml.y * exp2f(ml.x - M);
-        }
+        for (int s = lane; s < sc; s += 32)
+            if (ml[s * G + h].y > 0.f) L += ml[s * G + h].y * exp2f(ml[s * G + h].x - M);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffff, L, o);
         const float lse = L > 0.f ? M + log2f(L) : 0.f;
-        for (int s = 0; s < sc; ++s) {
-            const float2 ml = part_ml[(rg * ns + s) * G + h];
-            wgt[s * G + h] = (L > 0.f && ml.y > 0.f) ? exp2f(ml.x - lse) : 0.f;
-        }
+        for (int s = lane; s < sc; s += 32)
+            wgt[s * G + h] = (L > 0.f && ml[s * G + h].y > 0.f) ? exp2f(ml[s * G + h].x - lse) : 0.f;
     }
     __syncthreads();
     const float* u = part_u + rg * sc * G * uj;
+    for (int e = tid; e < sc * uj; e += 256) {
+        const int s = e / uj, jj = e % uj;
+        const int jl = dec_j_lo(s * cc);
+        const int c1 = min(s * cc + cc, nvis);
+        const int jh = c1 > s * cc ? ((c1 - 1) * CMP_D + CMP_L - 1) / SEL_L : jl - 1;
+        float acc = 0.f;
+        if (jl + jj <= jh) {
+            float v[G];
+#pragma unroll
+            for (int h = 0; h < G; ++h) v[h] = wgt[s * G + h] != 0.f ? u[(s * G + h) * uj + jj] : 0.f;
+#pragma unroll
+            for (int h = 0; h < G; ++h) acc += wgt[s * G + h] * v[h];
+        }
+        P[e] = acc;
+    }
+    __syncthreads();
     float cv = NEG_INF;
     int ci = DEC_INT_MAX;
     for (int jb = warp * 32; jb < nadm; jb += 256) {
@@ -636,13 +711,7 @@ extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __rest
                 const int ilo = dec_i_lo(j), ihi = min(nvis, dec_i_hi(j));
                 float acc = 0.f;
                 if (ilo < ihi)
-                    for (int s = ilo / cc; s <= (ihi - 1) / cc; ++s) {
-                        const int jj = j - dec_j_lo(s * cc);
-                        for (int h = 0; h < G; ++h) {
-                            const float w = wgt[s * G + h];
-                            if (w != 0.f) acc += w * u[(s * G + h) * uj + jj];
-                        }
-                    }
+                    for (int s = ilo / cc; s <= (ihi - 1) / cc; ++s) acc += P[s * uj + j - dec_j_lo(s * cc)];
                 v = acc;
             }
         }
@@ -664,53 +733,70 @@ extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __rest
 // combine
 // ---------------------------------------------------------------------------------------------
 
-// One CTA per (row, group): each branch's splits merged (flash-decoding), then
-// o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win into out [rows, HQ, DV].
+// One CTA per (row, group, head): each branch's splits merged (flash-decoding), then
+// o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win into out [rows, HQ, DV]. The (m, l) of every
+// slot are staged in shared memory first; the 128 threads are 4 slot lanes x 32 column lanes,
+// each column lane summing a quarter of the slots, reduced through shared memory.
 extern "C" __global__ void __launch_bounds__(128) decode_combine(
     const int4* __restrict__ adesc, const float* __restrict__ part_o, const float2* __restrict__ part_ml,
     const float* __restrict__ g_cmp, const float* __restrict__ g_slc, const float* __restrict__ g_win,
     int sc, int sw, int ss, float* __restrict__ out) {
     extern __shared__ __align__(16) unsigned char smem[];
-    float* coef = (float*)smem;   // [ns][G]
     const int ns = sc + sw + ss;
-    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV, tid = threadIdx.x;
+    float2* ml = (float2*)smem;          // [ns]
+    float* coef = (float*)(ml + ns);     // [ns]
+    __shared__ float4 red[4][DV / 4];
+    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV, h = blockIdx.y, tid = threadIdx.x;
     const int qrow = adesc[row].z;
     const i64 rg = (i64)row * HKV + g;
-    for (int e = tid; e < 3 * G; e += 128) {
-        const int br = e / G, h = e % G;
+    for (int s = tid; s < ns; s += 128) ml[s] = part_ml[(rg * ns + s) * G + h];
+    __syncthreads();
+    if (tid < 96) {   // one warp per branch, lanes over its splits
+        const int br = tid >> 5, lane = tid & 31;
         const int s0 = br == 0 ? 0 : (br == 1 ? sc + sw : sc);
         const int s1 = br == 0 ? sc : (br == 1 ? ns : sc + sw);
         const float* gate = br == 0 ? g_cmp : (br == 1 ? g_slc : g_win);
         const float gv = gate[(i64)qrow * HQ + g * G + h];
         float M = NEG_INF;
-        for (int s = s0; s < s1; ++s) {
-            const float2 ml = part_ml[(rg * ns + s) * G + h];
-            if (ml.y > 0.f) M = fmaxf(M, ml.x);
-        }
+        for (int s = s0 + lane; s < s1; s += 32)
+            if (ml[s].y > 0.f) M = fmaxf(M, ml[s].x);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffff, M, o));
         float L = 0.f;
-        for (int s = s0; s < s1; ++s) {
-            const float2 ml = part_ml[(rg * ns + s) * G + h];
-            if (ml.y > 0.f) L += ml.y * exp2f(ml.x - M);
-        }
-        for (int s = s0; s < s1; ++s) {
-            const float2 ml = part_ml[(rg * ns + s) * G + h];
-            coef[s * G + h] = (L > 0.f && ml.y > 0.f) ? gv * exp2f(ml.x - M) / L : 0.f;
-        }
+        for (int s = s0 + lane; s < s1; s += 32)
+            if (ml[s].y > 0.f) L += ml[s].y * exp2f(ml[s].x - M);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffff, L, o);
+        for (int s = s0 + lane; s < s1; s += 32)
+            coef[s] = (L > 0.f && ml[s].y > 0.f) ? gv * exp2f(ml[s].x - M) / L : 0.f;
     }
     __syncthreads();
-    for (int e = tid; e < G * (DV / 4); e += 128) {
-        const int h = e / (DV / 4), c = (e % (DV / 4)) * 4;
+    const int sl = tid >> 5, cl = tid & 31;
+    for (int c4 = cl; c4 < DV / 4; c4 += 32) {
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int s = 0; s < ns; ++s) {
-            const float cf = coef[s * G + h];
+#pragma unroll 4
+        for (int s = sl; s < ns; s += 4) {
+            const float cf = coef[s];
             if (cf != 0.f) {
-                const float4 v = *(const float4*)(part_o + ((rg * ns + s) * G + h) * DV + c);
+                const float4 v = *(const float4*)(part_o + ((rg * ns + s) * G + h) * DV + c4 * 4);
                 acc.x += cf * v.x;
                 acc.y += cf * v.y;
                 acc.z += cf * v.z;
                 acc.w += cf * v.w;
             }
         }
-        *(float4*)(out + ((i64)row * HQ + g * G + h) * DV + c) = acc;
+        red[sl][c4] = acc;
+    }
+    __syncthreads();
+    for (int c4 = tid; c4 < DV / 4; c4 += 128) {
+        float4 a = red[0][c4];
+#pragma unroll
+        for (int k = 1; k < 4; ++k) {
+            a.x += red[k][c4].x;
+            a.y += red[k][c4].y;
+            a.z += red[k][c4].z;
+            a.w += red[k][c4].w;
+        }
+        *(float4*)(out + ((i64)row * HQ + g * G + h) * DV + c4 * 4) = a;
     }
 }
