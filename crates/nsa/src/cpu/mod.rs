@@ -1,5 +1,7 @@
 //! The fast f32 CPU path of NSA: the same function as [`crate::reference`] (SPEC.md), blocked,
-//! multi-threaded with rayon and built on `matrixmultiply` GEMMs.
+//! multi-threaded with rayon. Thin tiles (a group's query rows against many keys) use the
+//! pack-free register-blocked kernel of `micro` through `thin`; the wide tiles of the
+//! backward's key-major passes use `matrixmultiply` GEMMs.
 //!
 //! # Shape of the computation
 //!
@@ -7,14 +9,18 @@
 //! them, at least 1) with, for each KV group, the `G` query heads of the group as the rows of
 //! one matrix, so every key/value block a group reads is read once for all its heads:
 //!
-//! 1. [`compress`]: logits against the visible compressed keys, softmax (hard exclusion of
-//!    invisible blocks), `P @ Vcmp`; the probabilities stay in the tile's scratch;
-//! 2. [`select`]: Eq. 9-10 importance of the selection blocks from those probabilities, then a
+//! 1. [`window`]: the sliding window, one key span for the whole tile with per-row ranges;
+//! 2. [`compress`]: logits against the compressed keys visible to the tile, softmax (hard
+//!    exclusion of invisible blocks, per-row ranges), `P @ Vcmp`; the probabilities stay in
+//!    the tile's scratch;
+//! 3. [`select`]: Eq. 9-10 importance of the selection blocks from those probabilities, then a
 //!    streaming top-n per token: the scores of one token live only while it is chosen (O(T/l')
-//!    scratch per thread, never a `[T, T/d]` tensor); then the selected blocks' attention, one
-//!    GEMM per run of consecutive selected blocks with the `G` heads as rows;
-//! 3. [`window`]: the sliding window, one key span for the whole tile with per-row ranges;
+//!    scratch per thread, never a `[T, T/d]` tensor); then the selected blocks' attention per
+//!    token, the `G` heads as the lanes of a thin tile reading the selected keys in place;
 //! 4. [`combine`]: the gates.
+//!
+//! All three branches run in the transposed layout of `thin` (`S^T = K Q^T`, the tile's rows
+//! as vector lanes), so no key or value is packed or copied.
 //!
 //! The backward ([`backward`]) is FlashAttention-2 shaped and free of data races: a query-major
 //! pass computes `dq` (and the gates' gradients) per tile; key-major passes compute the key and
@@ -25,8 +31,9 @@
 //! fixed query ranges whose partial sums are added in a fixed order, so results are bitwise
 //! identical for any number of threads. `phi` is then back-propagated by [`phi`].
 //!
-//! Decoding ([`decode`]) uses [`crate::cache`] with this module's f32 `phi`; [`dense`] is the
-//! blocked dense causal attention baseline.
+//! Decoding ([`decode`]) uses [`crate::cache`] with this module's f32 `phi` and splits every
+//! branch over key chunks (flash-decoding, merged in a fixed order); [`dense`] is the blocked
+//! dense causal attention baseline.
 
 mod attend;
 mod backward;
