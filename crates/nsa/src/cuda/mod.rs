@@ -3,14 +3,18 @@
 //! Kernels live in `kernels/*.cu`, one family per file (see `module.rs`), compiled by NVRTC at
 //! first use with the shapes baked in. The pipeline of one forward call (SPEC.md):
 //!
-//! 1. `compress_mean`   phi = mean: compressed K/V per sequence (bf16).
+//! 1. `compress_mean`   phi = mean: compressed K/V per sequence (bf16); phi = linear / mlp:
+//!    `phi_gemm` (one or two gathered f32 GEMMs per KV head, weights via
+//!    [`DeviceInputs::set_phi`]).
 //! 2. `cmp_attn`        compressed attention (writes `g_cmp * o_cmp` and the row log-sum-exp).
 //! 3. `cmp_topn`        Q Kcmp^T again -> p_cmp, the Eq. 9 selection scores (tensor cores), the
 //!    group sum, forced blocks and the streaming top-n (writes `sel_idx`).
 //! 4. `sel_attn`        attention over the selected blocks (adds `g_slc * o_slc`).
 //! 5. `win_attn`        sliding window (adds `g_win * o_win`): the gated sum is complete.
 //!
-//! Every tensor offset inside the kernels is 64-bit; token counts must fit in `i32`.
+//! Every tensor offset inside the kernels is 64-bit; token counts must fit in `i32`. No atomics:
+//! the same inputs give bitwise-identical outputs. Timings and what limits each kernel:
+//! `bench/NOTES-cuda.md`.
 
 pub mod backward;
 pub mod bench;
