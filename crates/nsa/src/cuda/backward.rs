@@ -53,13 +53,14 @@ struct BwdSmem {
 fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize) -> BwdSmem {
     let (qs, ks, vs, ds) = (dk + 8, dk + 8, dv + 8, dv + 8);
     let kvt = plan::KT * (ks + vs) * 2;
-    // BW_QSTAGES: the row-major kernels double-buffer their K/V tiles when dk + dv <= 256
+    // BW_QSTAGES: the compressed / window row-major kernels double-buffer their K/V tiles when
+    // dk + dv <= 256 (the one-warp selection kernel never: it would halve its occupancy)
     let stages = if dk + dv <= 256 { 2 } else { 1 };
     let p = plan::sel_positions(g);
     let sel_rows = (p * g).div_ceil(16) * 16;
     BwdSmem {
         rows64: plan::BQ_ROWS * (qs + ds) * 2 + stages * kvt,
-        rows_sel: sel_rows * (qs + ds) * 2 + stages * kvt + p * nsel * 4,
+        rows_sel: sel_rows * (qs + ds) * 2 + kvt + p * nsel * 4,
         sel_threads: sel_rows * 2,
         kv: kvt + 2 * (32 * (qs + ds) * 2 + 32 * 16),
     }
@@ -186,8 +187,11 @@ impl DeviceBackward {
             shape,
             &[
                 ("cmp_bwd_dq", smem.rows64),
+                ("cmp_bwd_dq_saved", smem.rows64),
                 ("win_bwd_dq", smem.rows64),
+                ("win_bwd_dq_saved", smem.rows64),
                 ("sel_bwd_dq", smem.rows_sel),
+                ("sel_bwd_dq_saved", smem.rows_sel),
                 ("cmp_bwd_dkdv", smem.kv),
                 ("win_bwd_dkdv", smem.kv),
                 ("sel_bwd_dkdv", smem.kv),
@@ -377,12 +381,44 @@ fn grid(x: usize, y: usize, threads: usize, smem: usize) -> LaunchConfig {
     }
 }
 
+/// What a forward pass can save for the backward, per branch (compressed, selected, window):
+/// the row log-sum-exp (log2 domain, +inf for a row that sees nothing) `[N, HQ]` and the branch
+/// output o_b (before its gate, bf16) `[N, HQ, dv]`. With them the backward skips its statistics
+/// pass (the gate gradient dg_b = do . o_b is one elementwise kernel).
+pub struct SavedStats {
+    pub lse: [CudaSlice<f32>; 3],
+    pub o: [CudaSlice<u16>; 3],
+}
+
+impl SavedStats {
+    /// Allocates the buffers for `n` tokens (contents undefined until a forward writes them).
+    pub fn allocate(ctx: &CudaContext, n: usize, hq: usize, dv: usize) -> Result<Self> {
+        let f = |len| alloc::<f32>(ctx, len);
+        let h = |len| alloc::<u16>(ctx, len);
+        Ok(SavedStats {
+            lse: [f(n * hq)?, f(n * hq)?, f(n * hq)?],
+            o: [h(n * hq * dv)?, h(n * hq * dv)?, h(n * hq * dv)?],
+        })
+    }
+}
+
 /// Runs the backward kernels. `x` must hold a completed [`forward_device`] (the compressed K/V
 /// and `sel_idx`), `b` the upstream gradient. With `times`, records events around each kernel.
 pub fn backward_device(
     ctx: &CudaContext,
     x: &DeviceInputs,
     b: &mut DeviceBackward,
+    times: Option<&mut BwdTimes>,
+) -> Result<()> {
+    backward_device_with(ctx, x, b, None, times)
+}
+
+/// [`backward_device`] with the statistics a forward saved (`saved`), or recomputing them (`None`).
+pub fn backward_device_with(
+    ctx: &CudaContext,
+    x: &DeviceInputs,
+    b: &mut DeviceBackward,
+    saved: Option<&SavedStats>,
     times: Option<&mut BwdTimes>,
 ) -> Result<()> {
     let s = &ctx.stream;
@@ -411,19 +447,40 @@ pub fn backward_device(
         Ok(())
     };
     rec(0)?;
+    let dq_name = |base: &str| {
+        if saved.is_some() {
+            format!("{base}_saved")
+        } else {
+            base.to_string()
+        }
+    };
+    if let Some(sv) = saved {
+        // dg_b = do . o_b for the three branches (also Delta of the dQ / dK, dV passes)
+        let f = b.func("bwd_gate_dot")?;
+        let rows = (b.n_tokens * b.hq) as i64;
+        for br in 0..3 {
+            let mut l = s.launch_builder(&f);
+            l.arg(&b.d_o).arg(&sv.o[br]).arg(&rows).arg(&mut b.dg[br]);
+            // SAFETY: matches `bwd_gate_dot`; one warp per row.
+            unsafe { l.launch(grid((rows as usize).div_ceil(8), 1, 256, 0)) }
+                .map_err(driver_err)?;
+        }
+    }
     // ---- compressed branch ----
     {
-        let f = b.func("cmp_bwd_dq")?;
+        let f = b.func(&dq_name("cmp_bwd_dq"))?;
         let mut l = s.launch_builder(&f);
         l.arg(&x.q)
             .arg(&x.kc)
             .arg(&x.vc)
             .arg(&b.d_o)
             .arg(&x.gates[0])
-            .arg(&b.rows64)
-            .arg(&mut b.lse[0])
-            .arg(&mut b.dg[0])
-            .arg(&mut b.dq);
+            .arg(&b.rows64);
+        match saved {
+            Some(sv) => l.arg(&sv.lse[0]),
+            None => l.arg(&mut b.lse[0]),
+        };
+        l.arg(&mut b.dg[0]).arg(&mut b.dq);
         // SAFETY: matches `cmp_bwd_dq`; one CTA per (row tile, KV head).
         unsafe { l.launch(grid(b.n_rows64, hkv, 128, sm.rows64)) }.map_err(driver_err)?;
     }
@@ -436,7 +493,10 @@ pub fn backward_device(
             .arg(&x.vc)
             .arg(&b.d_o)
             .arg(&x.gates[0])
-            .arg(&b.lse[0])
+            .arg(match saved {
+                Some(sv) => &sv.lse[0],
+                None => &b.lse[0],
+            })
             .arg(&b.dg[0])
             .arg(&b.cmp_kv)
             .arg(&mut b.dkc)
@@ -475,17 +535,19 @@ pub fn backward_device(
     rec(3)?;
     // ---- sliding window ----
     {
-        let f = b.func("win_bwd_dq")?;
+        let f = b.func(&dq_name("win_bwd_dq"))?;
         let mut l = s.launch_builder(&f);
         l.arg(&x.q)
             .arg(&x.k[2])
             .arg(&x.v[2])
             .arg(&b.d_o)
             .arg(&x.gates[2])
-            .arg(&b.rows64)
-            .arg(&mut b.lse[2])
-            .arg(&mut b.dg[2])
-            .arg(&mut b.dq);
+            .arg(&b.rows64);
+        match saved {
+            Some(sv) => l.arg(&sv.lse[2]),
+            None => l.arg(&mut b.lse[2]),
+        };
+        l.arg(&mut b.dg[2]).arg(&mut b.dq);
         // SAFETY: matches `win_bwd_dq`.
         unsafe { l.launch(grid(b.n_rows64, hkv, 128, sm.rows64)) }.map_err(driver_err)?;
     }
@@ -498,7 +560,10 @@ pub fn backward_device(
             .arg(&x.v[2])
             .arg(&b.d_o)
             .arg(&x.gates[2])
-            .arg(&b.lse[2])
+            .arg(match saved {
+                Some(sv) => &sv.lse[2],
+                None => &b.lse[2],
+            })
             .arg(&b.dg[2])
             .arg(&b.win_kv)
             .arg(&mut b.dk[2])
@@ -579,7 +644,7 @@ pub fn backward_device(
     rec(6)?;
     // ---- selection: dQ and statistics ----
     {
-        let f = b.func("sel_bwd_dq")?;
+        let f = b.func(&dq_name("sel_bwd_dq"))?;
         let mut l = s.launch_builder(&f);
         l.arg(&x.q)
             .arg(&x.k[1])
@@ -587,10 +652,12 @@ pub fn backward_device(
             .arg(&b.d_o)
             .arg(&x.gates[1])
             .arg(&b.rows_sel)
-            .arg(&x.sel_idx)
-            .arg(&mut b.lse[1])
-            .arg(&mut b.dg[1])
-            .arg(&mut b.dq);
+            .arg(&x.sel_idx);
+        match saved {
+            Some(sv) => l.arg(&sv.lse[1]),
+            None => l.arg(&mut b.lse[1]),
+        };
+        l.arg(&mut b.dg[1]).arg(&mut b.dq);
         // SAFETY: matches `sel_bwd_dq`.
         unsafe { l.launch(grid(b.n_rows_sel, hkv, sm.sel_threads, sm.rows_sel)) }
             .map_err(driver_err)?;
@@ -607,7 +674,10 @@ pub fn backward_device(
             .arg(&x.v[1])
             .arg(&b.d_o)
             .arg(&x.gates[1])
-            .arg(&b.lse[1])
+            .arg(match saved {
+                Some(sv) => &sv.lse[1],
+                None => &b.lse[1],
+            })
             .arg(&b.dg[1])
             .arg(&b.blocks)
             .arg(&nb)

@@ -50,9 +50,10 @@ impl BwdFamily {
                 "cmp_dkdv_reduce",
                 "cmp_mean_bwd",
             ],
-            BwdFamily::Win => &["win_bwd_dq", "win_bwd_dkdv"],
+            BwdFamily::Win => &["win_bwd_dq", "win_bwd_dq_saved", "win_bwd_dkdv"],
             BwdFamily::Sel => &[
                 "sel_bwd_dq",
+                "sel_bwd_dq_saved",
                 "sel_index_count",
                 "sel_index_chunk_scan",
                 "sel_index_scan",

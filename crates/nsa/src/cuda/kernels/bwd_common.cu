@@ -173,8 +173,9 @@ __device__ __forceinline__ void bw_dq_tile(const bf16_t* Qs, const bf16_t* dOs, 
     bw_mm_pm<DK, KT>(dq, s, Ks, KS_STRIDE);
 }
 
-// K/V tile buffers of the row-major kernels: 2 (the next tile loads while this one is used)
-// when two CTAs still fit an SM (dk + dv <= 256), else 1.
+// K/V tile buffers of the 4-warp row-major kernels (compressed, window): 2 (the next tile loads
+// while this one is used) when two CTAs still fit an SM (dk + dv <= 256), else 1. The one-warp
+// selection kernel keeps 1: a second buffer would cut its CTAs per SM (occupancy) by half.
 #define BW_QSTAGES ((DK + DV) <= 256 ? 2 : 1)
 
 __device__ __forceinline__ void bw_cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
@@ -188,9 +189,9 @@ struct BwTile {
 };
 
 // Walks the tiles that next(tile) produces (false: no more), loading each into Kbuf/Vbuf (one of
-// BW_QSTAGES buffers) and calling fn(lo, hi, Ks, Vs) with the thread's row masks from
+// STAGES buffers) and calling fn(lo, hi, Ks, Vs) with the thread's row masks from
 // mask(tile, lo, hi). Every thread of the CTA calls it (it has barriers).
-template <int NTHREADS, class Next, class Mask, class Fn>
+template <int NTHREADS, int STAGES, class Next, class Mask, class Fn>
 __device__ __forceinline__ void bw_pipeline(bf16_t* Kbuf, bf16_t* Vbuf, const bf16_t* __restrict__ k,
                                             const bf16_t* __restrict__ v, int g, Next next, Mask mask, Fn fn) {
     auto load = [&](const BwTile& t, int b) {
@@ -203,7 +204,7 @@ __device__ __forceinline__ void bw_pipeline(bf16_t* Kbuf, bf16_t* Vbuf, const bf
     BwTile cur, nxt;
     bool have = next(cur);
     __syncthreads();   // earlier users of the buffers are done
-    if (BW_QSTAGES == 2) {
+    if (STAGES == 2) {
         if (have) load(cur, 0);
         int b = 0;
         while (have) {
@@ -237,18 +238,26 @@ __device__ __forceinline__ void bw_pipeline(bf16_t* Kbuf, bf16_t* Vbuf, const bf
     }
 }
 
-// The two passes of a row-major CTA: `for_tiles(fn)` walks the key tiles of the rows' union
+// The passes of a row-major CTA: `for_tiles(fn)` walks the key tiles of the rows' union
 // (bw_pipeline) and calls fn(lo, hi, Ks, Vs) with the thread's two rows' key masks.
-// Writes lse (scratch) and dg (the gate gradient) of every valid row, and dq (= or +=).
-template <bool ACC, class ForTiles>
+// SAVED = false: a statistics pass recomputes o_b and the lse, and writes lse (scratch) and dg
+// (the gate gradient) of every valid row; SAVED = true: both come from `lse_io` / `dg_io` (the
+// forward's saved lse and bwd_gate_dot). Then the dQ pass writes dq (= or +=).
+template <bool ACC, bool SAVED, class ForTiles>
 __device__ __forceinline__ void bw_rows_dq(const bf16_t* Qs, const bf16_t* dOs, int row0, const i64 (&qrow)[2],
                                            const bool (&valid)[2], const float* __restrict__ gate,
-                                           float* __restrict__ lse_out, float* __restrict__ dg_out,
+                                           float* __restrict__ lse_io, float* __restrict__ dg_io,
                                            float* __restrict__ dq_out, ForTiles for_tiles) {
     const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
     float lse[2], dg[2], gt[2];
-    {
+    if (SAVED) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            lse[i] = valid[i] ? lse_io[qrow[i]] : POS_INF;
+            dg[i] = valid[i] ? dg_io[qrow[i]] : 0.f;
+        }
+    } else {
+        float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
         float o[DV / 8][4];
         bw_zero<DV>(o);
         for_tiles([&](const int (&lo)[2], const int (&hi)[2], const bf16_t* Ks, const bf16_t* Vs) {
@@ -257,15 +266,15 @@ __device__ __forceinline__ void bw_rows_dq(const bf16_t* Qs, const bf16_t* dOs, 
         cp_async_wait_all();
         __syncthreads();
         bw_stats_finish(dOs, row0, m, l, o, lse, dg);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            if (valid[i] && (lane & 3) == 0) {
+                lse_io[qrow[i]] = lse[i];
+                dg_io[qrow[i]] = dg[i];
+            }
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        gt[i] = valid[i] ? gate[qrow[i]] : 0.f;
-        if (valid[i] && (lane & 3) == 0) {
-            lse_out[qrow[i]] = lse[i];
-            dg_out[qrow[i]] = dg[i];
-        }
-    }
+    for (int i = 0; i < 2; ++i) gt[i] = valid[i] ? gate[qrow[i]] : 0.f;
     float dq[DK / 8][4];
     bw_zero<DK>(dq);
     for_tiles([&](const int (&lo)[2], const int (&hi)[2], const bf16_t* Ks, const bf16_t* Vs) {

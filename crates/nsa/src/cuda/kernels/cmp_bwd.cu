@@ -19,7 +19,8 @@
 
 __device__ __forceinline__ int bw_cmp_visible(int t) { return t + 1 >= CMP_L ? (t + 1 - CMP_L) / CMP_D + 1 : 0; }
 
-extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq(
+template <bool SAVED>
+__device__ __forceinline__ void cmp_bwd_dq_body(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
     float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
@@ -54,7 +55,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq(
     }
     auto for_tiles = [&](auto fn) {
         int c = 0;
-        bw_pipeline<128>(
+        bw_pipeline<128, BW_QSTAGES>(
             Ks, Vs, kc, vc, g,
             [&](BwTile& t) {
                 if (c >= ncmp) return false;
@@ -74,7 +75,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq(
             },
             fn);
     };
-    bw_rows_dq<false>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
+    bw_rows_dq<false, SAVED>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
 // items[b] = (seq start, seq len, c0, cstart, p0, np, slot, 0): the 64 compressed tokens
@@ -180,4 +181,38 @@ extern "C" __global__ void cmp_mean_bwd(const float* __restrict__ dkc, const flo
     a.z *= inv;
     a.w *= inv;
     *(float4*)((is_k ? dk : dv) + ((i64)tok * HKV + g) * D + off) = a;
+}
+
+extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
+    float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
+    cmp_bwd_dq_body<false>(q, kc, vc, dO, gate, items, lse_out, dg_out, dq_out);
+}
+// with the forward's saved lse and the gate gradients of bwd_gate_dot (dg_out is read)
+extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq_saved(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
+    float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
+    cmp_bwd_dq_body<true>(q, kc, vc, dO, gate, items, lse_out, dg_out, dq_out);
+}
+
+// dg[row] = do[row] . o_b[row] for `rows` rows (o_b: the branch output the forward saved, bf16).
+// One warp per row, 4 elements per lane and step.
+extern "C" __global__ void bwd_gate_dot(const bf16_t* __restrict__ dO, const bf16_t* __restrict__ ob, i64 rows,
+                                        float* __restrict__ dg) {
+    const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    float acc = 0.f;
+    for (int c = lane * 4; c < DV; c += 128) {
+        const uint2 a = *(const uint2*)(dO + row * DV + c), b = *(const uint2*)(ob + row * DV + c);
+        acc += __uint_as_float(a.x << 16) * __uint_as_float(b.x << 16) +
+               __uint_as_float(a.x & 0xffff0000u) * __uint_as_float(b.x & 0xffff0000u) +
+               __uint_as_float(a.y << 16) * __uint_as_float(b.y << 16) +
+               __uint_as_float(a.y & 0xffff0000u) * __uint_as_float(b.y & 0xffff0000u);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
+    if (lane == 0) dg[row] = acc;
 }

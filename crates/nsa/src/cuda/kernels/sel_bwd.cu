@@ -23,7 +23,8 @@
 #define BS_THREADS (BS_WARPS * 32)
 #define INT_MAX_ 0x7fffffff
 
-extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq(
+template <bool SAVED>
+__device__ __forceinline__ void sel_bwd_dq_body(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
     const int* __restrict__ sel_idx, float* __restrict__ lse_out, float* __restrict__ dg_out,
@@ -31,9 +32,9 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq(
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* dOs = Qs + BS_ROWS * QS_STRIDE;
-    bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;   // BW_QSTAGES tiles
-    bf16_t* Vs = Ks + BW_QSTAGES * KT * KS_STRIDE;
-    int* idx_s = (int*)(Vs + BW_QSTAGES * KT * VS_STRIDE);   // [BS_P][NSEL]
+    bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;   // one tile (see BW_QSTAGES)
+    bf16_t* Vs = Ks + KT * KS_STRIDE;
+    int* idx_s = (int*)(Vs + KT * VS_STRIDE);   // [BS_P][NSEL]
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z;
@@ -72,7 +73,7 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq(
         int cur = lane < BS_P ? idx_s[lane * NSEL] : INT_MAX_;
         int k0 = 0, bend = 0;
         unsigned chose = 0;
-        bw_pipeline<BS_THREADS>(
+        bw_pipeline<BS_THREADS, 1>(
             Ks, Vs, ks, vs, g,
             [&](BwTile& t) {
                 if (k0 + KT < bend) {
@@ -106,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq(
             },
             fn);
     };
-    bw_rows_dq<true>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
+    bw_rows_dq<true, SAVED>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
 // seqs[b] = (start, len, cstart, first selection block of the sequence in the batch numbering)
@@ -290,4 +291,20 @@ extern "C" __global__ void sel_dkdv_reduce(const int4* __restrict__ blocks, int 
             dv_out[((first + key) * HKV + g) * DV + c - DK] = acc;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
+    const int* __restrict__ sel_idx, float* __restrict__ lse_out, float* __restrict__ dg_out,
+    float* __restrict__ dq_out) {
+    sel_bwd_dq_body<false>(q, ks, vs, dO, gate, items, sel_idx, lse_out, dg_out, dq_out);
+}
+// with the forward's saved lse and the gate gradients of bwd_gate_dot (dg_out is read)
+extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq_saved(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
+    const int* __restrict__ sel_idx, float* __restrict__ lse_out, float* __restrict__ dg_out,
+    float* __restrict__ dq_out) {
+    sel_bwd_dq_body<true>(q, ks, vs, dO, gate, items, sel_idx, lse_out, dg_out, dq_out);
 }

@@ -9,7 +9,8 @@
 #define BQ_ROWS 64
 #define BQ_P (BQ_ROWS / G)
 
-extern "C" __global__ void __launch_bounds__(128) win_bwd_dq(
+template <bool SAVED>
+__device__ __forceinline__ void win_bwd_dq_body(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw, const bf16_t* __restrict__ vw,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
     float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
@@ -45,7 +46,7 @@ extern "C" __global__ void __launch_bounds__(128) win_bwd_dq(
     const int kbeg = max(0, t0 - WIN + 1), kend = tmax + 1;
     auto for_tiles = [&](auto fn) {
         int k0 = kbeg;
-        bw_pipeline<128>(
+        bw_pipeline<128, BW_QSTAGES>(
             Ks, Vs, kw, vw, g,
             [&](BwTile& t) {
                 if (k0 >= kend) return false;
@@ -65,7 +66,7 @@ extern "C" __global__ void __launch_bounds__(128) win_bwd_dq(
             },
             fn);
     };
-    bw_rows_dq<true>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
+    bw_rows_dq<true, SAVED>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
 // items[b] = (seq start, seq len, k0, 0)
@@ -97,4 +98,18 @@ extern "C" __global__ void __launch_bounds__(128) win_bwd_dkdv(
     bw_store_kv(
         dk, dv, nk, SCALE_NAT, [&](int key) { return dk_out + ((i64)(start + k0 + key) * HKV + g) * DK; },
         [&](int key) { return dv_out + ((i64)(start + k0 + key) * HKV + g) * DV; });
+}
+
+extern "C" __global__ void __launch_bounds__(128) win_bwd_dq(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw, const bf16_t* __restrict__ vw,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
+    float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
+    win_bwd_dq_body<false>(q, kw, vw, dO, gate, items, lse_out, dg_out, dq_out);
+}
+// with the forward's saved lse and the gate gradients of bwd_gate_dot (dg_out is read)
+extern "C" __global__ void __launch_bounds__(128) win_bwd_dq_saved(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw, const bf16_t* __restrict__ vw,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
+    float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
+    win_bwd_dq_body<true>(q, kw, vw, dO, gate, items, lse_out, dg_out, dq_out);
 }
