@@ -343,7 +343,7 @@ __device__ __forceinline__ void dec_run(const DecSmem& sm, const bf16_t* __restr
     const int warp = threadIdx.x >> 5;
     const int wm = warp / DEC_WK, wk = warp % DEC_WK;
     // prologue: tiles 0 .. DEC_STAGES-2 in flight (one commit group each, empty ones too, so
-    // that "all but the newest DEC_STAGES-2 groups done" always means "tile k has landed")
+    // that "at most DEC_STAGES-1 groups pending" always means "tile k has landed")
 #pragma unroll
     for (int k = 0; k < DEC_STAGES - 1; ++k) {
         if (k < ntiles) {
@@ -715,6 +715,11 @@ extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __rest
                 v = acc;
             }
         }
+        // a candidate that does not beat the warp's current NSEL-th best cannot reach the final
+        // top NSEL: skip the sort when no lane has one (most batches, once the list has filled)
+        const float tv = __shfl_sync(0xffffffff, cv, NSEL - 1);
+        const int ti = __shfl_sync(0xffffffff, ci, NSEL - 1);
+        if (!__any_sync(0xffffffff, dec_better(v, i, tv, ti))) continue;
         dec_sort_desc(v, i);
         dec_merge(cv, ci, v, i);
     }
