@@ -3,6 +3,8 @@
 //! Python peer script, and [`cpu`] for what is measured and how flops are counted).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod records;
 
 use clap::{Args, ValueEnum};
@@ -108,9 +110,7 @@ fn check_ops(ops: &[String]) -> nsa::Result<()> {
 /// Runs the benchmark, prints the table and writes the result files.
 pub fn run(args: &BenchArgs) -> nsa::Result<()> {
     if args.device == BenchDevice::Cuda {
-        return Err(nsa::NsaError::CudaUnavailable(
-            "the CUDA benchmark is not built into this binary yet".into(),
-        ));
+        return run_cuda_forward(args);
     }
     let cargs = args.cpu_args();
     check_ops(&cargs.ops)?;
@@ -142,4 +142,41 @@ pub fn run(args: &BenchArgs) -> nsa::Result<()> {
     let (md, js) = write_results(&args.out_dir, &name, &date, &title, &records, "nsa")?;
     eprintln!("wrote {} and {}", md.display(), js.display());
     Ok(())
+}
+
+/// `nsa bench --device cuda`: the forward sweep of [`cuda::run_cuda`] (lengths from
+/// `--lengths`, else the 8k..128k), merged with peer records (`--peers`), written as
+/// `<name>-<date>.md/.json` (name default `cuda-fwd`). Speedups are over cuDNN's dense SDPA.
+#[cfg(feature = "cuda")]
+fn run_cuda_forward(args: &BenchArgs) -> nsa::Result<()> {
+    let mut cargs = cuda::CudaBenchArgs::default();
+    if let Some(l) = &args.lengths {
+        cargs.lengths = l.clone();
+    }
+    if let Some(r) = args.reps {
+        cargs.reps = r;
+    }
+    if args.quick {
+        cargs.lengths = vec![8192];
+        cargs.g_sweep.clear();
+    }
+    let mut records = cuda::run_cuda(&cargs)?;
+    for p in &args.peers {
+        records.extend(read_records(p)?.into_iter().filter(|r| r.op == "forward"));
+    }
+    fill_speedups(&mut records, "torch-sdpa-cudnn");
+    let date = today();
+    let name = args.name.clone().unwrap_or_else(|| "cuda-fwd".into());
+    let title = format!("NSA CUDA forward benchmark, {date}");
+    println!("{}", records::markdown(&title, &records, "nsa-cuda"));
+    let (md, js) = write_results(&args.out_dir, &name, &date, &title, &records, "nsa-cuda")?;
+    eprintln!("wrote {} and {}", md.display(), js.display());
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda_forward(_args: &BenchArgs) -> nsa::Result<()> {
+    Err(nsa::NsaError::CudaUnavailable(
+        "this build has no CUDA support (rebuild nsa-cli with `--features cuda`)".into(),
+    ))
 }
