@@ -432,10 +432,18 @@ impl GpuDecodeCache {
         }
         let sc = ncmp.div_ceil(cc);
         let wlen = cfg.window.min(max_ctx).max(1);
-        let cw = wlen.div_ceil(per).next_multiple_of(PAGE).max(PAGE);
+        // window and selected splits: about one CTA per SM (their CTAs are short, so fewer and
+        // longer ones win at large batches: 64k/B 32 226 -> 219 us, bench/NOTES-cuda-decode.md);
+        // NSA_DECODE_RAW_CTAS overrides it (experiments)
+        let raw_ctas = std::env::var("NSA_DECODE_RAW_CTAS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1);
+        let per_raw = (raw_ctas * self.sms / groups).max(1);
+        let cw = wlen.div_ceil(per_raw).next_multiple_of(PAGE).max(PAGE);
         let sw = wlen.div_ceil(cw);
         let n = cfg.sel_count;
-        let spb = (n / per).max(1);
+        let spb = (n / per_raw).max(1);
         let ss = n.div_ceil(spb);
         let uj = (cc * cfg.cmp_stride + cfg.cmp_block) / cfg.sel_block + 2;
         let sp = Splits {
