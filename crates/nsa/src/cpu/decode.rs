@@ -273,7 +273,15 @@ pub fn step_split(
             .map(|&v| dims.scale * v)
             .collect()
     };
-    let qs: Vec<Vec<f32>> = (0..npairs).map(qrows).collect();
+    // Packed once per pair (`Q^T`, the heads as lanes) for all its chunks.
+    let qts: Vec<Vec<f32>> = (0..npairs)
+        .map(|p| {
+            let q = qrows(p);
+            let mut qt = Vec::new();
+            thin::pack_query(MatRef::rows(&q, gs, dk), &mut qt);
+            qt
+        })
+        .collect();
 
     // 1. Compression branch, split over chunks of compressed tokens.
     let mut cjobs: Vec<(usize, usize, usize)> = Vec::new();
@@ -291,8 +299,9 @@ pub fn step_split(
                 v: kv_rows(seq.v_cmp(), hkv, dv, g, i0, i1 - i0),
             };
             let mut part = Partial::new(gs, dv);
-            thin::forward(
-                MatRef::rows(&qs[p], gs, dk),
+            thin::forward_packed(
+                &qts[p],
+                gs,
                 &[seg],
                 None,
                 &mut scr.thin,
@@ -409,8 +418,9 @@ pub fn step_split(
                 })
                 .collect();
             let mut part = Partial::new(gs, dv);
-            thin::forward(
-                MatRef::rows(&qs[p], gs, dk),
+            thin::forward_packed(
+                &qts[p],
+                gs,
                 &segs,
                 None,
                 &mut scr.thin,

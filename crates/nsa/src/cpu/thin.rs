@@ -91,7 +91,31 @@ pub(crate) fn forward(
     lse: &mut [f32],
     keep_probs: bool,
 ) {
-    let (rows, dv) = (q.rows, segs.first().map_or(0, |s| s.v.cols));
+    let mut qt = std::mem::take(&mut scr.qt);
+    pack_query(q, &mut qt);
+    forward_packed(&qt, q.rows, segs, ranges, scr, o, lse, keep_probs);
+    scr.qt = qt;
+}
+
+/// `Q^T` of `q` (`[dk, w]`, zero padding lanes), for [`forward_packed`].
+pub(crate) fn pack_query(q: MatRef<'_>, out: &mut Vec<f32>) {
+    pack_t(q, lanes(q.rows), out);
+}
+
+/// [`forward`] from the packed `Q^T` of `rows` query rows ([`pack_query`]), when the same
+/// rows meet several key lists (the chunks of a decode step).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_packed(
+    qt: &[f32],
+    rows: usize,
+    segs: &[Seg<'_>],
+    ranges: Option<&[(usize, usize)]>,
+    scr: &mut ThinScratch,
+    o: &mut [f32],
+    lse: &mut [f32],
+    keep_probs: bool,
+) {
+    let dv = segs.first().map_or(0, |s| s.v.cols);
     let ncols: usize = segs.iter().map(|s| s.len()).sum();
     scr.w = lanes(rows);
     scr.ncols = ncols;
@@ -101,7 +125,6 @@ pub(crate) fn forward(
         return;
     }
     let w = lanes(rows);
-    pack_t(q, w, &mut scr.qt);
     ensure(&mut scr.st, ncols * w);
     ensure(&mut scr.outt, dv * w);
     scr.m.clear();
@@ -119,7 +142,7 @@ pub(crate) fn forward(
         scr.lo[r] = a.min(e) as u32;
         scr.hi[r] = e as u32;
     }
-    logits_t(segs, &scr.qt, w, &mut scr.st);
+    logits_t(segs, qt, w, &mut scr.st);
     exp_lanes(
         &mut scr.st[..ncols * w],
         w,
