@@ -1,5 +1,5 @@
 //! Standalone timing of the CUDA backward pass:
-//! `cargo run -p nsa --features cuda --release --example cuda_bench_bwd -- [T,...] [--dk192] [--g-sweep]`
+//! `cargo run -p nsa --features cuda --release --example cuda_bench_bwd -- [T,...] [--dk192] [--g-sweep] [--saved]`
 //! B = 1, HQ = 64, HKV = 4, dk = dv = 128 unless told; per-kernel medians (CUDA events), the
 //! effective rates against the counted work (`nsa::cuda::backward::bench::bwd_work`), and the
 //! device memory of forward + backward.
@@ -20,8 +20,19 @@ fn main() -> nsa::Result<()> {
     } else {
         ts
     };
+    // --saved: the forward saves the branch outputs and lse, the backward skips its statistics pass
+    let saved = args.iter().any(|a| a == "--saved");
     let ctx = CudaContext::new(0)?;
-    println!("device: {} ({})", ctx.device_name()?, ctx.arch());
+    println!(
+        "device: {} ({}), statistics {}",
+        ctx.device_name()?,
+        ctx.arch(),
+        if saved {
+            "saved by the forward"
+        } else {
+            "recomputed"
+        }
+    );
     let mut shapes: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // T, HQ, HKV, dk, dv
     for &t in &ts {
         shapes.push((t, 64, 4, 128, 128));
@@ -44,7 +55,7 @@ fn main() -> nsa::Result<()> {
     for (t, hq, hkv, dk, dv) in shapes {
         let cfg = NsaConfig::builder().heads(hq).kv_heads(hkv).build()?;
         let w = bench::bwd_work(&cfg, &[t], dk, dv);
-        let r = bench::time_backward(&ctx, &cfg, &[t], dk, dv, 1, 5, t as u64)?;
+        let r = bench::time_backward(&ctx, &cfg, &[t], dk, dv, 1, 5, t as u64, saved)?;
         let k = r.times;
         let rate = |f: f64, ms: f32| f / (ms as f64 * 1e-3) / 1e12;
         println!(

@@ -254,11 +254,26 @@ fn named(g: &NsaGrads<f32>) -> [(&'static str, &Vec<f32>); 10] {
 }
 
 fn run_case(name: &str, cfg: &NsaConfig, seqlens: &[usize], dk: usize, dv: usize, shared: bool) {
+    run_case_with(name, cfg, seqlens, dk, dv, shared, false)
+}
+
+/// `save_stats`: the forward saves the branch outputs and lse and the backward uses them;
+/// else (the default of `cuda::backward::backward`) the backward recomputes them.
+fn run_case_with(
+    name: &str,
+    cfg: &NsaConfig,
+    seqlens: &[usize],
+    dk: usize,
+    dv: usize,
+    shared: bool,
+    save_stats: bool,
+) {
     let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
     let sd = seed();
     let x = NsaInputs::random(cfg, seqlens, dk, dv, shared, sd).map(bf16);
     let d_o = random_do(x.num_tokens() * cfg.heads * dv, sd ^ 0x5eed);
-    let got = cuda::backward::backward(&ctx, cfg, &x, &PhiParams::mean(), &d_o).unwrap();
+    let got =
+        cuda::backward::backward_with(&ctx, cfg, &x, &PhiParams::mean(), &d_o, save_stats).unwrap();
     let fwd = cuda::forward(&ctx, cfg, &x, &PhiParams::mean()).unwrap();
     let x64 = x.map(|v| v as f64);
     let d_o64: Vec<f64> = d_o.iter().map(|&v| v as f64).collect();
@@ -304,6 +319,17 @@ fn bwd_group16_independent_kv_split_lists() {
     // block 0 is chosen by all 1100 tokens: its list spans two segments (16384 / G = 1024)
     let c = cfg(32, 2).build().unwrap();
     run_case("g16", &c, &[1100], 128, 128, false);
+}
+
+#[test]
+fn bwd_saved_statistics_group16_and_varlen() {
+    // the forward saves o_b and lse_b, the backward skips its statistics pass
+    let c = cfg(32, 2).build().unwrap();
+    run_case_with("g16-saved", &c, &[1100], 128, 128, false, true);
+    let c = cfg(8, 2).build().unwrap();
+    run_case_with("g4-saved", &c, &[700, 31, 5], 192, 128, true, true);
+    let c = cfg(8, 2).build().unwrap();
+    run_case_with("short-saved", &c, &[5, 17, 31, 1], 64, 64, false, true);
 }
 
 #[test]

@@ -381,46 +381,71 @@ fn grid(x: usize, y: usize, threads: usize, smem: usize) -> LaunchConfig {
     }
 }
 
-/// What a forward pass can save for the backward, per branch (compressed, selected, window):
-/// the row log-sum-exp (log2 domain, +inf for a row that sees nothing) `[N, HQ]` and the branch
-/// output o_b (before its gate, bf16) `[N, HQ, dv]`. With them the backward skips its statistics
-/// pass (the gate gradient dg_b = do . o_b is one elementwise kernel).
+/// What a forward pass saves for the backward (`DeviceInputs::enable_saving`): the row
+/// log-sum-exp (log2 domain, +inf for a row that sees nothing) `[N, HQ]` of the selected and
+/// window branches (the compressed one's is the forward's own `lse`) and each branch's output
+/// o_b before its gate (bf16) `[N, HQ, dv]`, in the order compressed, selected, window. With
+/// them the backward skips its statistics pass (dg_b = do . o_b is one elementwise kernel).
 pub struct SavedStats {
-    pub lse: [CudaSlice<f32>; 3],
+    /// selected, window
+    pub lse: [CudaSlice<f32>; 2],
+    /// compressed, selected, window
     pub o: [CudaSlice<u16>; 3],
 }
 
-impl SavedStats {
-    /// Allocates the buffers for `n` tokens (contents undefined until a forward writes them).
-    pub fn allocate(ctx: &CudaContext, n: usize, hq: usize, dv: usize) -> Result<Self> {
-        let f = |len| alloc::<f32>(ctx, len);
-        let h = |len| alloc::<u16>(ctx, len);
-        Ok(SavedStats {
-            lse: [f(n * hq)?, f(n * hq)?, f(n * hq)?],
-            o: [h(n * hq * dv)?, h(n * hq * dv)?, h(n * hq * dv)?],
-        })
+impl DeviceInputs {
+    /// Makes every later [`forward_device`] save the branch outputs and lse for the backward
+    /// (3 x N x HQ x dv bf16 + 2 x N x HQ f32 more device memory). Idempotent.
+    pub fn enable_saving(&mut self, ctx: &CudaContext) -> Result<()> {
+        if self.saved.is_none() {
+            let (n, hq, dv) = (self.n_tokens, self.shape.hq, self.shape.dv);
+            let f = |len| alloc::<f32>(ctx, len);
+            let h = |len| alloc::<u16>(ctx, len);
+            self.saved = Some(SavedStats {
+                lse: [f(n * hq)?, f(n * hq)?],
+                o: [h(n * hq * dv)?, h(n * hq * dv)?, h(n * hq * dv)?],
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether forwards save the statistics for the backward.
+    pub fn saves_stats(&self) -> bool {
+        self.saved.is_some()
     }
 }
 
 /// Runs the backward kernels. `x` must hold a completed [`forward_device`] (the compressed K/V
-/// and `sel_idx`), `b` the upstream gradient. With `times`, records events around each kernel.
+/// and `sel_idx`; with [`DeviceInputs::enable_saving`] also the branch outputs and lse, which
+/// spare the statistics pass), `b` the upstream gradient. With `times`, records events around
+/// each kernel.
 pub fn backward_device(
     ctx: &CudaContext,
     x: &DeviceInputs,
     b: &mut DeviceBackward,
     times: Option<&mut BwdTimes>,
 ) -> Result<()> {
-    backward_device_with(ctx, x, b, None, times)
+    backward_device_with(ctx, x, b, x.saved.is_some(), times)
 }
 
-/// [`backward_device`] with the statistics a forward saved (`saved`), or recomputing them (`None`).
+/// [`backward_device`] using the forward's saved statistics (`use_saved`, which needs
+/// [`DeviceInputs::enable_saving`] before the forward) or recomputing them.
 pub fn backward_device_with(
     ctx: &CudaContext,
     x: &DeviceInputs,
     b: &mut DeviceBackward,
-    saved: Option<&SavedStats>,
+    use_saved: bool,
     times: Option<&mut BwdTimes>,
 ) -> Result<()> {
+    let saved = if use_saved {
+        Some(x.saved.as_ref().ok_or_else(|| {
+            NsaError::Unsupported(
+                "backward with saved statistics after a forward that saved none".into(),
+            )
+        })?)
+    } else {
+        None
+    };
     let s = &ctx.stream;
     let hkv = b.hkv;
     let sm = b.smem;
@@ -477,7 +502,7 @@ pub fn backward_device_with(
             .arg(&x.gates[0])
             .arg(&b.rows64);
         match saved {
-            Some(sv) => l.arg(&sv.lse[0]),
+            Some(_) => l.arg(&x.lse),
             None => l.arg(&mut b.lse[0]),
         };
         l.arg(&mut b.dg[0]).arg(&mut b.dq);
@@ -494,7 +519,7 @@ pub fn backward_device_with(
             .arg(&b.d_o)
             .arg(&x.gates[0])
             .arg(match saved {
-                Some(sv) => &sv.lse[0],
+                Some(_) => &x.lse,
                 None => &b.lse[0],
             })
             .arg(&b.dg[0])
@@ -544,7 +569,7 @@ pub fn backward_device_with(
             .arg(&x.gates[2])
             .arg(&b.rows64);
         match saved {
-            Some(sv) => l.arg(&sv.lse[2]),
+            Some(sv) => l.arg(&sv.lse[1]),
             None => l.arg(&mut b.lse[2]),
         };
         l.arg(&mut b.dg[2]).arg(&mut b.dq);
@@ -561,7 +586,7 @@ pub fn backward_device_with(
             .arg(&b.d_o)
             .arg(&x.gates[2])
             .arg(match saved {
-                Some(sv) => &sv.lse[2],
+                Some(sv) => &sv.lse[1],
                 None => &b.lse[2],
             })
             .arg(&b.dg[2])
@@ -654,7 +679,7 @@ pub fn backward_device_with(
             .arg(&b.rows_sel)
             .arg(&x.sel_idx);
         match saved {
-            Some(sv) => l.arg(&sv.lse[1]),
+            Some(sv) => l.arg(&sv.lse[0]),
             None => l.arg(&mut b.lse[1]),
         };
         l.arg(&mut b.dg[1]).arg(&mut b.dq);
@@ -675,7 +700,7 @@ pub fn backward_device_with(
             .arg(&b.d_o)
             .arg(&x.gates[1])
             .arg(match saved {
-                Some(sv) => &sv.lse[1],
+                Some(sv) => &sv.lse[0],
                 None => &b.lse[1],
             })
             .arg(&b.dg[1])
@@ -726,14 +751,30 @@ pub fn backward_device_with(
     Ok(())
 }
 
-/// Full backward pass: upload (bf16), forward (sel_idx, compressed K/V), backward, download.
-/// `phi` must match `cfg.phi`; only `Mean` is implemented on the GPU.
+/// Full backward pass: upload (bf16), forward (sel_idx, compressed K/V), backward (recomputing
+/// the branch statistics), download. `phi` must match `cfg.phi`; only `Mean` is implemented on
+/// the GPU.
 pub fn backward(
     ctx: &CudaContext,
     cfg: &NsaConfig,
     x: &NsaInputs<f32>,
     phi: &PhiParams<f32>,
     d_o: &[f32],
+) -> Result<NsaGrads<f32>> {
+    backward_with(ctx, cfg, x, phi, d_o, false)
+}
+
+/// [`backward`] with the forward saving its statistics (`save_stats`: the branch outputs o_b in
+/// bf16 and the lse; the backward then skips its statistics pass, for 3 x N x HQ x dv bf16 more
+/// memory) or the backward recomputing them (`false`, the default of [`backward`]: the path
+/// verified on the GPU so far).
+pub fn backward_with(
+    ctx: &CudaContext,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    d_o: &[f32],
+    save_stats: bool,
 ) -> Result<NsaGrads<f32>> {
     if cfg.phi != PhiKind::Mean {
         return Err(unsupported_phi(cfg.phi));
@@ -743,7 +784,10 @@ pub fn backward(
     let mut b = DeviceBackward::new(ctx, &dev, &x.cu_seqlens)?;
     b.upload_do(ctx, d_o)?;
     b.poison(ctx)?;
+    if save_stats {
+        dev.enable_saving(ctx)?;
+    }
     forward_device(ctx, &mut dev, None)?;
-    backward_device(ctx, &dev, &mut b, None)?;
+    backward_device_with(ctx, &dev, &mut b, save_stats, None)?;
     b.download(ctx)
 }

@@ -48,6 +48,9 @@ pub(crate) fn driver_err(e: driver::DriverError) -> NsaError {
     }
 }
 
+/// A null device pointer for the optional pointer arguments of the kernels.
+const NULL_PTR: u64 = 0;
+
 /// Family, kernel name and compile options of a loaded kernel.
 type FunctionKey = (Family, String, Vec<String>);
 
@@ -345,6 +348,8 @@ pub struct DeviceInputs {
     pub out: CudaSlice<f32>,
     /// `phi` weights when `cfg.phi` is linear or mlp ([`DeviceInputs::set_phi`]).
     phi: Option<DevicePhi>,
+    /// Branch outputs and lse saved for the backward (`DeviceInputs::enable_saving`).
+    saved: Option<backward::SavedStats>,
 }
 
 /// `phi` weights (linear / mlp) on the device, f32, in the layout of [`PhiWeights`]:
@@ -451,6 +456,7 @@ impl DeviceInputs {
             sel_idx: unsafe { s.alloc::<i32>(n * hkv * cfg.sel_count) }.map_err(driver_err)?,
             out: f(n * hq * dv)?,
             phi: None,
+            saved: None,
         })
     }
 
@@ -792,6 +798,10 @@ pub fn forward_device(
             .arg(&x.plan.tiles64)
             .arg(&mut x.out)
             .arg(&mut x.lse);
+        match x.saved.as_mut() {
+            Some(sv) => b.arg(&mut sv.o[0]),
+            None => b.arg(&NULL_PTR),
+        };
         // SAFETY: matches `cmp_attn`; one CTA per (tile, KV head).
         unsafe {
             b.launch(LaunchConfig {
@@ -832,6 +842,10 @@ pub fn forward_device(
             .arg(&x.plan.tiles_sel)
             .arg(&x.sel_idx)
             .arg(&mut x.out);
+        match x.saved.as_mut() {
+            Some(sv) => b.arg(&mut sv.lse[0]).arg(&mut sv.o[1]),
+            None => b.arg(&NULL_PTR).arg(&NULL_PTR),
+        };
         // SAFETY: matches `sel_attn`.
         unsafe {
             b.launch(LaunchConfig {
@@ -852,6 +866,10 @@ pub fn forward_device(
             .arg(&x.gates[2])
             .arg(&x.plan.tiles64)
             .arg(&mut x.out);
+        match x.saved.as_mut() {
+            Some(sv) => b.arg(&mut sv.lse[1]).arg(&mut sv.o[2]),
+            None => b.arg(&NULL_PTR).arg(&NULL_PTR),
+        };
         // SAFETY: matches `win_attn`.
         unsafe {
             b.launch(LaunchConfig {

@@ -76,7 +76,8 @@ pub struct BwdBench {
 }
 
 /// Median of each field over `reps` timed backward calls (after `warmup` untimed ones) on
-/// random device-resident inputs and upstream gradient (B = 1 sequence per entry of `seqlens`).
+/// random device-resident inputs and upstream gradient (B = 1 sequence per entry of `seqlens`);
+/// `save_stats`: the forward saves the branch outputs and lse, the backward uses them.
 #[allow(clippy::too_many_arguments)]
 pub fn time_backward(
     ctx: &CudaContext,
@@ -87,6 +88,7 @@ pub fn time_backward(
     warmup: usize,
     reps: usize,
     seed: u64,
+    save_stats: bool,
 ) -> Result<BwdBench> {
     ctx.stream.synchronize().map_err(driver_err)?;
     let (free0, _) = ctx.ctx.mem_get_info().map_err(driver_err)?;
@@ -94,6 +96,9 @@ pub fn time_backward(
     let mut cu = vec![0usize];
     for &l in seqlens {
         cu.push(cu.last().unwrap() + l);
+    }
+    if save_stats {
+        x.enable_saving(ctx)?;
     }
     let mut b = DeviceBackward::new(ctx, &x, &cu)?;
     b.random_do(ctx, &x, seed ^ 0xd0)?;

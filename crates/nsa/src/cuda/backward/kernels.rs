@@ -46,9 +46,11 @@ impl BwdFamily {
         match self {
             BwdFamily::Cmp => &[
                 "cmp_bwd_dq",
+                "cmp_bwd_dq_saved",
                 "cmp_bwd_dkdv",
                 "cmp_dkdv_reduce",
                 "cmp_mean_bwd",
+                "bwd_gate_dot",
             ],
             BwdFamily::Win => &["win_bwd_dq", "win_bwd_dq_saved", "win_bwd_dkdv"],
             BwdFamily::Sel => &[

@@ -69,7 +69,7 @@ __device__ __forceinline__ int warp_sort_asc_int(int x) {
 extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const float* __restrict__ gate, const int4* __restrict__ items, float* __restrict__ out,
-    float* __restrict__ lse_out) {
+    float* __restrict__ lse_out, bf16_t* __restrict__ o_save) {
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* Ks = Qs + CMP_ROWS * QS_STRIDE;
@@ -169,6 +169,13 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
             sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
         }
         store_rows<false, CMT>(dst, sc, o);
+    }
+    if (o_save != nullptr) {   // o_cmp (before its gate) for the backward
+        bf16_t* ds[2 * CMT];
+#pragma unroll
+        for (int h = 0; h < 2 * CMT; ++h)
+            ds[h] = valid[h] ? o_save + ((i64)(start + tt[h]) * HQ + g * G + rr[h] % G) * DV : nullptr;
+        store_rows_bf16<CMT>(ds, inv, o);
     }
 
 }

@@ -276,6 +276,22 @@ __device__ __forceinline__ void rowstats_finish(RowStats<MT>& st, float (&inv)[2
     }
 }
 
+// Writes scale * O for the thread's rows in bf16 (a branch output saved for the backward);
+// `dst[i]` nullptr: row not written.
+template <int MT>
+__device__ __forceinline__ void store_rows_bf16(bf16_t* const (&dst)[2 * MT], const float (&scale)[2 * MT],
+                                                const float (&o)[MT][DV / 8][4]) {
+    const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
+#pragma unroll
+    for (int i = 0; i < 2 * MT; ++i) {
+        if (dst[i] == nullptr) continue;
+        const int mt = i >> 1, h = i & 1;
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt)
+            *(u32*)(dst[i] + nt * 8 + gc) = pack_bf16x2(o[mt][nt][2 * h] * scale[i], o[mt][nt][2 * h + 1] * scale[i]);
+    }
+}
+
 // Writes (or adds) scale * O for the thread's rows. `dst[i]` is the f32 output row of row i
 // (nullptr: row not written), `scale[i]` its gate / l.
 template <bool ACCUMULATE, int MT>

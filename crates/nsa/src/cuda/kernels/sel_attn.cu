@@ -28,7 +28,7 @@
 extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
     const float* __restrict__ gate, const int4* __restrict__ items, const int* __restrict__ sel_idx,
-    float* __restrict__ out) {
+    float* __restrict__ out, float* __restrict__ lse_save, bf16_t* __restrict__ o_save) {
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* Ks = Qs + SEL_ROWS * QS_STRIDE;         // [2][SK][KS_STRIDE]
@@ -155,4 +155,14 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
         sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
     }
     store_rows<true, 1>(dst, sc, o);
+    if (o_save != nullptr) {   // o_slc (before its gate) and the row lse for the backward
+        bf16_t* ds[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const i64 qrow = (i64)(start + tt[h]) * HQ + g * G + rr[h] % G;
+            ds[h] = valid[h] ? o_save + qrow * DV : nullptr;
+            if (valid[h] && (lane & 3) == 0) lse_save[qrow] = st.l[h] > 0.f ? st.m[h] + log2f(st.l[h]) : POS_INF;
+        }
+        store_rows_bf16<1>(ds, inv, o);
+    }
 }

@@ -10,7 +10,8 @@
 
 extern "C" __global__ void __launch_bounds__(128) win_attn(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw, const bf16_t* __restrict__ vw,
-    const float* __restrict__ gate, const int4* __restrict__ items, float* __restrict__ out) {
+    const float* __restrict__ gate, const int4* __restrict__ items, float* __restrict__ out,
+    float* __restrict__ lse_save, bf16_t* __restrict__ o_save) {
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* Ks = Qs + WIN_ROWS * QS_STRIDE;
@@ -73,4 +74,14 @@ extern "C" __global__ void __launch_bounds__(128) win_attn(
         sc[i] = valid[i] ? gate[qrow] * inv[i] : 0.f;
     }
     store_rows<true, WMT>(dst, sc, o);
+    if (o_save != nullptr) {   // o_win (before its gate) and the row lse for the backward
+        bf16_t* ds[2 * WMT];
+#pragma unroll
+        for (int i = 0; i < 2 * WMT; ++i) {
+            const i64 qrow = (i64)(start + tt[i]) * HQ + g * G + rr[i] % G;
+            ds[i] = valid[i] ? o_save + qrow * DV : nullptr;
+            if (valid[i] && (lane & 3) == 0) lse_save[qrow] = st.l[i] > 0.f ? st.m[i] + log2f(st.l[i]) : POS_INF;
+        }
+        store_rows_bf16<WMT>(ds, inv, o);
+    }
 }
