@@ -269,7 +269,9 @@ impl GpuDecodeCache {
         let maxp_cmp = blocks::cmp_blocks_in(max_len, l, d).div_ceil(PAGE).max(1);
         let g = cfg.group_size();
         let qrows = g.div_ceil(16) * 16;
-        let base = (qrows * (dk + 8) + stages() * 64 * (dk + 8 + dv + 8)) * 2;
+        // K/V tile rows: unpadded (swizzled) when both head dims are multiples of 64, else +8
+        let pad = if dk % 64 == 0 && dv % 64 == 0 { 0 } else { 8 };
+        let base = (qrows * (dk + 8) + stages() * 64 * (dk + dv + 2 * pad)) * 2;
         let max_smem = ctx.max_smem;
         if base + g * 64 * 4 > max_smem {
             return Err(NsaError::Unsupported(format!(

@@ -33,6 +33,21 @@
 #define DEC_KW (KT / DEC_WK)                   // keys of a tile per warp: 16, 32 or 64
 #define DEC_QROWS (DEC_WM * 16)
 #define DEC_INT_MAX 0x7fffffff
+// K/V tiles in shared memory: with head dims that are multiples of 64, rows are unpadded and
+// the 16-byte chunks of row r are XOR-swizzled by r % 8 (the 8 rows one mma fragment or one
+// ldmatrix touches land in 8 different chunks: no bank conflicts, and 6% less shared memory than
+// padding, which is what lets deeper pipelines keep two CTAs per SM); otherwise rows are padded
+// by 8 elements as in the forward. The launcher mirrors the sizes (cuda/decode.rs).
+#define DEC_SWIZZLE (DK % 64 == 0 && DV % 64 == 0)
+#define DEC_KSTR (DEC_SWIZZLE ? DK : DK + 8)
+#define DEC_VSTR (DEC_SWIZZLE ? DV : DV + 8)
+// element offset of (row, col) in a K (D = DK) or V (D = DV) tile; col % 8 + 8 <= 8 stays in a chunk
+__device__ __forceinline__ int dec_koff(int row, int col) {
+    return DEC_SWIZZLE ? row * DK + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7) : row * DEC_KSTR + col;
+}
+__device__ __forceinline__ int dec_voff(int row, int col) {
+    return DEC_SWIZZLE ? row * DV + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7) : row * DEC_VSTR + col;
+}
 // K/V pipeline depth (cp.async stages); the launcher mirrors it (cuda/decode.rs::stages)
 #ifndef DEC_STAGES
 #define DEC_STAGES 2
@@ -191,8 +206,8 @@ __device__ __forceinline__ DecSmem dec_smem(unsigned char* smem) {
 #pragma unroll
     for (int i = 0; i < DEC_STAGES; ++i) {
         s.Ks[i] = p;
-        s.Vs[i] = p + KT * KS_STRIDE;
-        p += KT * (KS_STRIDE + VS_STRIDE);
+        s.Vs[i] = p + KT * DEC_KSTR;
+        p += KT * (DEC_KSTR + DEC_VSTR);
     }
     s.Ls = (float*)p;
     return s;
@@ -235,7 +250,7 @@ __device__ __forceinline__ void dec_load_tile(bf16_t* Ks, bf16_t* Vs, const bf16
         const int slot = off0 + r;
         const i64 pos = slot < PAGE ? base0 + slot : base1 + (slot - PAGE);
         const bf16_t* src = ok ? kp + pos * DK + k : kp;
-        cp_async16(Ks + r * KS_STRIDE + k, src, ok ? 16 : 0);
+        cp_async16(Ks + dec_koff(r, k), src, ok ? 16 : 0);
     }
 #pragma unroll 4
     for (int c = threadIdx.x; c < KT * CV; c += 128) {
@@ -244,7 +259,7 @@ __device__ __forceinline__ void dec_load_tile(bf16_t* Ks, bf16_t* Vs, const bf16
         const int slot = off0 + r;
         const i64 pos = slot < PAGE ? base0 + slot : base1 + (slot - PAGE);
         const bf16_t* src = ok ? vp + pos * DV + k : vp;
-        cp_async16(Vs + r * VS_STRIDE + k, src, ok ? 16 : 0);
+        cp_async16(Vs + dec_voff(r, k), src, ok ? 16 : 0);
     }
 }
 
@@ -268,8 +283,9 @@ __device__ __forceinline__ void dec_tile(const bf16_t* Qs, const bf16_t* Ks, con
         a[3] = *(const u32*)(q0 + 8 * QS_STRIDE + 8);
 #pragma unroll
         for (int nt = 0; nt < DEC_KW / 8; ++nt) {
-            const bf16_t* k0 = Ks + (kw0 + nt * 8 + gr) * KS_STRIDE + kk + gc;
-            mma_bf16(s[nt], a, *(const u32*)(k0), *(const u32*)(k0 + 8));
+            const int kr = kw0 + nt * 8 + gr;
+            mma_bf16(s[nt], a, *(const u32*)(Ks + dec_koff(kr, kk + gc)),
+                     *(const u32*)(Ks + dec_koff(kr, kk + 8 + gc)));
         }
     }
     float mx[2] = {NEG_INF, NEG_INF};
@@ -326,7 +342,7 @@ __device__ __forceinline__ void dec_tile(const bf16_t* Qs, const bf16_t* Ks, con
 #pragma unroll
         for (int n2 = 0; n2 < DV / 16; ++n2) {
             u32 b0, b1, b2, b3;
-            ldmatrix_x4_trans(b0, b1, b2, b3, Vs + vrow * VS_STRIDE + n2 * 16 + vcol);
+            ldmatrix_x4_trans(b0, b1, b2, b3, Vs + dec_voff(vrow, n2 * 16 + vcol));
             mma_bf16(st.o[2 * n2], a, b0, b1);
             mma_bf16(st.o[2 * n2 + 1], a, b2, b3);
         }
