@@ -44,7 +44,10 @@ where
         let p = prefill_len.min(r.len());
         if p > 0 {
             let rows: Vec<usize> = (r.start..r.start + p).collect();
-            put(&rows, &prefill(cfg, &mut cache, b, &x.gather(&rows, vec![0, p]))?);
+            put(
+                &rows,
+                &prefill(cfg, &mut cache, b, &x.gather(&rows, vec![0, p]))?,
+            );
         }
     }
     // Generation, one token per sequence per step.
@@ -57,7 +60,10 @@ where
             put(&rows, &step(cfg, &mut cache, &x.gather(&rows, one_each))?);
         } else {
             for (&b, &r) in active.iter().zip(&rows) {
-                put(&[r], &prefill(cfg, &mut cache, b, &x.gather(&[r], vec![0, 1]))?);
+                put(
+                    &[r],
+                    &prefill(cfg, &mut cache, b, &x.gather(&[r], vec![0, 1]))?,
+                );
             }
         }
     }

@@ -155,10 +155,8 @@ const MR512: usize = 12;
 
 /// The multiple-of-16 columns with the AVX-512 micro-kernel, a last 8-wide strip with AVX2.
 ///
-/// The AVX-512 intrinsics are stable since Rust 1.89 (the workspace's declared MSRV is older,
-/// but its locked dependencies already need 1.85; the toolchain in use is newer).
+/// The AVX-512 intrinsics are stable since Rust 1.89, the workspace's `rust-version`.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn drive_avx512(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumulate: bool) {
     let (m, kk) = (a.rows, a.cols);
@@ -262,7 +260,6 @@ impl Blk {
     }
 
     /// [`Blk::run`] with 16-lane AVX-512 vectors: `16 NV` columns of `B` (Rust >= 1.89).
-    #[allow(clippy::incompatible_msrv)]
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[inline]
     unsafe fn run512<const R: usize, const NV: usize>(&self) {
