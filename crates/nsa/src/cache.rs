@@ -174,7 +174,8 @@ impl<T: Copy + Default> SeqCache<T> {
         self.ring_v[slot * rv..(slot + 1) * rv].copy_from_slice(tok.v_cmp);
         self.len = t + 1;
 
-        let completes = t + 1 >= self.cmp_block && (t + 1 - self.cmp_block) % self.cmp_stride == 0;
+        let completes =
+            t + 1 >= self.cmp_block && (t + 1 - self.cmp_block).is_multiple_of(self.cmp_stride);
         if completes {
             self.compress_last_block(KvPart::Key, phi);
             self.compress_last_block(KvPart::Value, phi);

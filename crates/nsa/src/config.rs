@@ -106,20 +106,20 @@ impl NsaConfig {
                 return Err(NsaError::ZeroSize(name));
             }
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(NsaError::HeadsNotDivisible {
                 heads: self.heads,
                 kv_heads: self.kv_heads,
             });
         }
-        if self.cmp_block % self.cmp_stride != 0 {
+        if !self.cmp_block.is_multiple_of(self.cmp_stride) {
             return Err(NsaError::StrideNotDividing {
                 what: "cmp_block",
                 block: self.cmp_block,
                 stride: self.cmp_stride,
             });
         }
-        if self.sel_block % self.cmp_stride != 0 {
+        if !self.sel_block.is_multiple_of(self.cmp_stride) {
             return Err(NsaError::StrideNotDividing {
                 what: "sel_block",
                 block: self.sel_block,

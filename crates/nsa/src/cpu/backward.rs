@@ -488,7 +488,7 @@ fn sel_kv(
             scr.ranges.clear();
             for t in it {
                 scr.ranges
-                    .extend(std::iter::repeat((0, (t + 1 - a).min(nk))).take(d.g));
+                    .extend(std::iter::repeat_n((0, (t + 1 - a).min(nk)), d.g));
             }
             let rows = chunk.len() * d.g;
             attend::backward_kv(

@@ -60,6 +60,6 @@ pub(crate) fn ranges(
         let vis = blocks::cmp_visible(t, dims.l, dims.d)
             .min(i1)
             .saturating_sub(i0);
-        out.extend(std::iter::repeat((0, vis)).take(dims.g));
+        out.extend(std::iter::repeat_n((0, vis), dims.g));
     }
 }

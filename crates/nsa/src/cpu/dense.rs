@@ -57,7 +57,7 @@ impl DenseShape {
                 return Err(NsaError::ZeroSize(name));
             }
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(NsaError::HeadsNotDivisible {
                 heads: self.heads,
                 kv_heads: self.kv_heads,
@@ -188,7 +188,7 @@ pub fn forward(
                     scr.vis.clear();
                     for t in t0..t1 {
                         scr.vis
-                            .extend(std::iter::repeat((t + 1).saturating_sub(k0)).take(gs));
+                            .extend(std::iter::repeat_n((t + 1).saturating_sub(k0), gs));
                     }
                     let mut st = Online {
                         m: &mut scr.m,
@@ -286,10 +286,10 @@ pub fn backward(
                     let k1 = (k0 + KEY_BLOCK).min(t1);
                     scr.ranges.clear();
                     for t in t0..t1 {
-                        scr.ranges.extend(
-                            std::iter::repeat((0, (t + 1).saturating_sub(k0).min(k1 - k0)))
-                                .take(gs),
-                        );
+                        scr.ranges.extend(std::iter::repeat_n(
+                            (0, (t + 1).saturating_sub(k0).min(k1 - k0)),
+                            gs,
+                        ));
                     }
                     let seg = Seg {
                         k: kv_rows(k, hkv, dk, g, s0 + k0, k1 - k0),
@@ -344,7 +344,7 @@ pub fn backward(
                 scr.ranges.clear();
                 for t in ta..tb {
                     scr.ranges
-                        .extend(std::iter::repeat((0, (t + 1 - k0).min(k1 - k0))).take(gs));
+                        .extend(std::iter::repeat_n((0, (t + 1 - k0).min(k1 - k0)), gs));
                 }
                 let rows = (tb - ta) * gs;
                 attend::backward_kv(

@@ -29,7 +29,10 @@ const KC: usize = 256;
 /// `C` `[m, w]` row-major, `w % 8 == 0`.
 pub(crate) fn gemm_thin(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumulate: bool) {
     let (m, kk) = (a.rows, a.cols);
-    assert!(w % 8 == 0, "gemm_thin: width {w} is not a multiple of 8");
+    assert!(
+        w.is_multiple_of(8),
+        "gemm_thin: width {w} is not a multiple of 8"
+    );
     assert!(
         b.len() >= kk * w && c.len() >= m * w,
         "gemm_thin: operand sizes"

@@ -247,7 +247,7 @@ pub(crate) fn backward_q(
 fn exp_lanes(st: &mut [f32], w: usize, lo: &[u32], hi: &[u32], m: &mut [f32], sum: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::tile::has_avx2_fma() {
-        if w % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
+        if w.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F (checked at run time).
             return unsafe { exp_lanes_avx512(st, w, lo, hi, m, sum) };
         }

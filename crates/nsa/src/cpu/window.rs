@@ -25,6 +25,6 @@ pub(crate) fn ranges(
         let lo = blocks::window_start(t, dims.w).max(k0);
         let hi = (t + 1).min(k1);
         let r = if hi > lo { (lo - k0, hi - k0) } else { (0, 0) };
-        out.extend(std::iter::repeat(r).take(dims.g));
+        out.extend(std::iter::repeat_n(r, dims.g));
     }
 }

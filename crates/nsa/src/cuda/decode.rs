@@ -270,7 +270,11 @@ impl GpuDecodeCache {
         let g = cfg.group_size();
         let qrows = g.div_ceil(16) * 16;
         // K/V tile rows: unpadded (swizzled) when both head dims are multiples of 64, else +8
-        let pad = if dk % 64 == 0 && dv % 64 == 0 { 0 } else { 8 };
+        let pad = if dk.is_multiple_of(64) && dv.is_multiple_of(64) {
+            0
+        } else {
+            8
+        };
         let base = (qrows * (dk + 8) + stages() * 64 * (dk + dv + 2 * pad)) * 2;
         let max_smem = ctx.max_smem;
         if base + g * 64 * 4 > max_smem {
