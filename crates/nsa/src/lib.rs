@@ -14,6 +14,39 @@
 //! - [`testing`]: comparison helpers.
 //!
 //! The entry points [`forward`], [`backward`] and [`decode_replay`] dispatch on a [`Device`].
+//!
+//! ```
+//! use nsa::{Device, NsaConfig, NsaInputs, PhiParams};
+//!
+//! // 8 query heads over 2 KV heads, small blocks so that the example is quick.
+//! let cfg = NsaConfig::builder()
+//!     .heads(8)
+//!     .kv_heads(2)
+//!     .cmp_block(16)
+//!     .cmp_stride(8)
+//!     .sel_block(32)
+//!     .sel_count(4)
+//!     .window(64)
+//!     .build()?;
+//! // A packed batch of two sequences (300 and 77 tokens), dk = dv = 32.
+//! let x = NsaInputs::random(&cfg, &[300, 77], 32, 32, false, 7);
+//! let phi = PhiParams::mean();
+//! let out = nsa::forward(&Device::Cpu, &cfg, &x, &phi)?;
+//! assert_eq!(out.o.len(), x.num_tokens() * cfg.heads * 32);
+//!
+//! // The float64 reference computes the same function.
+//! let oracle = nsa::reference_forward(&cfg, &x, &phi)?;
+//! assert!(nsa::testing::rel_rms(&out.o, &oracle.o) < 1e-5);
+//!
+//! // Gradients of sum(o * d_o) for every input.
+//! let d_o = vec![1.0f32; out.o.len()];
+//! let grads = nsa::backward(&Device::Cpu, &cfg, &x, &phi, &d_o)?;
+//! assert_eq!(grads.dq.len(), x.q.len());
+//!
+//! // Bad input is a typed error, not a panic.
+//! assert!(NsaConfig::builder().heads(6).kv_heads(4).build().is_err());
+//! # Ok::<(), nsa::NsaError>(())
+//! ```
 
 pub mod blocks;
 pub mod cache;
