@@ -4,159 +4,12 @@
 //! rounded to bf16 once and the reference runs on exactly those values. Outputs are poisoned
 //! (NaN, i32::MIN) before every call; fresh random data each run (the seed is printed).
 
+mod gpu_common;
+use gpu_common::*;
 use nsa::cuda::{self, decode, CudaContext, Family};
-use nsa::reference::{self, attend::HeadKv};
+use nsa::reference;
 use nsa::testing::{max_abs, rel_rms};
 use nsa::{NsaConfig, NsaError, NsaInputs, PhiKind, PhiParams};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// bf16 output tolerance of SPEC.md (relative RMS).
-const OUT_TOL: f64 = 5e-3;
-/// Near-tie tolerance of the top-n check: the kernels score with bf16 operands (q and the
-/// bf16 compressed keys), which moves p_cmp by ~1e-3 relative, so two blocks whose reference
-/// scores lie this close may swap (as in cuda_forward.rs). Forced blocks and clearly better
-/// blocks must still match.
-const SEL_TOL: f64 = 2e-2;
-
-fn seed() -> u64 {
-    let s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    println!("seed = {s}");
-    s
-}
-
-fn round_bf16(x: &NsaInputs<f32>) -> NsaInputs<f32> {
-    x.map(|v| half::bf16::from_f32(v).to_f32())
-}
-
-fn cfg(hq: usize, hkv: usize) -> nsa::NsaConfigBuilder {
-    NsaConfig::builder().heads(hq).kv_heads(hkv)
-}
-
-/// Tie-aware selection check (SPEC.md) with `SEL_TOL`; first the exact-tie check of
-/// `nsa::testing` is tried and its verdict printed. Returns the (token, group, GPU choice) rows
-/// that differ from the reference.
-fn check_selection(
-    cfg: &NsaConfig,
-    x: &NsaInputs<f64>,
-    want: &[i32],
-    got: &[i32],
-) -> Vec<(usize, usize, Vec<usize>)> {
-    let (scores, maxb) = reference::selection_scores(cfg, x, &PhiParams::mean()).unwrap();
-    match nsa::testing::check_selection_tie_aware(cfg, &x.cu_seqlens, want, got, &scores, maxb) {
-        Ok(()) => println!("selection: equal to the reference up to exact ties"),
-        Err(e) => println!("selection: not within exact ties ({e}); checking near-ties"),
-    }
-    let (hkv, n) = (cfg.kv_heads, cfg.sel_count);
-    let mut differing = Vec::new();
-    let mut worst = 0.0f64;
-    for (b, seq) in x.cu_seqlens.windows(2).enumerate() {
-        for i in seq[0]..seq[1] {
-            let t = i - seq[0];
-            for g in 0..hkv {
-                let at = (i * hkv + g) * n;
-                let (w, gt) = (&want[at..at + n], &got[at..at + n]);
-                if w == gt {
-                    continue;
-                }
-                let here = format!("seq {b} t {t} group {g}: want {w:?} got {gt:?}");
-                let valid: Vec<usize> = gt
-                    .iter()
-                    .take_while(|&&j| j >= 0)
-                    .map(|&j| j as usize)
-                    .collect();
-                assert!(
-                    gt[valid.len()..].iter().all(|&j| j == -1),
-                    "{here}: bad padding"
-                );
-                assert!(
-                    valid.windows(2).all(|p| p[0] < p[1]),
-                    "{here}: not ascending"
-                );
-                let nw = w.iter().filter(|&&j| j >= 0).count();
-                assert_eq!(valid.len(), nw, "{here}: different counts");
-                for f in nsa::blocks::forced_blocks(t, cfg) {
-                    assert!(valid.contains(&f), "{here}: forced block {f} missing");
-                }
-                let score = |j: usize| scores[(i * hkv + g) * maxb + j];
-                let wv: Vec<usize> = w[..nw].iter().map(|&j| j as usize).collect();
-                let mut only_w: Vec<usize> =
-                    wv.iter().copied().filter(|j| !valid.contains(j)).collect();
-                let mut only_g: Vec<usize> =
-                    valid.iter().copied().filter(|j| !wv.contains(j)).collect();
-                only_w.sort_by(|&a, &c| score(c).total_cmp(&score(a)));
-                only_g.sort_by(|&a, &c| score(c).total_cmp(&score(a)));
-                for (&a, &c) in only_w.iter().zip(&only_g) {
-                    let (sa, sc) = (score(a), score(c));
-                    assert!(sc.is_finite(), "{here}: block {c} not admissible");
-                    let rel = (sa - sc).abs() / sa.abs().max(sc.abs()).max(1e-30);
-                    worst = worst.max(rel);
-                    assert!(
-                        rel <= SEL_TOL,
-                        "{here}: block {c} (score {sc}) instead of {a} (score {sa})"
-                    );
-                }
-                differing.push((i, g, valid));
-            }
-        }
-    }
-    println!(
-        "selection: {} of {} (token, group) rows differ from the reference, all near-ties (worst relative gap {worst:.2e})",
-        differing.len(),
-        x.num_tokens() * hkv
-    );
-    differing
-}
-
-/// Rewrites the reference rows whose selection differs (near-ties only) with the selected
-/// attention over the GPU's choice, so the output check compares the same function.
-fn patch_reference(
-    cfg: &NsaConfig,
-    x: &NsaInputs<f64>,
-    want_o: &mut [f64],
-    differing: &[(usize, usize, Vec<usize>)],
-    ref_sel: &[i32],
-) {
-    let (hq, hkv, dk, dv, g_sz) = (cfg.heads, cfg.kv_heads, x.dk, x.dv, cfg.group_size());
-    let scale = cfg.softmax_scale(dk);
-    for (i, g, sel) in differing {
-        let b = x
-            .cu_seqlens
-            .windows(2)
-            .position(|w| w[0] <= *i && *i < w[1])
-            .unwrap();
-        let (start, end) = (x.cu_seqlens[b], x.cu_seqlens[b + 1]);
-        let t = i - start;
-        let kv = HeadKv {
-            k: &x.k_slc[start * hkv * dk..end * hkv * dk],
-            v: &x.v_slc[start * hkv * dv..end * hkv * dv],
-            hkv,
-            h: *g,
-            dk,
-            dv,
-        };
-        let at = (i * hkv + g) * cfg.sel_count;
-        let old_sel: Vec<usize> = ref_sel[at..at + cfg.sel_count]
-            .iter()
-            .filter(|&&j| j >= 0)
-            .map(|&j| j as usize)
-            .collect();
-        let keys_new = reference::select::selected_keys(cfg, t, sel);
-        let keys_old = reference::select::selected_keys(cfg, t, &old_sel);
-        for hh in 0..g_sz {
-            let h = g * g_sz + hh;
-            let q = &x.q[(i * hq + h) * dk..(i * hq + h + 1) * dk];
-            let new = reference::attend::attend(q, scale, &kv, &keys_new);
-            let old = reference::attend::attend(q, scale, &kv, &keys_old);
-            let gs = x.g_slc[i * hq + h];
-            for c in 0..dv {
-                want_o[(i * hq + h) * dv + c] += gs * (new.o[c] - old.o[c]);
-            }
-        }
-    }
-}
 
 /// Replays `seqlens` through the GPU cache (prompt of `prefill` tokens in chunks of `chunk`,
 /// then steps) and compares every row with the reference forward on the whole sequences; also
@@ -186,7 +39,7 @@ fn run_case(
         got.sel_idx.iter().all(|&j| j >= -1),
         "{name}: unwritten selection"
     );
-    let differing = check_selection(cfg, &x64, &want.sel_idx, &got.sel_idx);
+    let differing = check_selection(cfg, &x64, &PhiParams::mean(), &want.sel_idx, &got.sel_idx);
     let mut want_o = want.o.clone();
     patch_reference(cfg, &x64, &mut want_o, &differing, &want.sel_idx);
     let err = rel_rms(&got.o, &want_o);
