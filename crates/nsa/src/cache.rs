@@ -27,7 +27,7 @@
 use crate::blocks;
 use crate::config::NsaConfig;
 use crate::error::{NsaError, Result};
-use crate::inputs::NsaInputs;
+use crate::inputs::{NsaInputs, PhiParams};
 
 /// Which of the two `phi` functions a compression is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +328,52 @@ impl<T: Copy + Default> DecodeCache<T> {
     /// Current length of every sequence.
     pub fn lens(&self) -> Vec<usize> {
         self.seqs.iter().map(|s| s.len()).collect()
+    }
+
+    /// Checks the arguments of a prefill of sequence `b` (SPEC.md "Decoding"): valid inputs and
+    /// phi, the cache's dims, exactly one sequence in `x`, `b` in range.
+    pub fn check_prefill(
+        &self,
+        cfg: &NsaConfig,
+        b: usize,
+        x: &NsaInputs<T>,
+        phi: &PhiParams<T>,
+    ) -> Result<()> {
+        self.check_call(cfg, x, phi)?;
+        if x.num_seqs() != 1 {
+            return Err(NsaError::Decode(format!(
+                "prefill takes one sequence, got {}",
+                x.num_seqs()
+            )));
+        }
+        if b >= self.batch() {
+            return Err(NsaError::Decode(format!(
+                "sequence {b} out of range: the cache holds {}",
+                self.batch()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the arguments of a decode step: valid inputs and phi, the cache's dims, and one
+    /// token for each cached sequence (`cu_seqlens = [0, 1, .., B]`).
+    pub fn check_step(&self, cfg: &NsaConfig, x: &NsaInputs<T>, phi: &PhiParams<T>) -> Result<()> {
+        self.check_call(cfg, x, phi)?;
+        let batch = self.batch();
+        if !x.cu_seqlens.iter().copied().eq(0..=batch) {
+            return Err(NsaError::Decode(format!(
+                "a step takes one token for each of the {batch} cached sequences \
+                 (cu_seqlens [0, 1, .., {batch}]), got cu_seqlens {:?}",
+                x.cu_seqlens
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_call(&self, cfg: &NsaConfig, x: &NsaInputs<T>, phi: &PhiParams<T>) -> Result<()> {
+        x.validate(cfg)?;
+        phi.validate(cfg, x.dk, x.dv)?;
+        self.check_dims(cfg, x)
     }
 
     /// Checks that `x` has the cache's head dims and that `cfg` has its KV heads and

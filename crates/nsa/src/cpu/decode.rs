@@ -127,17 +127,6 @@ fn group_row(
     );
 }
 
-fn check(
-    cfg: &NsaConfig,
-    cache: &DecodeCache<f32>,
-    x: &NsaInputs<f32>,
-    phi: &PhiParams<f32>,
-) -> Result<()> {
-    x.validate(cfg)?;
-    phi.validate(cfg, x.dk, x.dv)?;
-    cache.check_dims(cfg, x)
-}
-
 /// The gates of packed token `i`, `[HQ]` each.
 fn gates_of(x: &NsaInputs<f32>, hq: usize, i: usize) -> [&[f32]; 3] {
     [
@@ -158,19 +147,7 @@ pub fn prefill(
     x: &NsaInputs<f32>,
     phi: &PhiParams<f32>,
 ) -> Result<NsaOutput<f32>> {
-    check(cfg, cache, x, phi)?;
-    if x.num_seqs() != 1 {
-        return Err(NsaError::Decode(format!(
-            "prefill takes one sequence, got {}",
-            x.num_seqs()
-        )));
-    }
-    if b >= cache.batch() {
-        return Err(NsaError::Decode(format!(
-            "sequence {b} out of range: the cache holds {}",
-            cache.batch()
-        )));
-    }
+    cache.check_prefill(cfg, b, x, phi)?;
     let dims = Dims::new(cfg, x.dk, x.dv);
     let comp = CpuCompressor::new(cfg, phi, x.dk, x.dv);
     let len = x.num_tokens();
@@ -245,18 +222,11 @@ pub fn step_split(
     phi: &PhiParams<f32>,
     split: usize,
 ) -> Result<NsaOutput<f32>> {
-    check(cfg, cache, x, phi)?;
+    cache.check_step(cfg, x, phi)?;
     if split == 0 {
         return Err(NsaError::Decode("decode split of 0 keys".into()));
     }
     let batch = cache.batch();
-    let one_each: Vec<usize> = (0..=batch).collect();
-    if x.cu_seqlens != one_each {
-        return Err(NsaError::Decode(format!(
-            "a step takes one token for each of the {batch} cached sequences (cu_seqlens [0, 1, .., {batch}]), got cu_seqlens {:?}",
-            x.cu_seqlens
-        )));
-    }
     let dims = Dims::new(cfg, x.dk, x.dv);
     let comp = CpuCompressor::new(cfg, phi, x.dk, x.dv);
     for (b, seq) in cache.seqs.iter_mut().enumerate() {

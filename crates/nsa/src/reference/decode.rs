@@ -9,7 +9,7 @@ use super::row::{self, Dims, SeqKv};
 use super::select;
 use crate::cache::{DecodeCache, SeqCache, TokenKv};
 use crate::config::NsaConfig;
-use crate::error::{NsaError, Result};
+use crate::error::Result;
 use crate::inputs::{NsaInputs, NsaOutput, PhiParams};
 
 /// The branches' view of one sequence's cache.
@@ -22,17 +22,6 @@ fn cache_kv(seq: &SeqCache<f64>) -> SeqKv<'_> {
         win_k: seq.k_win(),
         win_v: seq.v_win(),
     }
-}
-
-fn check(
-    cfg: &NsaConfig,
-    cache: &DecodeCache<f64>,
-    x: &NsaInputs<f64>,
-    phi: &PhiParams<f64>,
-) -> Result<()> {
-    x.validate(cfg)?;
-    phi.validate(cfg, x.dk, x.dv)?;
-    cache.check_dims(cfg, x)
 }
 
 /// Output row of packed token `i` of `x`, which sits at position `t` of `seq` (already
@@ -76,19 +65,7 @@ pub fn prefill(
     x: &NsaInputs<f64>,
     phi: &PhiParams<f64>,
 ) -> Result<NsaOutput<f64>> {
-    check(cfg, cache, x, phi)?;
-    if x.num_seqs() != 1 {
-        return Err(NsaError::Decode(format!(
-            "prefill takes one sequence, got {}",
-            x.num_seqs()
-        )));
-    }
-    if b >= cache.batch() {
-        return Err(NsaError::Decode(format!(
-            "sequence {b} out of range: the cache holds {}",
-            cache.batch()
-        )));
-    }
+    cache.check_prefill(cfg, b, x, phi)?;
     let dims = Dims::new(cfg, x.dk, x.dv);
     let comp = RefCompressor::new(phi, cfg.cmp_block, x.dk, x.dv);
     let len = x.num_tokens();
@@ -121,16 +98,8 @@ pub fn step(
     x: &NsaInputs<f64>,
     phi: &PhiParams<f64>,
 ) -> Result<NsaOutput<f64>> {
-    check(cfg, cache, x, phi)?;
+    cache.check_step(cfg, x, phi)?;
     let batch = cache.batch();
-    let one_each: Vec<usize> = (0..=batch).collect();
-    if x.cu_seqlens != one_each {
-        return Err(NsaError::Decode(format!(
-            "a step takes one token for each of the {batch} cached sequences \
-             (cu_seqlens [0, 1, .., {batch}]), got cu_seqlens {:?}",
-            x.cu_seqlens
-        )));
-    }
     let dims = Dims::new(cfg, x.dk, x.dv);
     let comp = RefCompressor::new(phi, cfg.cmp_block, x.dk, x.dv);
     let mut out = NsaOutput {
