@@ -1,5 +1,6 @@
-//! `nsa bench --device cuda`: the CUDA forward pass timed with CUDA events (median of `reps`
-//! after warm-ups), per kernel and in total, on random inputs generated on the device.
+//! `nsa bench --device cuda`: the CUDA forward, backward and decode step timed with CUDA events
+//! (median of `reps` after warm-ups), per kernel and in total, on random inputs generated on
+//! the device ([`run_cuda`], [`run_cuda_backward`], [`run_cuda_decode`]).
 //! Flops are counted as for the CPU sweep ([`super::cpu::nsa_forward_flops`]: QK and PV of the
 //! keys each branch attends to), so records of both devices compare; the per-kernel times go
 //! into the record's extra fields (`compress_ms`, `cmp_ms`, `topn_ms`, `selected_ms`,
@@ -31,6 +32,9 @@ pub struct CudaBenchArgs {
     /// Group sizes swept at `g_sweep_length` with HQ = 64, dk = dv = 128 (HKV = 64 / G).
     pub g_sweep: Vec<usize>,
     pub g_sweep_length: usize,
+    /// Decode contexts and batch sizes (HQ 64, HKV 4, dk = dv = 128).
+    pub decode_lengths: Vec<usize>,
+    pub decode_batches: Vec<usize>,
     /// Timed repetitions (median) and untimed warm-ups.
     pub reps: usize,
     pub warmup: usize,
@@ -61,6 +65,8 @@ impl Default for CudaBenchArgs {
             ],
             g_sweep: vec![1, 2, 4, 8],
             g_sweep_length: 65536,
+            decode_lengths: vec![8192, 16384, 32768, 65536, 131072],
+            decode_batches: vec![1, 32],
             reps: 7,
             warmup: 2,
             nsa: NsaConfig::default(),
@@ -73,7 +79,6 @@ impl Default for CudaBenchArgs {
 pub fn run_cuda(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
     let ctx = CudaContext::new(args.device_ordinal)?;
     let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
-    let date = today();
     let mut runs: Vec<(usize, CudaShape)> = Vec::new();
     for s in &args.shapes {
         for &t in &args.lengths {
@@ -93,10 +98,7 @@ pub fn run_cuda(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
     }
     let mut out = Vec::new();
     for (t, s) in runs {
-        let mut cfg = args.nsa.clone();
-        cfg.heads = s.heads;
-        cfg.kv_heads = s.kv_heads;
-        cfg.validate()?;
+        let cfg = config_for(args, s)?;
         let k = bench::time_forward(
             &ctx,
             &cfg,
@@ -114,38 +116,188 @@ pub fn run_cuda(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
             "cuda forward T={t} HQ={} HKV={} dk={} dv={}: {ms:.3} ms (compress {:.3}, cmp {:.3}, topn {:.3}, selected {:.3}, window {:.3})",
             s.heads, s.kv_heads, s.dk, s.dv, k.compress, k.cmp, k.topn, k.selected, k.window
         );
-        let num = |v: f32| Value::from((v as f64 * 1e4).round() / 1e4);
-        out.push(BenchRecord {
-            date: date.clone(),
-            machine: machine.clone(),
-            op: "forward".into(),
-            impl_: "nsa-cuda".into(),
-            batch: 1,
+        let mut r = record(&machine, "forward", 1, t, s, ms);
+        r.tflops = Some((tflops * 1e3).round() / 1e3);
+        r.flops = Some(flops);
+        r.notes = vec![format!(
+            "l/d/l' {}/{}/{}, n {}, w {}, phi mean, bf16 in, f32 out, median of {}",
+            cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, cfg.sel_count, cfg.window, args.reps
+        )];
+        for (name, v) in [
+            ("compress_ms", k.compress),
+            ("cmp_ms", k.cmp),
+            ("topn_ms", k.topn),
+            ("selected_ms", k.selected),
+            ("window_ms", k.window),
+        ] {
+            r.extra.insert(name.into(), num(v as f64));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// The paper's head configuration of the backward and decode sweeps.
+const PAPER_SHAPE: CudaShape = CudaShape {
+    heads: 64,
+    kv_heads: 4,
+    dk: 128,
+    dv: 128,
+};
+
+/// A value rounded to 4 decimals for the JSON.
+fn num(v: f64) -> Value {
+    Value::from((v * 1e4).round() / 1e4)
+}
+
+/// A record of `impl` `nsa-cuda` with the common fields filled in.
+fn record(machine: &str, op: &str, batch: usize, t: usize, s: CudaShape, ms: f64) -> BenchRecord {
+    BenchRecord {
+        date: today(),
+        machine: machine.to_string(),
+        op: op.into(),
+        impl_: "nsa-cuda".into(),
+        batch,
+        t,
+        heads: s.heads,
+        kv_heads: s.kv_heads,
+        dk: s.dk,
+        dv: s.dv,
+        threads: None,
+        ms: (ms * 1e4).round() / 1e4,
+        tflops: None,
+        gflops: None,
+        flops: None,
+        speedup: None,
+        notes: Vec::new(),
+        extra: BTreeMap::from([
+            ("device".to_string(), Value::String("cuda".into())),
+            ("dtype".to_string(), Value::String("bfloat16".into())),
+        ]),
+    }
+}
+
+fn config_for(args: &CudaBenchArgs, s: CudaShape) -> nsa::Result<NsaConfig> {
+    let mut cfg = args.nsa.clone();
+    cfg.heads = s.heads;
+    cfg.kv_heads = s.kv_heads;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The backward sweep (paper shape, batch 1, `lengths`): one `backward` record (the backward
+/// kernels alone, per-kernel medians and peak memory of forward+backward as extras) and one
+/// `forward_backward` record (forward median + backward median of the same run) per length.
+pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
+    use nsa::cuda::backward::bench::time_backward;
+    let ctx = CudaContext::new(args.device_ordinal)?;
+    let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
+    let s = PAPER_SHAPE;
+    let cfg = config_for(args, s)?;
+    let mut out = Vec::new();
+    for &t in &args.lengths {
+        let b = time_backward(
+            &ctx,
+            &cfg,
+            &[t],
+            s.dk,
+            s.dv,
+            args.warmup,
+            args.reps,
+            t as u64,
+            false,
+        )?;
+        let k = b.times;
+        eprintln!(
+            "cuda backward T={t}: {:.3} ms (forward {:.3} ms), peak {:.2} GiB",
+            k.total,
+            b.forward_ms,
+            b.peak_bytes as f64 / (1u64 << 30) as f64
+        );
+        let peak = num(b.peak_bytes as f64 / (1u64 << 30) as f64);
+        let mut r = record(&machine, "backward", 1, t, s, k.total as f64);
+        r.notes = vec![format!(
+            "deterministic (no float atomics), branch statistics recomputed, median of {}",
+            args.reps
+        )];
+        for (name, v) in [
+            ("cmp_dq_ms", k.cmp_dq),
+            ("cmp_dkdv_ms", k.cmp_dkdv),
+            ("cmp_mean_ms", k.cmp_mean),
+            ("win_dq_ms", k.win_dq),
+            ("win_dkdv_ms", k.win_dkdv),
+            ("sel_index_ms", k.sel_index),
+            ("sel_dq_ms", k.sel_dq),
+            ("sel_dkdv_ms", k.sel_dkdv),
+        ] {
+            r.extra.insert(name.into(), num(v as f64));
+        }
+        r.extra.insert("peak_mem_gib".into(), peak.clone());
+        out.push(r);
+        let mut fb = record(
+            &machine,
+            "forward_backward",
+            1,
             t,
-            heads: s.heads,
-            kv_heads: s.kv_heads,
-            dk: s.dk,
-            dv: s.dv,
-            threads: None,
-            ms: (ms * 1e4).round() / 1e4,
-            tflops: Some((tflops * 1e3).round() / 1e3),
-            gflops: None,
-            flops: Some(flops),
-            speedup: None,
-            notes: vec![format!(
-                "l/d/l' {}/{}/{}, n {}, w {}, phi mean, bf16 in, f32 out, median of {}",
-                cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, cfg.sel_count, cfg.window, args.reps
-            )],
-            extra: BTreeMap::from([
-                ("device".to_string(), Value::String("cuda".into())),
-                ("dtype".to_string(), Value::String("bfloat16".into())),
-                ("compress_ms".to_string(), num(k.compress)),
-                ("cmp_ms".to_string(), num(k.cmp)),
-                ("topn_ms".to_string(), num(k.topn)),
-                ("selected_ms".to_string(), num(k.selected)),
-                ("window_ms".to_string(), num(k.window)),
-            ]),
-        });
+            s,
+            (b.forward_ms + k.total) as f64,
+        );
+        fb.notes = vec!["forward median + backward median of the same run".into()];
+        fb.extra.insert("peak_mem_gib".into(), peak);
+        out.push(fb);
+    }
+    Ok(out)
+}
+
+/// The decode sweep (paper shape, `decode_lengths` x `decode_batches`): one `decode` record per
+/// point, `ms` per step from CUDA-graph replays (host-launched steps when the capture fails),
+/// with the bytes a step moves and the achieved share of the measured copy bandwidth.
+pub fn run_cuda_decode(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
+    use nsa::cuda::decode::bench::{copy_bandwidth, time_steps};
+    let ctx = CudaContext::new(args.device_ordinal)?;
+    let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
+    let copy = copy_bandwidth(&ctx, 1 << 30, 10)?;
+    let s = PAPER_SHAPE;
+    let cfg = config_for(args, s)?;
+    let mut out = Vec::new();
+    for &len in &args.decode_lengths {
+        for &b in &args.decode_batches {
+            let st = time_steps(
+                &ctx,
+                &cfg,
+                b,
+                len,
+                s.dk,
+                s.dv,
+                args.reps.max(10),
+                10,
+                len as u64 ^ b as u64,
+            )?;
+            let us = st.graph_us.unwrap_or(st.eager_us);
+            let moved = st.bytes.kv + st.bytes.other;
+            let gbps = moved / (us * 1e-6) / 1e9;
+            eprintln!("cuda decode ctx={len} B={b}: {us:.1} us/step, {gbps:.0} GB/s");
+            let mut r = record(&machine, "decode", b, len, s, us / 1e3);
+            r.notes = vec![
+                "per step; kv_mb = K/V the branches read, bound_mb = (T/d + n*l' + w) tokens per group".into(),
+            ];
+            for (name, v) in [
+                ("eager_ms", st.eager_us / 1e3),
+                ("kv_mb", st.bytes.kv / 1e6),
+                ("bound_mb", st.bytes.bound / 1e6),
+                ("other_mb", st.bytes.other / 1e6),
+                ("dense_kv_mb", st.bytes.dense / 1e6),
+                ("gbps", gbps),
+                ("copy_gbps", copy / 1e9),
+                ("pct_copy_bw", 100.0 * gbps * 1e9 / copy),
+                ("tokens_per_s", b as f64 / (us * 1e-6)),
+            ] {
+                r.extra.insert(name.into(), num(v));
+            }
+            r.extra
+                .insert("cuda_graph".into(), Value::Bool(st.graph_us.is_some()));
+            out.push(r);
+        }
     }
     Ok(out)
 }

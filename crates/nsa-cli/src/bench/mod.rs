@@ -45,9 +45,9 @@ pub struct BenchArgs {
     /// Batch size of forward/backward runs.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Sequences per decode step.
-    #[arg(long, default_value_t = 8)]
-    pub decode_batch: usize,
+    /// Sequences per decode step (comma separated; default 8 on the CPU, 1 and 32 on CUDA).
+    #[arg(long, value_delimiter = ',')]
+    pub decode_batch: Option<Vec<usize>>,
     /// Rayon threads (default: all logical CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -90,7 +90,9 @@ impl BenchArgs {
             a.reps = r;
         }
         a.batch = self.batch;
-        a.decode_batch = self.decode_batch;
+        if let Some(b) = self.decode_batch.as_ref().and_then(|v| v.first()) {
+            a.decode_batch = *b;
+        }
         a.no_dense = self.no_dense;
         a
     }
@@ -144,30 +146,61 @@ pub fn run(args: &BenchArgs) -> nsa::Result<()> {
     Ok(())
 }
 
-/// `nsa bench --device cuda`: the forward sweep of [`cuda::run_cuda`] (lengths from
-/// `--lengths`, else the 8k..128k), merged with peer records (`--peers`), written as
-/// `<name>-<date>.md/.json` (name default `cuda-fwd`). Speedups are over cuDNN's dense SDPA.
+/// `nsa bench --device cuda`: the sweeps of [`cuda`] for the ops asked (`--ops`, default
+/// `forward`; also `backward` (which records forward+backward too) and `decode`), merged with
+/// peer records of the same ops (`--peers`), written as `<name>-<date>.md/.json` (name default
+/// `cuda-<ops>`). Speedups are over cuDNN's dense SDPA.
 #[cfg(feature = "cuda")]
 fn run_cuda_forward(args: &BenchArgs) -> nsa::Result<()> {
     let mut cargs = cuda::CudaBenchArgs::default();
     if let Some(l) = &args.lengths {
         cargs.lengths = l.clone();
     }
+    if let Some(l) = &args.decode {
+        cargs.decode_lengths = l.clone();
+    }
+    if let Some(b) = &args.decode_batch {
+        cargs.decode_batches = b.clone();
+    }
     if let Some(r) = args.reps {
         cargs.reps = r;
     }
     if args.quick {
         cargs.lengths = vec![8192];
+        cargs.decode_lengths = vec![8192];
         cargs.g_sweep.clear();
     }
-    let mut records = cuda::run_cuda(&cargs)?;
-    for p in &args.peers {
-        records.extend(read_records(p)?.into_iter().filter(|r| r.op == "forward"));
+    let ops = args.ops.clone().unwrap_or_else(|| vec!["forward".into()]);
+    let mut records = Vec::new();
+    for op in &ops {
+        records.extend(match op.as_str() {
+            "forward" => cuda::run_cuda(&cargs)?,
+            "backward" | "forward_backward" => cuda::run_cuda_backward(&cargs)?,
+            "decode" => cuda::run_cuda_decode(&cargs)?,
+            other => {
+                return Err(nsa::NsaError::Unsupported(format!(
+                    "cuda bench op `{other}` (expected forward, backward or decode)"
+                )))
+            }
+        });
     }
+    let wanted: Vec<&str> = records.iter().map(|r| r.op.as_str()).collect();
+    let mut peers = Vec::new();
+    for p in &args.peers {
+        peers.extend(
+            read_records(p)?
+                .into_iter()
+                .filter(|r| wanted.contains(&r.op.as_str())),
+        );
+    }
+    records.extend(peers);
     fill_speedups(&mut records, "torch-sdpa-cudnn");
     let date = today();
-    let name = args.name.clone().unwrap_or_else(|| "cuda-fwd".into());
-    let title = format!("NSA CUDA forward benchmark, {date}");
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("cuda-{}", ops.join("-")));
+    let title = format!("NSA CUDA benchmark ({}), {date}", ops.join(", "));
     println!("{}", records::markdown(&title, &records, "nsa-cuda"));
     let (md, js) = write_results(&args.out_dir, &name, &date, &title, &records, "nsa-cuda")?;
     eprintln!("wrote {} and {}", md.display(), js.display());
