@@ -909,3 +909,143 @@ pub fn forward(
     forward_device(ctx, &mut dev, None)?;
     dev.download(ctx)
 }
+
+/// Host-side logic of the CUDA path that needs no GPU (these run in CI with `--features cuda`;
+/// the kernels themselves are checked by `tests/cuda_*.rs` on a GPU machine).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paper(hq: usize, hkv: usize) -> NsaConfig {
+        NsaConfig::builder()
+            .heads(hq)
+            .kv_heads(hkv)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn shape_limits_are_typed_errors() {
+        let cfg = paper(64, 4);
+        assert!(check_shapes(&cfg, 128, 128).is_ok());
+        assert!(check_shapes(&cfg, 192, 128).is_ok());
+        assert!(check_shapes(&cfg, 256, 256).is_ok());
+        for (dk, dv) in [(100, 128), (512, 128), (128, 8), (128, 272)] {
+            assert!(
+                matches!(check_shapes(&cfg, dk, dv), Err(NsaError::Unsupported(_))),
+                "dk {dk} dv {dv}"
+            );
+        }
+        let many = NsaConfig::builder().sel_count(40).build().unwrap();
+        assert!(matches!(
+            check_shapes(&many, 128, 128),
+            Err(NsaError::Unsupported(_))
+        ));
+        let wide = paper(128, 1);
+        assert!(matches!(
+            check_shapes(&wide, 128, 128),
+            Err(NsaError::Unsupported(_))
+        ));
+        // config errors come first, as everywhere else
+        assert!(matches!(
+            check_shapes(&paper(64, 4), 0, 128),
+            Err(NsaError::ZeroSize("dk"))
+        ));
+    }
+
+    #[test]
+    fn decode_and_backward_need_mean_phi() {
+        let mut cfg = paper(16, 2);
+        assert!(check_supported(&cfg, 64, 64).is_ok());
+        for phi in [PhiKind::Linear, PhiKind::Mlp] {
+            cfg.phi = phi;
+            assert!(check_shapes(&cfg, 64, 64).is_ok());
+            assert!(matches!(
+                check_supported(&cfg, 64, 64),
+                Err(NsaError::Unsupported(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn shape_constants_are_baked_into_the_options() {
+        let cfg = NsaConfig::builder()
+            .heads(32)
+            .kv_heads(8)
+            .cmp_block(48)
+            .cmp_stride(16)
+            .sel_block(96)
+            .sel_count(12)
+            .window(300)
+            .build()
+            .unwrap();
+        let shape = shape_of(&cfg, 192, 128);
+        let opts = module::options(&shape, "sm_90a");
+        for want in [
+            "--gpu-architecture=sm_90a",
+            "-DDK=192",
+            "-DDV=128",
+            "-DHQ=32",
+            "-DHKV=8",
+            "-DG=4",
+            "-DCMP_L=48",
+            "-DCMP_D=16",
+            "-DSEL_L=96",
+            "-DNSEL=12",
+            "-DWIN=300",
+        ] {
+            assert!(opts.iter().any(|o| o == want), "missing {want} in {opts:?}");
+        }
+        // the scale goes in exactly: scale * log2(e) as the bits of an f32
+        let bits = ((1.0 / 192f64.sqrt()) * std::f64::consts::LOG2_E) as f32;
+        let want = format!("-DSCALE_LOG2=__int_as_float({:#x})", bits.to_bits());
+        assert!(opts.contains(&want), "{opts:?}");
+        // the disk-cache key follows the source and every option
+        let key = module::cache_key(Family::CmpAttn, &opts);
+        assert_eq!(key, module::cache_key(Family::CmpAttn, &opts));
+        assert_ne!(key, module::cache_key(Family::WinAttn, &opts));
+        let other = module::options(&shape_of(&cfg, 128, 128), "sm_90a");
+        assert_ne!(key, module::cache_key(Family::CmpAttn, &other));
+        let arch = module::options(&shape, "sm_100a");
+        assert_ne!(key, module::cache_key(Family::CmpAttn, &arch));
+    }
+
+    #[test]
+    fn bf16_upload_rounds_to_nearest_even() {
+        let xs = [
+            1.0f32,
+            -2.5,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            3.0e38,
+            1e-40,
+        ];
+        let bits = to_bf16_bits(&xs);
+        for (x, b) in xs.iter().zip(bits) {
+            assert_eq!(b, half::bf16::from_f32(*x).to_bits(), "{x}");
+        }
+        // ties go to even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7
+        assert_eq!(
+            half::bf16::from_bits(to_bf16_bits(&[1.0 + 1.0 / 256.0])[0]).to_f32(),
+            1.0
+        );
+    }
+
+    #[test]
+    fn no_driver_is_a_typed_error_not_a_panic() {
+        // On a machine without libcuda (CI) this is CudaUnavailable; on a GPU machine it opens
+        // the device. Either way: no panic, and no other error.
+        match CudaContext::new(0) {
+            Ok(ctx) => assert!(ctx.arch().starts_with("sm_")),
+            Err(NsaError::CudaUnavailable(_)) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+        let cfg = paper(4, 2);
+        let x = NsaInputs::random(&cfg, &[40], 16, 16, true, 1);
+        match crate::forward(&crate::Device::Cuda(0), &cfg, &x, &PhiParams::mean()) {
+            Ok(out) => assert_eq!(out.o.len(), 40 * 4 * 16),
+            Err(NsaError::CudaUnavailable(_)) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+}
