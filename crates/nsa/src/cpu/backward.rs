@@ -48,6 +48,25 @@ struct Scratch {
     thin: ThinScratch,
 }
 
+impl Scratch {
+    /// The key pass of FlashAttention-2 (`dK`, `dV` of `seg`, accumulated) for the `rows`
+    /// query rows gathered into this scratch with their key ranges.
+    fn key_pass(&mut self, d: &Dims, rows: usize, seg: Seg<'_>, dk: &mut [f32], dv: &mut [f32]) {
+        attend::backward_kv(
+            MatRef::rows(&self.q, rows, d.dk),
+            MatRef::rows(&self.dob, rows, d.dv),
+            seg,
+            &self.ranges,
+            &self.lse,
+            &self.delta,
+            &mut self.s,
+            &mut self.dp,
+            dk,
+            dv,
+        );
+    }
+}
+
 /// Everything the passes read.
 struct Ctx<'a> {
     dims: Dims,
@@ -402,19 +421,7 @@ fn cmp_kv(
     for (ta, tb) in subtiles(d, first.min(len), len) {
         ctx.gather(0, b, g, ta..tb, scr, true);
         compress::ranges(d, ta, tb, i0, i1, &mut scr.ranges);
-        let rows = (tb - ta) * d.g;
-        attend::backward_kv(
-            MatRef::rows(&scr.q, rows, d.dk),
-            MatRef::rows(&scr.dob, rows, d.dv),
-            seg,
-            &scr.ranges,
-            &scr.lse,
-            &scr.delta,
-            &mut scr.s,
-            &mut scr.dp,
-            dk,
-            dv,
-        );
+        scr.key_pass(d, (tb - ta) * d.g, seg, dk, dv);
     }
 }
 
@@ -441,19 +448,7 @@ fn win_kv(
     for (ta, tb) in subtiles(d, k0, last) {
         ctx.gather(2, b, g, ta..tb, scr, true);
         window::ranges(d, ta, tb, k0, k1, &mut scr.ranges);
-        let rows = (tb - ta) * d.g;
-        attend::backward_kv(
-            MatRef::rows(&scr.q, rows, d.dk),
-            MatRef::rows(&scr.dob, rows, d.dv),
-            seg,
-            &scr.ranges,
-            &scr.lse,
-            &scr.delta,
-            &mut scr.s,
-            &mut scr.dp,
-            dk,
-            dv,
-        );
+        scr.key_pass(d, (tb - ta) * d.g, seg, dk, dv);
     }
 }
 
@@ -490,19 +485,7 @@ fn sel_kv(
                 scr.ranges
                     .extend(std::iter::repeat_n((0, (t + 1 - a).min(nk)), d.g));
             }
-            let rows = chunk.len() * d.g;
-            attend::backward_kv(
-                MatRef::rows(&scr.q, rows, d.dk),
-                MatRef::rows(&scr.dob, rows, d.dv),
-                seg,
-                &scr.ranges,
-                &scr.lse,
-                &scr.delta,
-                &mut scr.s,
-                &mut scr.dp,
-                dk,
-                dv,
-            );
+            scr.key_pass(d, chunk.len() * d.g, seg, dk, dv);
         }
     };
     if qs.len() <= HOT {
