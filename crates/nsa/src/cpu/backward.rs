@@ -49,6 +49,24 @@ struct Scratch {
 }
 
 impl Scratch {
+    /// The query pass of FlashAttention-2 over one key segment: `dq = beta * dq + dS K` for the
+    /// `rows` gathered query rows and their key ranges.
+    fn query_pass(&mut self, d: &Dims, rows: usize, seg: Seg<'_>, beta: f32) {
+        attend::backward_q(
+            MatRef::rows(&self.q, rows, d.dk),
+            MatRef::rows(&self.dob, rows, d.dv),
+            &[seg],
+            &self.ranges,
+            &self.lse,
+            &self.delta,
+            d.scale,
+            &mut self.s,
+            &mut self.dp,
+            &mut self.dq,
+            beta,
+        );
+    }
+
     /// The key pass of FlashAttention-2 (`dK`, `dV` of `seg`, accumulated) for the `rows`
     /// query rows gathered into this scratch with their key ranges.
     fn key_pass(&mut self, d: &Dims, rows: usize, seg: Seg<'_>, dk: &mut [f32], dv: &mut [f32]) {
@@ -327,20 +345,7 @@ fn dq_tile(ctx: &Ctx<'_>, b: usize, t0: usize, t1: usize, out: &mut [f32], scr: 
         let nv = blocks::cmp_visible(t1 - 1, d.l, d.d);
         compress::ranges(d, t0, t1, 0, nv, &mut scr.ranges);
         let seg = ctx.kv.seg(d, b, g, 0, nv);
-        let qm = MatRef::rows(&scr.q, rows, dk);
-        attend::backward_q(
-            qm,
-            MatRef::rows(&scr.dob, rows, dv),
-            &[seg],
-            &scr.ranges,
-            &scr.lse,
-            &scr.delta,
-            d.scale,
-            &mut scr.s,
-            &mut scr.dp,
-            &mut scr.dq,
-            0.0,
-        );
+        scr.query_pass(d, rows, seg, 0.0);
 
         // Selection branch, token by token.
         ctx.gather(1, b, g, t0..t1, scr, false);
@@ -369,20 +374,7 @@ fn dq_tile(ctx: &Ctx<'_>, b: usize, t0: usize, t1: usize, out: &mut [f32], scr: 
             k: kv_rows(&x.k_win, hkv, dk, g, s0 + k0, k1 - k0),
             v: kv_rows(&x.v_win, hkv, dv, g, s0 + k0, k1 - k0),
         };
-        let qm = MatRef::rows(&scr.q, rows, dk);
-        attend::backward_q(
-            qm,
-            MatRef::rows(&scr.dob, rows, dv),
-            &[seg],
-            &scr.ranges,
-            &scr.lse,
-            &scr.delta,
-            d.scale,
-            &mut scr.s,
-            &mut scr.dp,
-            &mut scr.dq,
-            1.0,
-        );
+        scr.query_pass(d, rows, seg, 1.0);
 
         for t in t0..t1 {
             let (r0, h0) = ((t - t0) * gs, (t - t0) * hq + g * gs);
