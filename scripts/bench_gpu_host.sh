@@ -1,58 +1,75 @@
 #!/usr/bin/env bash
-# The project's benchmarks on the GPU host, in one call, side by side with the peers.
-# Run from the repository root on the GPU machine with gpu-pack/ (scripts/pack_gpu.sh) and
-# .whl/ (scripts/fetch_wheels.sh) carried along:
-#   WHAT=gpu|cpu|all bash scripts/bench_gpu_host.sh [tests]     (default all; each part fits
-#   one 10-minute call of the device tool)
-# Peer records measured earlier are taken from the newest bench/results/peers-{gpu,cpu-*}-*.json
-# unless PEERS_GPU / PEERS_CPU_FWD / PEERS_CPU_FB name other files.
-# Writes everything under $OUT/results/ and packs it as $OUT/results.tgz (the device tool
-# brings back at most 8 files).
+# The project's benchmarks on the GPU host, side by side with the peers. Run from the repository
+# root on the GPU machine with gpu-pack/ (scripts/pack_gpu.sh) and .whl/ (scripts/fetch_wheels.sh)
+# carried along. Each part fits one 10-minute call of the device tool; run them back to back on
+# the same machine:
+#   WHAT=peers bash scripts/bench_gpu_host.sh   dense SDPA (cuDNN, flash) + fla NSA, forward and backward
+#   WHAT=gpu   bash scripts/bench_gpu_host.sh   dense decode peers, then our forward / backward / decode sweeps
+#   WHAT=cpu   bash scripts/bench_gpu_host.sh   our CPU sweeps (16 threads) + torch CPU forward+backward at 16k/32k
+#   append `tests` to run the CUDA test suites first.
+# Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
+# (override with PEERS_GPU / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB).
+# Writes everything under $OUT/results/ and packs it as $OUT/results.tgz (the device tool brings
+# back at most 8 files).
 set -uo pipefail
 OUT=${OUT:-/tmp/nsa-out}
 R=$OUT/results
 mkdir -p "$R"
 P=${PACK:-gpu-pack}
-WHAT=${WHAT:-all}
+WHAT=${WHAT:-gpu}
 newest() { ls bench/results/$1-*.json 2>/dev/null | sort | tail -1; }
-PEERS_GPU=${PEERS_GPU:-$(newest peers-gpu)}
-PEERS_CPU_FWD=${PEERS_CPU_FWD:-$(newest peers-cpu-fwd)}
-PEERS_CPU_FB=${PEERS_CPU_FB:-$(newest peers-cpu-fb)}
 export NSA_KERNEL_CACHE=/tmp/nsa-kernels PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 lscpu | grep -E "Model name|^CPU\(s\)" >> "$R/gpu.txt"
 if [[ ${1:-} == tests ]]; then
-  OUT=$R timeout 110 bash $P/run_gpu.sh tests > "$R/gpu-tests.log" 2>&1
+  OUT=$R timeout 150 bash $P/run_gpu.sh tests > "$R/gpu-tests.log" 2>&1
   grep -E "test result|FAILED|panicked" "$R/gpu-tests.log" | head -20
 fi
-if [[ $WHAT == gpu || $WHAT == all ]]; then
-# forward: our sweep, merged with the peers' forward records measured earlier on this kind
-timeout 60 $P/bin/nsa bench --device cuda --name h100-fwd --out-dir "$R" \
-  --peers "$PEERS_GPU" > "$R/h100-fwd.log" 2>&1
-tail -3 "$R/h100-fwd.log"
-# backward (+ forward+backward) and decode, merged with the peers of the same ops
-timeout 90 $P/bin/nsa bench --device cuda --ops backward --name h100-bwd --out-dir "$R" \
-  --peers "$PEERS_GPU" > "$R/h100-bwd.log" 2>&1
-tail -3 "$R/h100-bwd.log"
-# dense decode peers first, so that `nsa bench` can merge them
-timeout 150 python3 bench/peers.py --device cuda --op decode --head-dims 128:128 \
-  --gqa-groups "" --budget-s 130 --out "$R/peers-decode.json" > "$R/peers-decode.log" 2>&1
-grep -E "decode" "$R/peers-decode.log" | tail -24
-timeout 90 $P/bin/nsa bench --device cuda --ops decode --name h100-decode --out-dir "$R" \
-  --peers "$R/peers-decode.json" > "$R/h100-decode.log" 2>&1
-tail -3 "$R/h100-decode.log"
+if [[ $WHAT == peers ]]; then
+  timeout 560 python3 bench/peers.py --device cuda --op forward,backward --budget-s 540 \
+    --out "$R/peers-gpu.json" > "$R/peers-gpu.log" 2>&1
+  grep -E "forward|backward" "$R/peers-gpu.log" | tail -40
 fi
-if [[ $WHAT == cpu || $WHAT == all ]]; then
-# CPU: 16 threads, NSA vs our dense and PyTorch CPU SDPA (peer records of this host)
-timeout 240 $P/bin/nsa bench --device cpu --threads 16 --ops forward,decode --lengths 2048,4096,8192,16384,32768 \
-  --decode 8192,16384,32768,65536 --decode-batch 1 --reps 3 --name cpu --out-dir "$R" \
-  --peers "$PEERS_CPU_FWD" > "$R/cpu.log" 2>&1
-tail -5 "$R/cpu.log"
-timeout 120 $P/bin/nsa bench --device cpu --threads 16 --ops forward_backward --lengths 2048,4096,8192 \
-  --reps 1 --name cpu-fwd-bwd --out-dir "$R" \
-  --peers "$PEERS_CPU_FB" > "$R/cpu-fb.log" 2>&1
-tail -3 "$R/cpu-fb.log"
+if [[ $WHAT == gpu ]]; then
+  PEERS_GPU=${PEERS_GPU:-$(newest peers-gpu)}
+  # dense (and fla) decode peers first, so that `nsa bench` can merge them
+  timeout 170 python3 bench/peers.py --device cuda --op decode --gqa-groups "" --budget-s 150 \
+    --out "$R/peers-decode.json" > "$R/peers-decode.log" 2>&1
+  grep -E "decode" "$R/peers-decode.log" | tail -24
+  PEERS_DECODE=${PEERS_DECODE:-$R/peers-decode.json}
+  timeout 80 $P/bin/nsa bench --device cuda --name h100-fwd --out-dir "$R" \
+    --peers "$PEERS_GPU" > "$R/h100-fwd.log" 2>&1
+  tail -3 "$R/h100-fwd.log"
+  timeout 120 $P/bin/nsa bench --device cuda --ops backward --name h100-bwd --out-dir "$R" \
+    --peers "$PEERS_GPU" > "$R/h100-bwd.log" 2>&1
+  tail -3 "$R/h100-bwd.log"
+  timeout 100 $P/bin/nsa bench --device cuda --ops decode --name h100-decode --out-dir "$R" \
+    --peers "$PEERS_DECODE" > "$R/h100-decode.log" 2>&1
+  tail -3 "$R/h100-decode.log"
+fi
+if [[ $WHAT == cpu ]]; then
+  PEERS_CPU_FWD=${PEERS_CPU_FWD:-$(newest peers-cpu-fwd)}
+  PEERS_CPU_FB=${PEERS_CPU_FB:-$(newest peers-cpu-fb)}
+  # torch CPU forward+backward at the lengths the earlier peer file lacks (one rep each)
+  timeout 150 python3 bench/peers.py --device cpu --op forward_backward --lengths 16384,32768 \
+    --threads 16 --min-reps 1 --rep-ms 1 --budget-s 130 --out "$R/peers-cpu-fb-long.json" \
+    > "$R/peers-cpu-fb-long.log" 2>&1
+  tail -4 "$R/peers-cpu-fb-long.log"
+  # CPU: 16 threads, NSA vs our dense and PyTorch CPU SDPA (peer records of this host)
+  timeout 250 $P/bin/nsa bench --device cpu --threads 16 --ops forward,decode \
+    --lengths 2048,4096,8192,16384,32768 --decode 8192,16384,32768,65536 --decode-batch 1 \
+    --reps 3 --name cpu --out-dir "$R" --peers "$PEERS_CPU_FWD" > "$R/cpu.log" 2>&1
+  tail -5 "$R/cpu.log"
+  timeout 110 $P/bin/nsa bench --device cpu --threads 16 --ops forward_backward \
+    --lengths 2048,4096,8192,16384 --reps 1 --name cpu-fwd-bwd --out-dir "$R" \
+    --peers "$PEERS_CPU_FB" --peers "$R/peers-cpu-fb-long.json" > "$R/cpu-fb.log" 2>&1
+  tail -3 "$R/cpu-fb.log"
+  # 32k without our dense baseline (one dense forward+backward there takes ~45 s)
+  timeout 60 $P/bin/nsa bench --device cpu --threads 16 --ops forward_backward \
+    --lengths 32768 --no-dense --reps 1 --name cpu-fwd-bwd-32k --out-dir "$R" \
+    --peers "$R/peers-cpu-fb-long.json" > "$R/cpu-fb-32k.log" 2>&1
+  tail -3 "$R/cpu-fb-32k.log"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" results
