@@ -145,7 +145,7 @@ __device__ __forceinline__ void bw_stats_finish(const bf16_t* dOs, int row0, flo
 #pragma unroll
         for (int nt = 0; nt < DV / 8; ++nt) {
             const u32 w = *(const u32*)(d + nt * 8);
-            acc += o[nt][2 * i] * __uint_as_float(w << 16) + o[nt][2 * i + 1] * __uint_as_float(w & 0xffff0000u);
+            acc += o[nt][2 * i] * bf16x2_lo(w) + o[nt][2 * i + 1] * bf16x2_hi(w);
         }
         acc += __shfl_xor_sync(0xffffffff, acc, 1);
         acc += __shfl_xor_sync(0xffffffff, acc, 2);

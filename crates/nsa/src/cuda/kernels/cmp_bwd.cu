@@ -207,10 +207,8 @@ extern "C" __global__ void bwd_gate_dot(const bf16_t* __restrict__ dO, const bf1
     float acc = 0.f;
     for (int c = lane * 4; c < DV; c += 128) {
         const uint2 a = *(const uint2*)(dO + row * DV + c), b = *(const uint2*)(ob + row * DV + c);
-        acc += __uint_as_float(a.x << 16) * __uint_as_float(b.x << 16) +
-               __uint_as_float(a.x & 0xffff0000u) * __uint_as_float(b.x & 0xffff0000u) +
-               __uint_as_float(a.y << 16) * __uint_as_float(b.y << 16) +
-               __uint_as_float(a.y & 0xffff0000u) * __uint_as_float(b.y & 0xffff0000u);
+        acc += bf16x2_lo(a.x) * bf16x2_lo(b.x) + bf16x2_hi(a.x) * bf16x2_hi(b.x) +
+               bf16x2_lo(a.y) * bf16x2_lo(b.y) + bf16x2_hi(a.y) * bf16x2_hi(b.y);
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);

@@ -11,8 +11,17 @@
 //   NSEL, NINIT, NLOCAL   selected blocks n, forced initial / local blocks
 //   WIN           sliding window w
 //   SCALE_LOG2    softmax scale * log2(e): scores are kept in the log2 domain (exp2f)
+//   ELEM_F16      (optional) the 16-bit element type is IEEE half instead of bfloat16
+//
+// The 16-bit element type. `bf16_t` is "the 16-bit element type" of every kernel's Q/K/V and
+// of the 16-bit copies the kernels make (compressed K/V, P and dS operands of the MMAs, saved
+// branch outputs, dO): bfloat16 by default, IEEE binary16 (f16) when built with -DELEM_F16.
+// The names below keep "bf16" (bf16_t, bf16_to_f32, f32_to_bf16, pack_bf16x2, bf16x2_lo/hi,
+// mma_bf16) and convert to / multiply in whichever type is chosen; the explicit f16 helpers
+// (f32_to_f16, pack_f16x2, mma_f16) are always f16 (cmp_topn's score matrix uses them).
+// Accumulation is f32 either way.
 
-typedef unsigned short bf16_t;   // raw bfloat16 bits
+typedef unsigned short bf16_t;   // raw bits of the 16-bit element type (bf16, or f16 under ELEM_F16)
 typedef unsigned int u32;
 typedef long long i64;
 
@@ -27,6 +36,34 @@ typedef long long i64;
 #define KS_STRIDE (DK + 8)
 #define VS_STRIDE (DV + 8)
 
+#ifdef ELEM_F16
+#define ELEM_PTX "f16"
+// f16 bits -> f32 (exact).
+__device__ __forceinline__ float bf16_to_f32(bf16_t h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Round-to-nearest-even f32 -> f16 (overflow gives +-inf, NaN stays NaN).
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Two floats -> one f16x2 register, `lo` in the low half (the lower k/column index).
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// The low / high element of a packed pair, as f32.
+__device__ __forceinline__ float bf16x2_lo(u32 w) { return bf16_to_f32((bf16_t)(w & 0xffffu)); }
+__device__ __forceinline__ float bf16x2_hi(u32 w) { return bf16_to_f32((bf16_t)(w >> 16)); }
+#else
+#define ELEM_PTX "bf16"
 __device__ __forceinline__ float bf16_to_f32(bf16_t h) {
     return __uint_as_float(((u32)h) << 16);
 }
@@ -44,6 +81,11 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+
+// The low / high element of a packed pair, as f32 (bf16 is the top half of an f32).
+__device__ __forceinline__ float bf16x2_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16x2_hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
+#endif
 
 // f32 -> f16 bits, round to nearest even.
 __device__ __forceinline__ unsigned short f32_to_f16(float f) {
@@ -68,14 +110,15 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const u32 (&a)[4], u32 b0
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// D = A * B + D, m16n8k16, bf16 inputs, f32 accumulators.
+// D = A * B + D, m16n8k16, inputs of the 16-bit element type (bf16, or f16 under ELEM_F16),
+// f32 accumulators.
 // Fragment layouts (lane = threadIdx.x % 32, gr = lane / 4, gc = (lane % 4) * 2):
 //   A (16x16, row-major): a0 = A[gr][gc..gc+1], a1 = A[gr+8][gc..], a2 = A[gr][gc+8..], a3 = A[gr+8][gc+8..]
 //   B (16x8, k x n):      b0 = B[gc..gc+1][gr],  b1 = B[gc+8..gc+9][gr]
 //   C (16x8):             c0,c1 = C[gr][gc..gc+1], c2,c3 = C[gr+8][gc..gc+1]
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "mma.sync.aligned.m16n8k16.row.col.f32." ELEM_PTX "." ELEM_PTX ".f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));

@@ -72,8 +72,8 @@ __device__ __forceinline__ void dec_acc8(float (&a)[8], uint4 u) {
     const u32 w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-        a[2 * k] += __uint_as_float(w[k] << 16);
-        a[2 * k + 1] += __uint_as_float(w[k] & 0xffff0000u);
+        a[2 * k] += bf16x2_lo(w[k]);
+        a[2 * k + 1] += bf16x2_hi(w[k]);
     }
 }
 

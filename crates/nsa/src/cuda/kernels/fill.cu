@@ -13,7 +13,7 @@ __device__ __forceinline__ float unit_open(unsigned int u) {   // (0, 1]
     return ((float)(u >> 8) + 1.f) * (1.f / 16777216.f);
 }
 
-// bf16 ~ N(0, 1) (Box-Muller)
+// N(0, 1) (Box-Muller) in the 16-bit element type (bf16, or f16 under ELEM_F16; the name stays)
 extern "C" __global__ void fill_normal_bf16(bf16_t* __restrict__ dst, i64 n, unsigned long long seed) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const unsigned long long r = mix64(seed ^ mix64((unsigned long long)i));
