@@ -29,22 +29,28 @@ struct Scratch {
     best: Vec<(f32, usize)>,
 }
 
+/// A tile's rows of the per-branch outputs and lse (cmp, slc, win) kept for the backward.
+type Kept<'a> = ([&'a mut [f32]; 3], [&'a mut [f32]; 3]);
+
 /// The outputs one tile owns.
 struct TileOut<'a> {
     b: usize,
     t0: usize,
     t1: usize,
     o: &'a mut [f32],
-    ob: [&'a mut [f32]; 3],
-    lse: [&'a mut [f32]; 3],
+    /// The per-branch outputs and lse kept for the backward (`None`: forward only).
+    keep: Option<Kept<'a>>,
     sel: &'a mut [i32],
 }
 
+/// The forward; with `save`, also what the backward needs (per-branch outputs and lse, three
+/// `[N, HQ, dv]` buffers more, so the forward alone does not allocate or write them).
 pub(crate) fn run(
     cfg: &NsaConfig,
     x: &NsaInputs<f32>,
     phi_params: &PhiParams<f32>,
-) -> (NsaOutput<f32>, Saved) {
+    save: bool,
+) -> (NsaOutput<f32>, Option<Saved>) {
     let dims = Dims::new(cfg, x.dk, x.dv);
     let lay = BlockLayout::new(cfg, &x.cu_seqlens);
     let (pk, pv) = phi::phis(cfg, phi_params, x.dk, x.dv);
@@ -52,8 +58,9 @@ pub(crate) fn run(
     let n = x.num_tokens();
     let (hq, dv) = (dims.hq, dims.dv);
     let mut o = vec![0.0f32; n * hq * dv];
-    let mut ob: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; n * hq * dv]);
-    let mut lse: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; n * hq]);
+    let kept = if save { n } else { 0 };
+    let mut ob: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; kept * hq * dv]);
+    let mut lse: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; kept * hq]);
     let mut sel = vec![-1i32; n * dims.hkv * dims.n];
     {
         let tl = tiles(&x.cu_seqlens, dims.tile_tokens());
@@ -61,8 +68,10 @@ pub(crate) fn run(
         let [l0, l1, l2] = &mut lse;
         let mut parts: Vec<TileOut<'_>> = Vec::with_capacity(tl.len());
         let mut o_it = split_tiles(&mut o, hq * dv, &tl).into_iter();
-        let mut ob_it = [ob0, ob1, ob2].map(|v| split_tiles(v, hq * dv, &tl).into_iter());
-        let mut l_it = [l0, l1, l2].map(|v| split_tiles(v, hq, &tl).into_iter());
+        let empty: Vec<(usize, usize, usize)> = Vec::new();
+        let kept_tiles = if save { &tl } else { &empty };
+        let mut ob_it = [ob0, ob1, ob2].map(|v| split_tiles(v, hq * dv, kept_tiles).into_iter());
+        let mut l_it = [l0, l1, l2].map(|v| split_tiles(v, hq, kept_tiles).into_iter());
         let mut s_it = split_tiles(&mut sel, dims.hkv * dims.n, &tl).into_iter();
         for &(b, t0, t1) in &tl {
             parts.push(TileOut {
@@ -70,8 +79,12 @@ pub(crate) fn run(
                 t0,
                 t1,
                 o: o_it.next().unwrap(),
-                ob: std::array::from_fn(|k| ob_it[k].next().unwrap()),
-                lse: std::array::from_fn(|k| l_it[k].next().unwrap()),
+                keep: save.then(|| {
+                    (
+                        std::array::from_fn(|k| ob_it[k].next().unwrap()),
+                        std::array::from_fn(|k| l_it[k].next().unwrap()),
+                    )
+                }),
                 sel: s_it.next().unwrap(),
             });
         }
@@ -82,14 +95,14 @@ pub(crate) fn run(
                 tile(&dims, x, &kv, part, scr);
             });
     }
-    let saved = Saved {
+    let saved = save.then(|| Saved {
         lay,
         kc,
         vc,
         o_branch: ob,
         lse,
         sel_idx: sel.clone(),
-    };
+    });
     (NsaOutput { o, sel_idx: sel }, saved)
 }
 
@@ -99,8 +112,7 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
         t0,
         t1,
         o,
-        ob,
-        lse,
+        mut keep,
         sel,
     } = part;
     let Scratch {
@@ -179,20 +191,67 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
             select::forward_token(qt, &segs, sthin, &mut os[orow], &mut ls[r0..r0 + gs]);
         }
 
-        // Scatter the group's rows to (token, head) order.
+        // The gates, and the group's rows to (token, head) order.
         for t in t0..t1 {
             let (r0, h0) = ((t - t0) * gs, (t - t0) * hq + g * gs);
-            for k in 0..3 {
-                ob[k][h0 * dv..(h0 + gs) * dv].copy_from_slice(&sob[k][r0 * dv..(r0 + gs) * dv]);
-                lse[k][h0..h0 + gs].copy_from_slice(&slse[k][r0..r0 + gs]);
+            let rr = r0 * dv..(r0 + gs) * dv;
+            let at = (s0 + t) * hq + g * gs..(s0 + t) * hq + (g + 1) * gs;
+            combine::mix(
+                [&x.g_cmp[at.clone()], &x.g_slc[at.clone()], &x.g_win[at]],
+                [
+                    &sob[0][rr.clone()],
+                    &sob[1][rr.clone()],
+                    &sob[2][rr.clone()],
+                ],
+                &mut o[h0 * dv..(h0 + gs) * dv],
+                dv,
+            );
+            if let Some((ob, lse)) = keep.as_mut() {
+                for k in 0..3 {
+                    ob[k][h0 * dv..(h0 + gs) * dv].copy_from_slice(&sob[k][rr.clone()]);
+                    lse[k][h0..h0 + gs].copy_from_slice(&slse[k][r0..r0 + gs]);
+                }
             }
         }
     }
-    let at = (s0 + t0) * hq..(s0 + t1) * hq;
-    combine::mix(
-        [&x.g_cmp[at.clone()], &x.g_slc[at.clone()], &x.g_win[at]],
-        [&*ob[0], &*ob[1], &*ob[2]],
-        o,
-        dv,
-    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_alone_equals_the_saving_forward_bitwise() {
+        let cfg = NsaConfig::builder()
+            .heads(4)
+            .kv_heads(2)
+            .cmp_block(8)
+            .cmp_stride(4)
+            .sel_block(8)
+            .sel_count(5)
+            .window(12)
+            .build()
+            .unwrap();
+        let x = NsaInputs::random(&cfg, &[45, 70], 16, 8, false, 3);
+        let phi = PhiParams::random(&cfg, 16, 8, 32, 4);
+        let (a, none) = run(&cfg, &x, &phi, false);
+        let (b, saved) = run(&cfg, &x, &phi, true);
+        assert!(none.is_none());
+        let saved = saved.unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.o), bits(&b.o));
+        assert_eq!(a.sel_idx, b.sel_idx);
+        assert_eq!(saved.sel_idx, b.sel_idx);
+        // The saved branch outputs mix back into the output.
+        let mut o = vec![0.0f32; b.o.len()];
+        let ob = &saved.o_branch;
+        combine::mix(
+            [&x.g_cmp, &x.g_slc, &x.g_win],
+            [&ob[0], &ob[1], &ob[2]],
+            &mut o,
+            x.dv,
+        );
+        assert_eq!(bits(&o), bits(&b.o));
+        assert!(b.o.iter().any(|&v| v != 0.0));
+    }
 }

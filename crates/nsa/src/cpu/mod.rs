@@ -184,7 +184,8 @@ pub fn forward(
     x: &NsaInputs<f32>,
     phi: &PhiParams<f32>,
 ) -> Result<NsaOutput<f32>> {
-    forward_saved(cfg, x, phi).map(|(o, _)| o)
+    check(cfg, x, phi)?;
+    Ok(forward::run(cfg, x, phi, false).0)
 }
 
 /// [`forward`] that also returns what [`backward_saved`] needs.
@@ -194,7 +195,8 @@ pub fn forward_saved(
     phi: &PhiParams<f32>,
 ) -> Result<(NsaOutput<f32>, Saved)> {
     check(cfg, x, phi)?;
-    Ok(forward::run(cfg, x, phi))
+    let (o, saved) = forward::run(cfg, x, phi, true);
+    Ok((o, saved.expect("saved on request")))
 }
 
 /// NSA backward on f32 for the upstream gradient `d_o` (`[N, HQ, dv]`): runs the forward to
@@ -208,7 +210,8 @@ pub fn backward(
 ) -> Result<NsaGrads<f32>> {
     check(cfg, x, phi)?;
     check_d_o(cfg, x, d_o)?;
-    let (_, saved) = forward::run(cfg, x, phi);
+    let (_, saved) = forward::run(cfg, x, phi, true);
+    let saved = saved.expect("saved on request");
     Ok(backward::run(cfg, x, phi, &saved, d_o))
 }
 
