@@ -10,6 +10,7 @@
 //! - [`cache`]: decoding state (raw K/V, rolling compression buffer, compressed K/V);
 //! - [`reference`](mod@reference): float64 forward, backward and decoding, plain loops: the oracle;
 //! - [`cpu`]: the fast f32 path (blocked, multi-threaded); `cuda` (feature `cuda`): the GPU kernels;
+//! - [`elem`]: the 16-bit element types of the GPU kernels (bf16, f16) and the rounding to them;
 //! - [`replay`]: prefill-then-decode through a cache, reassembled like a forward;
 //! - [`testing`]: comparison helpers.
 //!
@@ -54,6 +55,7 @@ pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod elem;
 pub mod error;
 pub mod inputs;
 mod op;
@@ -62,9 +64,10 @@ pub mod replay;
 pub mod testing;
 
 pub use config::{NsaConfig, NsaConfigBuilder, PhiKind};
+pub use elem::Elem;
 pub use error::{NsaError, Result};
 pub use inputs::{NsaGrads, NsaInputs, NsaOutput, PhiParams, PhiShapes, PhiWeights};
 pub use op::{
-    backward, decode_replay, forward, reference_backward, reference_decode_replay,
-    reference_forward, Device,
+    backward, backward_as, decode_replay, decode_replay_as, forward, forward_as,
+    reference_backward, reference_decode_replay, reference_forward, Device,
 };

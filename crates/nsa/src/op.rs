@@ -1,7 +1,10 @@
 //! The one public op with its backends behind it: the caller picks a device and gets the same
 //! function (SPEC.md) and the same errors. Inputs are f32 (bf16/f16 files are widened on load).
+//! The CUDA kernels compute in a 16-bit type ([`Elem`]): bf16 by default, f16 through the `_as`
+//! variants; f32 inputs are rounded to it once (no tf32 path). The CPU path computes in f32.
 
 use crate::config::NsaConfig;
+use crate::elem::Elem;
 use crate::error::{NsaError, Result};
 use crate::inputs::{NsaGrads, NsaInputs, NsaOutput, PhiParams};
 use std::str::FromStr;
@@ -49,26 +52,41 @@ fn no_cuda<T>() -> Result<T> {
     ))
 }
 
-/// NSA forward on `device`.
+/// NSA forward on `device` (CUDA: in bf16).
 pub fn forward(
     device: &Device,
     cfg: &NsaConfig,
     x: &NsaInputs<f32>,
     phi: &PhiParams<f32>,
 ) -> Result<NsaOutput<f32>> {
+    forward_as(device, Elem::Bf16, cfg, x, phi)
+}
+
+/// [`forward`] with the CUDA kernels computing in `elem` (the inputs rounded to it once, to
+/// nearest even); the CPU path computes in f32 and ignores `elem`.
+pub fn forward_as(
+    device: &Device,
+    elem: Elem,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+) -> Result<NsaOutput<f32>> {
+    #[cfg(not(feature = "cuda"))]
+    let _ = elem;
     match device {
         Device::Cpu => crate::cpu::forward(cfg, x, phi),
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
             let ctx = crate::cuda::CudaContext::new(*ordinal)?;
-            crate::cuda::forward(&ctx, cfg, x, phi)
+            crate::cuda::forward_as(&ctx, cfg, x, phi, elem)
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => no_cuda(),
     }
 }
 
-/// NSA backward on `device`: gradients of `sum(o * d_o)` with respect to every input.
+/// NSA backward on `device`: gradients of `sum(o * d_o)` with respect to every input (CUDA: in
+/// bf16).
 pub fn backward(
     device: &Device,
     cfg: &NsaConfig,
@@ -76,12 +94,33 @@ pub fn backward(
     phi: &PhiParams<f32>,
     d_o: &[f32],
 ) -> Result<NsaGrads<f32>> {
+    backward_as(device, Elem::Bf16, cfg, x, phi, d_o)
+}
+
+/// [`backward`] with the CUDA kernels computing in `elem` (inputs and `d_o` rounded to it once;
+/// gradients come back in f32); the CPU path computes in f32 and ignores `elem`.
+pub fn backward_as(
+    device: &Device,
+    elem: Elem,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    d_o: &[f32],
+) -> Result<NsaGrads<f32>> {
+    #[cfg(not(feature = "cuda"))]
+    let _ = elem;
     match device {
         Device::Cpu => crate::cpu::backward(cfg, x, phi, d_o),
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
             let ctx = crate::cuda::CudaContext::new(*ordinal)?;
-            crate::cuda::backward::backward(&ctx, cfg, x, phi, d_o)
+            match elem {
+                Elem::Bf16 => crate::cuda::backward::backward(&ctx, cfg, x, phi, d_o),
+                Elem::F16 => {
+                    let x16 = x.map(half::f16::from_f32);
+                    crate::cuda::backward::backward(&ctx, cfg, &x16, phi, d_o)
+                }
+            }
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => no_cuda(),
@@ -111,7 +150,7 @@ pub fn reference_backward(
 }
 
 /// Prefill `[0, prefill)` of every sequence, then decode the rest token by token through the
-/// cache of `device`'s backend; the rows equal [`forward`]'s.
+/// cache of `device`'s backend; the rows equal [`forward`]'s (CUDA: in bf16).
 pub fn decode_replay(
     device: &Device,
     cfg: &NsaConfig,
@@ -119,6 +158,21 @@ pub fn decode_replay(
     phi: &PhiParams<f32>,
     prefill: usize,
 ) -> Result<NsaOutput<f32>> {
+    decode_replay_as(device, Elem::Bf16, cfg, x, phi, prefill)
+}
+
+/// [`decode_replay`] with the CUDA cache and kernels in `elem` (inputs rounded to it once); the
+/// CPU path computes in f32 and ignores `elem`.
+pub fn decode_replay_as(
+    device: &Device,
+    elem: Elem,
+    cfg: &NsaConfig,
+    x: &NsaInputs<f32>,
+    phi: &PhiParams<f32>,
+    prefill: usize,
+) -> Result<NsaOutput<f32>> {
+    #[cfg(not(feature = "cuda"))]
+    let _ = elem;
     match device {
         Device::Cpu => crate::replay::replay(
             cfg,
@@ -130,7 +184,13 @@ pub fn decode_replay(
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
             let ctx = crate::cuda::CudaContext::new(*ordinal)?;
-            crate::cuda::decode::replay(&ctx, cfg, x, phi, prefill)
+            match elem {
+                Elem::Bf16 => crate::cuda::decode::replay(&ctx, cfg, x, phi, prefill),
+                Elem::F16 => {
+                    let x16 = x.map(half::f16::from_f32);
+                    crate::cuda::decode::replay(&ctx, cfg, &x16, phi, prefill)
+                }
+            }
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => no_cuda(),

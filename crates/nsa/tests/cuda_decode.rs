@@ -92,6 +92,7 @@ fn decode_kernels_compile() {
             win: c.window,
             scale: c.softmax_scale(dk),
             mt: cuda::default_mt(dv),
+            elem: cuda::Elem::Bf16,
         }
     };
     for s in [

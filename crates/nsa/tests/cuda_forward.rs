@@ -22,6 +22,7 @@ fn shape(dk: usize, dv: usize, hq: usize, hkv: usize, l: usize, d: usize, lp: us
         win: 512,
         scale: 1.0 / (dk as f64).sqrt(),
         mt: cuda::default_mt(dv),
+        elem: cuda::Elem::Bf16,
     }
 }
 

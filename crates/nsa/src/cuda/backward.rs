@@ -26,7 +26,7 @@ mod plan;
 
 pub use kernels::{compile_bwd, BwdCompiled, BwdFamily};
 
-use super::{driver_err, forward_device, to_bf16_bits, CudaContext, DeviceInputs};
+use super::{driver_err, forward_device, CudaContext, DeviceInputs, Elem, HostElem};
 use crate::config::{NsaConfig, PhiKind};
 use crate::error::{NsaError, Result};
 use crate::inputs::{NsaGrads, NsaInputs, PhiParams};
@@ -111,8 +111,10 @@ pub struct DeviceBackward {
     n_win_kv: usize,
     seqs: CudaSlice<i32>,
     blocks: CudaSlice<i32>,
-    /// bf16 copy of the upstream gradient `[N, HQ, dv]`.
+    /// 16-bit copy (the inputs' element type) of the upstream gradient `[N, HQ, dv]`.
     d_o: CudaSlice<u16>,
+    /// The element type of the inputs and kernels.
+    elem: Elem,
     /// `[N, HQ, dk]`
     pub dq: CudaSlice<f32>,
     /// dK per branch (compressed, selected, window), `[N, HKV, dk]`.
@@ -207,6 +209,7 @@ impl DeviceBackward {
         Ok(DeviceBackward {
             kernels,
             smem,
+            elem: shape.elem,
             n_tokens: n,
             hq,
             hkv,
@@ -255,7 +258,7 @@ impl DeviceBackward {
         })
     }
 
-    /// Uploads the upstream gradient `[N, HQ, dv]` (rounded to bf16).
+    /// Uploads the upstream gradient `[N, HQ, dv]` (rounded to the inputs' element type).
     pub fn upload_do(&mut self, ctx: &CudaContext, d_o: &[f32]) -> Result<()> {
         let want = self.n_tokens * self.hq * self.dv_dim;
         if d_o.len() != want {
@@ -266,7 +269,7 @@ impl DeviceBackward {
             });
         }
         ctx.stream
-            .memcpy_htod(&to_bf16_bits(d_o), &mut self.d_o)
+            .memcpy_htod(&self.elem.bits_of(d_o), &mut self.d_o)
             .map_err(driver_err)
     }
 
@@ -754,10 +757,10 @@ pub fn backward_device_with(
 /// Full backward pass: upload (bf16), forward (sel_idx, compressed K/V), backward (recomputing
 /// the branch statistics), download. `phi` must match `cfg.phi`; only `Mean` is implemented on
 /// the GPU.
-pub fn backward(
+pub fn backward<T: HostElem>(
     ctx: &CudaContext,
     cfg: &NsaConfig,
-    x: &NsaInputs<f32>,
+    x: &NsaInputs<T>,
     phi: &PhiParams<f32>,
     d_o: &[f32],
 ) -> Result<NsaGrads<f32>> {
@@ -767,11 +770,12 @@ pub fn backward(
 /// [`backward`] with the forward saving its statistics (`save_stats`: the branch outputs o_b in
 /// bf16 and the lse; the backward then skips its statistics pass, for 3 x N x HQ x dv bf16 more
 /// memory) or the backward recomputing them (`false`, the default of [`backward`]: the path
-/// verified on the GPU so far).
-pub fn backward_with(
+/// verified on the GPU so far). The element type follows `T` ([`HostElem`]): f32 inputs (and
+/// `d_o`) are rounded to bf16, `half::f16` inputs compute in f16 (`d_o` rounded to f16).
+pub fn backward_with<T: HostElem>(
     ctx: &CudaContext,
     cfg: &NsaConfig,
-    x: &NsaInputs<f32>,
+    x: &NsaInputs<T>,
     phi: &PhiParams<f32>,
     d_o: &[f32],
     save_stats: bool,

@@ -36,7 +36,7 @@
 
 pub mod bench;
 
-use super::{check_supported, driver_err, shape_of, to_bf16_bits, CudaContext, Family, Shape};
+use super::{check_supported, driver_err, shape_of, CudaContext, Elem, Family, HostElem, Shape};
 use crate::blocks;
 use crate::config::NsaConfig;
 use crate::error::{NsaError, Result};
@@ -236,6 +236,7 @@ impl GpuDecodeCache {
     /// An empty cache for `batch` sequences of at most `max_len` tokens each, with a shared pool
     /// of `pool_tokens` raw tokens (rounded up to pages). Fails with `Unsupported` for shapes the
     /// kernels do not take (see [`check_supported`]) and `OutOfMemory` when the pools do not fit.
+    /// K/V are kept in bf16 ([`GpuDecodeCache::new_in`] chooses the element type).
     pub fn new(
         ctx: &CudaContext,
         cfg: &NsaConfig,
@@ -244,6 +245,22 @@ impl GpuDecodeCache {
         dv: usize,
         max_len: usize,
         pool_tokens: usize,
+    ) -> Result<Self> {
+        Self::new_in(ctx, cfg, batch, dk, dv, max_len, pool_tokens, Elem::Bf16)
+    }
+
+    /// [`GpuDecodeCache::new`] keeping K/V (and computing) in the 16-bit type `elem`: the
+    /// f32 rows of [`prefill`] / [`step`] are rounded to it (to nearest even).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_in(
+        ctx: &CudaContext,
+        cfg: &NsaConfig,
+        batch: usize,
+        dk: usize,
+        dv: usize,
+        max_len: usize,
+        pool_tokens: usize,
+        elem: Elem,
     ) -> Result<Self> {
         check_supported(cfg, dk, dv)?;
         if batch == 0 {
@@ -259,7 +276,7 @@ impl GpuDecodeCache {
                 limit: 31,
             });
         }
-        let shape = shape_of(cfg, dk, dv);
+        let shape = shape_of(cfg, dk, dv).with_elem(elem);
         let s = &ctx.stream;
         let (hkv, l, d) = (cfg.kv_heads, cfg.cmp_block, cfg.cmp_stride);
         let raw_pages = pool_tokens.div_ceil(PAGE);
@@ -512,7 +529,7 @@ impl GpuDecodeCache {
         Ok(())
     }
 
-    /// Uploads rows `rows` of `x` (bf16 K/V/q, f32 gates) into the work buffers, in that order.
+    /// Uploads rows `rows` of `x` (16-bit K/V/q, f32 gates) into the work buffers, in that order.
     fn upload_tokens(
         &mut self,
         ctx: &CudaContext,
@@ -522,8 +539,9 @@ impl GpuDecodeCache {
         let sub = x.gather(rows, vec![0, rows.len()]);
         let s = &ctx.stream;
         let w = &mut self.work;
+        let elem = self.shape.elem;
         let bf = |v: &Vec<f32>, dst: &mut CudaSlice<u16>| {
-            let bits = to_bf16_bits(v);
+            let bits = elem.bits_of(v);
             let mut view = dst.slice_mut(0..bits.len());
             s.memcpy_htod(&bits, &mut view).map_err(driver_err)
         };
@@ -1015,7 +1033,7 @@ pub fn prefill(
             rows.extend(x.seq_range(k));
             cu.push(rows.len());
         }
-        let part = super::forward(ctx, &cfg, &x.gather(&rows, cu), phi)?;
+        let part = super::forward_as(ctx, &cfg, &x.gather(&rows, cu), phi, cache.shape.elem)?;
         for (i, &r) in rows.iter().enumerate() {
             out.o[r * hq * dv..(r + 1) * hq * dv]
                 .copy_from_slice(&part.o[i * hq * dv..(i + 1) * hq * dv]);
@@ -1130,10 +1148,10 @@ pub fn step(
 /// (the contract of [`crate::replay::replay`]): while every sequence still has tokens a step is
 /// one batched [`step`]; once some have run out, the others advance through one-token
 /// [`prefill`] calls (same rows).
-pub fn replay(
+pub fn replay<T: HostElem>(
     ctx: &CudaContext,
     cfg: &NsaConfig,
-    x: &NsaInputs<f32>,
+    x: &NsaInputs<T>,
     phi: &PhiParams<f32>,
     prefill_len: usize,
 ) -> Result<NsaOutput<f32>> {
@@ -1143,10 +1161,11 @@ pub fn replay(
 /// [`replay`] with the prompt prefilled in chunks of at most `chunk` tokens (every sequence's
 /// chunk `i` in one call), and, with `poison`, the output buffers filled with NaN / `i32::MIN`
 /// before every call (tests: every element must be written by the kernels).
-pub fn replay_with(
+/// The cache's element type follows `T` (f32: bf16; `half::f16`: f16, [`HostElem`]).
+pub fn replay_with<T: HostElem>(
     ctx: &CudaContext,
     cfg: &NsaConfig,
-    x: &NsaInputs<f32>,
+    x: &NsaInputs<T>,
     phi: &PhiParams<f32>,
     prefill_len: usize,
     chunk: usize,
@@ -1164,7 +1183,10 @@ pub fn replay_with(
     let pool: usize = (0..batch)
         .map(|b| x.seq_range(b).len().next_multiple_of(PAGE))
         .sum();
-    let mut cache = GpuDecodeCache::new(ctx, cfg, batch, x.dk, x.dv, longest, pool)?;
+    let elem = T::NATIVE.unwrap_or_default();
+    let mut cache = GpuDecodeCache::new_in(ctx, cfg, batch, x.dk, x.dv, longest, pool, elem)?;
+    // 16-bit host values widen to f32 exactly and round back to the same bits on upload
+    let x = &x.map(HostElem::to_f32);
     cache.poison = poison;
     let mut out = NsaOutput {
         o: vec![0.0; x.num_tokens() * hq * dv],

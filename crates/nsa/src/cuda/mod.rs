@@ -1,4 +1,11 @@
-//! CUDA forward pass of NSA for Hopper (sm_90a), bf16 inputs with f32 accumulation.
+//! CUDA forward pass of NSA for Hopper (sm_90a), 16-bit inputs with f32 accumulation.
+//!
+//! The 16-bit element type is a choice, [`Elem`]: bf16 (the default) or f16, baked into every
+//! kernel (`-DELEM_F16`, part of the kernel cache key). Q/K/V are uploaded in that type: f32
+//! inputs are rounded to it once (round to nearest even, [`Elem::bits`]); `half::bf16` /
+//! `half::f16` inputs ([`HostElem`]) are copied bit for bit when they are the chosen type. There
+//! is no tf32 or f32 tensor-core path: an f32 caller gets the chosen 16-bit type's precision
+//! (SPEC.md's 5e-3 tolerance). Gates and `phi` weights stay f32, outputs are f32.
 //!
 //! Kernels live in `kernels/*.cu`, one family per file (see `module.rs`), compiled by NVRTC at
 //! first use with the shapes baked in. The pipeline of one forward call (SPEC.md):
@@ -21,6 +28,7 @@ pub mod bench;
 pub mod decode;
 mod module;
 
+pub use crate::elem::{Elem, HostElem};
 pub use module::{compile, default_mt, Compiled, Family, Shape};
 
 use crate::config::{NsaConfig, PhiKind};
@@ -272,6 +280,7 @@ fn shape_of(cfg: &NsaConfig, dk: usize, dv: usize) -> Shape {
         win: cfg.window,
         scale: cfg.softmax_scale(dk),
         mt: module::default_mt(dv),
+        elem: Elem::Bf16,
     }
 }
 
@@ -363,22 +372,36 @@ struct DevicePhi {
 }
 
 /// f32 -> bf16 bits, round to nearest even (the rounding the tests apply to the reference inputs).
+/// [`Elem::bits_of`] does the same for either element type.
 pub fn to_bf16_bits(x: &[f32]) -> Vec<u16> {
-    use rayon::prelude::*;
-    x.par_iter()
-        .map(|&v| half::bf16::from_f32(v).to_bits())
-        .collect()
+    Elem::Bf16.bits_of(x)
 }
 
 impl DeviceInputs {
-    /// Validates the inputs, converts them to bf16 and uploads them.
-    pub fn upload(ctx: &CudaContext, cfg: &NsaConfig, x: &NsaInputs<f32>) -> Result<Self> {
+    /// Validates the inputs, converts them to 16 bits and uploads them: `f32` inputs to bf16,
+    /// `half::bf16` / `half::f16` inputs in their own type, bit for bit ([`HostElem`]).
+    pub fn upload<T: HostElem>(
+        ctx: &CudaContext,
+        cfg: &NsaConfig,
+        x: &NsaInputs<T>,
+    ) -> Result<Self> {
+        Self::upload_as(ctx, cfg, x, T::NATIVE.unwrap_or_default())
+    }
+
+    /// [`DeviceInputs::upload`] with the kernels' element type `elem`: f32 inputs are rounded to
+    /// it (to nearest even), 16-bit inputs of another type are widened and rounded once.
+    pub fn upload_as<T: HostElem>(
+        ctx: &CudaContext,
+        cfg: &NsaConfig,
+        x: &NsaInputs<T>,
+        elem: Elem,
+    ) -> Result<Self> {
         x.validate(cfg)?;
         check_shapes(cfg, x.dk, x.dv)?;
-        let mut dev = Self::allocate(ctx, cfg, &x.cu_seqlens, x.dk, x.dv)?;
+        let mut dev = Self::allocate(ctx, cfg, &x.cu_seqlens, x.dk, x.dv, elem)?;
         let s = &ctx.stream;
-        let bf = |v: &Vec<f32>, dst: &mut CudaSlice<u16>| {
-            s.memcpy_htod(&to_bf16_bits(v), dst).map_err(driver_err)
+        let bf = |v: &Vec<T>, dst: &mut CudaSlice<u16>| {
+            s.memcpy_htod(&elem.bits_of(v), dst).map_err(driver_err)
         };
         bf(&x.q, &mut dev.q)?;
         for (br, (k, v)) in [
@@ -393,9 +416,15 @@ impl DeviceInputs {
             bf(v, &mut dev.v[br])?;
         }
         for (br, g) in [&x.g_cmp, &x.g_slc, &x.g_win].into_iter().enumerate() {
-            s.memcpy_htod(g, &mut dev.gates[br]).map_err(driver_err)?;
+            let g: Vec<f32> = g.iter().map(|&v| v.to_f32()).collect();
+            s.memcpy_htod(&g, &mut dev.gates[br]).map_err(driver_err)?;
         }
         Ok(dev)
+    }
+
+    /// The 16-bit element type the inputs were uploaded in (and the kernels compute in).
+    pub fn elem(&self) -> Elem {
+        self.shape.elem
     }
 
     /// Allocates every buffer of a batch layout (contents undefined) and uploads the plan.
@@ -405,6 +434,7 @@ impl DeviceInputs {
         cu_seqlens: &[usize],
         dk: usize,
         dv: usize,
+        elem: Elem,
     ) -> Result<Self> {
         let n = *cu_seqlens.last().unwrap_or(&0);
         if n >= i32::MAX as usize / 2 {
@@ -414,7 +444,7 @@ impl DeviceInputs {
                 limit: 31,
             });
         }
-        let shape = shape_of(cfg, dk, dv);
+        let shape = shape_of(cfg, dk, dv).with_elem(elem);
         let fp = footprint(&shape);
         let need = fp
             .cmp_smem
@@ -472,6 +502,21 @@ impl DeviceInputs {
         shared_kv: bool,
         seed: u64,
     ) -> Result<Self> {
+        Self::random_as(ctx, cfg, seqlens, dk, dv, shared_kv, seed, Elem::Bf16)
+    }
+
+    /// [`DeviceInputs::random`] in element type `elem` (the fill kernel rounds to it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn random_as(
+        ctx: &CudaContext,
+        cfg: &NsaConfig,
+        seqlens: &[usize],
+        dk: usize,
+        dv: usize,
+        shared_kv: bool,
+        seed: u64,
+        elem: Elem,
+    ) -> Result<Self> {
         check_supported(cfg, dk, dv)?;
         let mut cu = vec![0usize];
         for &l in seqlens {
@@ -479,7 +524,7 @@ impl DeviceInputs {
         }
         crate::inputs::validate_cu_seqlens(&cu, *cu.last().unwrap())?;
         let n = *cu.last().unwrap();
-        let mut dev = Self::allocate(ctx, cfg, &cu, dk, dv)?;
+        let mut dev = Self::allocate(ctx, cfg, &cu, dk, dv, elem)?;
         let shape = dev.shape.clone();
         let f_norm = ctx.named_function(Family::Fill, "fill_normal_bf16", &shape, 0)?;
         let f_unif = ctx.named_function(Family::Fill, "fill_uniform_f32", &shape, 0)?;
@@ -602,7 +647,7 @@ pub struct KernelTimes {
 }
 
 /// One `phi` (linear: one GEMM; mlp: two) from raw `src` `[N, HKV, d]` into the compressed
-/// `dst` `[n_cmp, HKV, d]` (bf16), see `kernels/phi.cu`.
+/// `dst` `[n_cmp, HKV, d]` (16-bit element type), see `kernels/phi.cu`.
 #[allow(clippy::too_many_arguments)]
 fn run_phi(
     ctx: &CudaContext,
@@ -895,15 +940,27 @@ pub fn forward_device(
     Ok(())
 }
 
-/// Full forward pass: upload (bf16), run, download. `phi` must match `cfg.phi`.
-pub fn forward(
+/// Full forward pass: upload (f32 inputs rounded to bf16; bf16 / f16 inputs in their own type),
+/// run, download. `phi` must match `cfg.phi`.
+pub fn forward<T: HostElem>(
     ctx: &CudaContext,
     cfg: &NsaConfig,
-    x: &NsaInputs<f32>,
+    x: &NsaInputs<T>,
     phi: &PhiParams<f32>,
 ) -> Result<NsaOutput<f32>> {
+    forward_as(ctx, cfg, x, phi, T::NATIVE.unwrap_or_default())
+}
+
+/// [`forward`] computing in the element type `elem` (inputs rounded to it once).
+pub fn forward_as<T: HostElem>(
+    ctx: &CudaContext,
+    cfg: &NsaConfig,
+    x: &NsaInputs<T>,
+    phi: &PhiParams<f32>,
+    elem: Elem,
+) -> Result<NsaOutput<f32>> {
     phi.validate(cfg, x.dk, x.dv)?;
-    let mut dev = DeviceInputs::upload(ctx, cfg, x)?;
+    let mut dev = DeviceInputs::upload_as(ctx, cfg, x, elem)?;
     dev.set_phi(ctx, phi)?;
     dev.poison_outputs(ctx)?;
     forward_device(ctx, &mut dev, None)?;
@@ -1008,6 +1065,52 @@ mod tests {
         assert_ne!(key, module::cache_key(Family::CmpAttn, &other));
         let arch = module::options(&shape, "sm_100a");
         assert_ne!(key, module::cache_key(Family::CmpAttn, &arch));
+    }
+
+    #[test]
+    fn element_type_is_a_define_and_part_of_the_cache_key() {
+        let cfg = paper(16, 2);
+        let bf = shape_of(&cfg, 128, 128);
+        assert_eq!(bf.elem, Elem::Bf16);
+        let f16 = bf.clone().with_elem(Elem::F16);
+        let ob = module::options(&bf, "sm_90a");
+        let of = module::options(&f16, "sm_90a");
+        // bf16 (the default) adds no define: its kernels and cache keys are unchanged
+        assert!(!ob.iter().any(|o| o.contains("ELEM")), "{ob:?}");
+        assert_eq!(of.iter().filter(|o| *o == "-DELEM_F16").count(), 1);
+        let rest: Vec<String> = of.iter().filter(|o| *o != "-DELEM_F16").cloned().collect();
+        assert_eq!(rest, ob);
+        for fam in Family::ALL {
+            assert_ne!(
+                module::cache_key(fam, &ob),
+                module::cache_key(fam, &of),
+                "{fam:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn f16_upload_bits_are_the_half_encoding() {
+        let xs = [
+            1.0f32,
+            -2.5,
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            7e4,
+            1e-8,
+        ];
+        let bits = Elem::F16.bits_of(&xs);
+        for (x, b) in xs.iter().zip(&bits) {
+            assert_eq!(*b, half::f16::from_f32(*x).to_bits(), "{x}");
+        }
+        // ties to even, overflow to infinity, tiny values to zero
+        assert_eq!(Elem::F16.value(bits[2]), 1.0);
+        assert_eq!(Elem::F16.value(bits[3]), 1.0 + 2.0 / 1024.0);
+        assert_eq!(Elem::F16.value(bits[4]), f32::INFINITY);
+        assert_eq!(Elem::F16.value(bits[5]), 0.0);
+        // f16 host data goes up unchanged, f32 data equal to it gives the same bits
+        let h: Vec<half::f16> = xs.iter().map(|&x| half::f16::from_f32(x)).collect();
+        assert_eq!(Elem::F16.bits_of(&h), bits);
     }
 
     #[test]

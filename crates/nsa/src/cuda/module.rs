@@ -1,8 +1,10 @@
-//! NVRTC compilation of the kernel families, with the shape constants baked in as `-D` defines,
+//! NVRTC compilation of the kernel families, with the shape constants and the 16-bit element type
+//! (bf16, or f16 through `-DELEM_F16`) baked in as `-D` defines,
 //! straight to a CUBIN for the device's architecture (no PTX JIT, so the driver's PTX version
 //! limit never matters), cached in memory per process and on disk (keyed by a hash of source,
 //! options and architecture).
 
+use crate::elem::Elem;
 use crate::error::{NsaError, Result};
 use cudarc::nvrtc::{result as nvrtc_result, sys as nvrtc_sys};
 use std::collections::hash_map::DefaultHasher;
@@ -10,7 +12,8 @@ use std::ffi::{CStr, CString};
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 
-/// The shared prelude (bf16 helpers, mma.sync / ldmatrix / cp.async wrappers, the flash tile).
+/// The shared prelude (16-bit element helpers, bf16 or f16 by `-DELEM_F16`, mma.sync / ldmatrix /
+/// cp.async wrappers, the flash tile).
 const COMMON: &str = include_str!("kernels/common.cu");
 
 /// One kernel family: its source file and the kernels it defines.
@@ -24,7 +27,7 @@ pub enum Family {
     SelAttn,
     /// Sliding-window attention.
     WinAttn,
-    /// Device-side random inputs (benchmarks).
+    /// Device-side random inputs (benchmarks), in the shape's element type.
     Fill,
     /// Decoding over the paged cache (cuda/decode.rs): write, attention splits, top-n, combine.
     Decode,
@@ -105,13 +108,15 @@ pub struct Shape {
     pub scale: f64,
     /// m16 row tiles per warp in the compressed and window kernels (1 or 2).
     pub mt: usize,
+    /// The 16-bit element type of Q/K/V (`-DELEM_F16` for f16; common.cu).
+    pub elem: Elem,
 }
 
 impl Shape {
-    /// The `-D` options of this shape.
+    /// The `-D` options of this shape (the element type's define last, bf16 adds none).
     pub fn defines(&self) -> Vec<String> {
         let scale_log2 = self.scale * std::f64::consts::LOG2_E;
-        vec![
+        let mut d = vec![
             format!("-DDK={}", self.dk),
             format!("-DDV={}", self.dv),
             format!("-DHQ={}", self.hq),
@@ -130,7 +135,17 @@ impl Shape {
                 "-DSCALE_LOG2=__int_as_float({:#x})",
                 (scale_log2 as f32).to_bits()
             ),
-        ]
+        ];
+        if self.elem == Elem::F16 {
+            d.push("-DELEM_F16".to_string());
+        }
+        d
+    }
+
+    /// This shape with element type `elem`.
+    pub fn with_elem(mut self, elem: Elem) -> Self {
+        self.elem = elem;
+        self
     }
 }
 
