@@ -46,6 +46,7 @@ fn every_backward_kernel_compiles() {
         shape(128, 128, 8, 2, 32, 16, 64),
         shape(64, 64, 64, 1, 32, 16, 64),
         shape(64, 64, 4, 2, 48, 16, 96),
+        shape(128, 128, 64, 4, 32, 16, 64).with_elem(cuda::Elem::F16),
     ];
     for s in &shapes {
         for fam in BwdFamily::ALL {
@@ -439,4 +440,67 @@ fn bwd_unsupported_inputs_are_typed_errors() {
     let via_op = nsa::backward(&nsa::Device::Cuda(0), &c, &x, &PhiParams::mean(), &d_o).unwrap();
     let direct = cuda::backward::backward(&ctx, &c, &x, &PhiParams::mean(), &d_o).unwrap();
     assert_eq!(via_op.dq, direct.dq);
+}
+
+/// f16 inputs: `half::f16` on the host (uploaded bit for bit, kernels built with `-DELEM_F16`),
+/// `d_o` rounded to f16 as the upload does; the float64 reference runs on exactly those values
+/// with the GPU's selection.
+fn run_case_f16(
+    name: &str,
+    cfg: &NsaConfig,
+    seqlens: &[usize],
+    dk: usize,
+    dv: usize,
+    shared: bool,
+) {
+    let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+    let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
+    let sd = seed();
+    let x = NsaInputs::random(cfg, seqlens, dk, dv, shared, sd).map(f16);
+    let d_o: Vec<f32> = random_do(x.num_tokens() * cfg.heads * dv, sd ^ 0x5eed)
+        .into_iter()
+        .map(f16)
+        .collect();
+    let x16 = x.map(half::f16::from_f32);
+    let got = cuda::backward::backward(&ctx, cfg, &x16, &PhiParams::mean(), &d_o).unwrap();
+    let fwd = cuda::forward(&ctx, cfg, &x16, &PhiParams::mean()).unwrap();
+    let x64 = x.map(|v| v as f64);
+    let d_o64: Vec<f64> = d_o.iter().map(|&v| v as f64).collect();
+    let (want, differing) = reference_with_selection(cfg, &x64, &d_o64, &fwd.sel_idx);
+    let rows = x.num_tokens() * cfg.kv_heads;
+    println!("{name}: f16, selection differs (near-ties) in {differing} of {rows} rows");
+    assert!(
+        differing * 10 <= rows,
+        "{name}: {differing} of {rows} selections differ: not near-ties"
+    );
+    let want32 = want.map(|v| v as f32);
+    let mut worst = 0.0f64;
+    for ((tn, g), (_, w)) in named(&got).into_iter().zip(named(&want32)) {
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "{name}: {tn} has non-finite values (unwritten?)"
+        );
+        let err = rel_rms(g, w);
+        println!(
+            "{name}: f16 {tn:>6} rel RMS {err:.3e}, max abs {:.3e}",
+            max_abs(g, w)
+        );
+        worst = worst.max(err);
+        assert!(
+            err < GRAD_TOL,
+            "{name}: {tn} relative RMS {err} over {GRAD_TOL}"
+        );
+    }
+    println!(
+        "{name}: f16 seqlens {seqlens:?} HQ {} HKV {} dk {dk} dv {dv} shared {shared}: worst rel RMS {worst:.3e}",
+        cfg.heads, cfg.kv_heads
+    );
+}
+
+#[test]
+fn bwd_f16_group16_varlen_and_group4_dk192() {
+    let c = cfg(32, 2).build().unwrap();
+    run_case_f16("f16-g16", &c, &[1100, 300, 45], 128, 128, false);
+    let c = cfg(8, 2).build().unwrap();
+    run_case_f16("f16-g4", &c, &[700, 31, 5], 192, 128, true);
 }

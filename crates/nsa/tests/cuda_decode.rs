@@ -6,7 +6,7 @@
 
 mod gpu_common;
 use gpu_common::*;
-use nsa::cuda::{self, decode, CudaContext, Family};
+use nsa::cuda::{self, decode, CudaContext, Elem, Family};
 use nsa::reference;
 use nsa::testing::{max_abs, rel_rms};
 use nsa::{NsaConfig, NsaError, NsaInputs, PhiKind, PhiParams};
@@ -25,10 +25,47 @@ fn run_case(
     prefill: usize,
     chunk: usize,
 ) {
+    run_case_in(
+        name,
+        cfg,
+        seqlens,
+        dk,
+        dv,
+        shared,
+        prefill,
+        chunk,
+        Elem::Bf16,
+    );
+}
+
+/// [`run_case`] with the cache and kernels in `elem` (f16: `half::f16` inputs, uploaded bit for
+/// bit; the reference runs on the same f16 values).
+#[allow(clippy::too_many_arguments)]
+fn run_case_in(
+    name: &str,
+    cfg: &NsaConfig,
+    seqlens: &[usize],
+    dk: usize,
+    dv: usize,
+    shared: bool,
+    prefill: usize,
+    chunk: usize,
+    elem: Elem,
+) {
     let ctx = CudaContext::new(0).expect("a CUDA device");
-    let x = round_bf16(&NsaInputs::random(cfg, seqlens, dk, dv, shared, seed()));
+    let x = round_elem(
+        &NsaInputs::random(cfg, seqlens, dk, dv, shared, seed()),
+        elem,
+    );
     let phi = PhiParams::mean();
-    let got = decode::replay_with(&ctx, cfg, &x, &phi, prefill, chunk, true).unwrap();
+    let got = match elem {
+        Elem::Bf16 => decode::replay_with(&ctx, cfg, &x, &phi, prefill, chunk, true),
+        Elem::F16 => {
+            let x16 = x.map(half::f16::from_f32);
+            decode::replay_with(&ctx, cfg, &x16, &phi, prefill, chunk, true)
+        }
+    }
+    .unwrap();
     let x64 = x.map(|v| v as f64);
     let want = reference::forward(cfg, &x64, &PhiParams::mean()).unwrap();
     assert!(
@@ -59,7 +96,7 @@ fn run_case(
         rel_rms(&dg, &dw)
     };
     println!(
-        "{name}: seqlens {seqlens:?} HQ {} HKV {} dk {dk} dv {dv} shared {shared} prefill {prefill} chunk {chunk}: rel RMS {err:.3e} (decoded rows {} : {derr:.3e}), max abs {:.3e}",
+        "{name}: {elem} seqlens {seqlens:?} HQ {} HKV {} dk {dk} dv {dv} shared {shared} prefill {prefill} chunk {chunk}: rel RMS {err:.3e} (decoded rows {} : {derr:.3e}), max abs {:.3e}",
         cfg.heads,
         cfg.kv_heads,
         dg.len() / (hq * dv),
@@ -142,6 +179,35 @@ fn group4_dk192_dv128_topn_pressure() {
     // n = 6 of up to 12 admissible blocks: the top-n decides at every step
     let c = cfg(8, 2).sel_count(6).build().unwrap();
     run_case("g4-d192", &c, &[760, 257], 192, 128, true, 64, usize::MAX);
+}
+
+#[test]
+fn f16_group16_ragged_and_group4_dk192_chunked() {
+    let c = cfg(32, 2).build().unwrap();
+    run_case_in(
+        "f16-g16",
+        &c,
+        &[900, 450, 300],
+        128,
+        128,
+        false,
+        200,
+        usize::MAX,
+        Elem::F16,
+    );
+    // chunked prefill (rows of a non-empty cache through the decode kernels), then steps
+    let c = cfg(8, 2).sel_count(6).build().unwrap();
+    run_case_in(
+        "f16-g4-d192",
+        &c,
+        &[700, 257],
+        192,
+        128,
+        true,
+        300,
+        128,
+        Elem::F16,
+    );
 }
 
 #[test]

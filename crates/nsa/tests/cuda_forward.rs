@@ -1,11 +1,12 @@
 #![cfg(feature = "cuda")]
 //! CUDA forward pass against the float64 reference (run on the GPU machine; see
-//! scripts/pack_gpu.sh). Inputs are rounded to bf16 once, and the reference runs on exactly
-//! those rounded values, so the comparison measures the kernels' arithmetic alone.
+//! scripts/pack_gpu.sh). Inputs are rounded to the kernels' 16-bit type (bf16, or f16 in the
+//! `f16_*` cases) once, and the reference runs on exactly those rounded values, so the
+//! comparison measures the kernels' arithmetic alone.
 
 mod gpu_common;
 use gpu_common::*;
-use nsa::cuda::{self, Family, Shape};
+use nsa::cuda::{self, Elem, Family, Shape};
 
 fn shape(dk: usize, dv: usize, hq: usize, hkv: usize, l: usize, d: usize, lp: usize) -> Shape {
     Shape {
@@ -38,6 +39,9 @@ fn every_kernel_variant_compiles() {
         shape(128, 128, 8, 2, 32, 16, 64),
         shape(64, 64, 8, 1, 32, 16, 64),
         shape(128, 128, 64, 2, 64, 64, 64),
+        // the f16 element type (-DELEM_F16)
+        shape(128, 128, 64, 4, 32, 16, 64).with_elem(Elem::F16),
+        shape(192, 128, 8, 2, 32, 16, 64).with_elem(Elem::F16),
     ];
     for s in &shapes {
         for fam in Family::ALL {
@@ -50,7 +54,8 @@ fn every_kernel_variant_compiles() {
                 .filter(|l| l.contains("registers") || l.contains("spill"))
                 .collect();
             println!(
-                "{fam:?} dk={} dv={} G={}: {}",
+                "{fam:?} {} dk={} dv={} G={}: {}",
+                s.elem,
                 s.dk,
                 s.dv,
                 s.hq / s.hkv,
@@ -79,11 +84,42 @@ fn run_case_phi(
     shared: bool,
     hidden: usize,
 ) {
+    run_case_in(name, cfg, seqlens, dk, dv, shared, hidden, Elem::Bf16);
+}
+
+/// [`run_case_phi`] with the kernels computing in `elem`. f16 inputs go up as `half::f16`
+/// (bit for bit); the same values as f32 through `forward_as` must give bitwise the same output.
+#[allow(clippy::too_many_arguments)]
+fn run_case_in(
+    name: &str,
+    cfg: &NsaConfig,
+    seqlens: &[usize],
+    dk: usize,
+    dv: usize,
+    shared: bool,
+    hidden: usize,
+    elem: Elem,
+) {
     let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
     let sd = seed();
-    let x = round_bf16(&NsaInputs::random(cfg, seqlens, dk, dv, shared, sd));
+    let x = round_elem(&NsaInputs::random(cfg, seqlens, dk, dv, shared, sd), elem);
     let phi = PhiParams::random(cfg, dk, dv, hidden, sd);
-    let got = cuda::forward(&ctx, cfg, &x, &phi).unwrap();
+    let got = match elem {
+        Elem::Bf16 => cuda::forward(&ctx, cfg, &x, &phi).unwrap(),
+        Elem::F16 => {
+            let got = cuda::forward(&ctx, cfg, &x.map(half::f16::from_f32), &phi).unwrap();
+            let via_f32 = cuda::forward_as(&ctx, cfg, &x, &phi, Elem::F16).unwrap();
+            assert!(
+                got.o
+                    .iter()
+                    .zip(&via_f32.o)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+                    && got.sel_idx == via_f32.sel_idx,
+                "{name}: f16 host inputs and f32 inputs rounded to f16 differ"
+            );
+            got
+        }
+    };
     let x64 = x.map(|v| v as f64);
     let phi64 = phi.map(|v| v as f64);
     let want = reference::forward(cfg, &x64, &phi64).unwrap();
@@ -96,7 +132,7 @@ fn run_case_phi(
     patch_reference(cfg, &x64, &mut want_o, &differing, &want.sel_idx);
     let err = rel_rms(&got.o, &want_o);
     println!(
-        "{name}: seqlens {seqlens:?} HQ {} HKV {} dk {dk} dv {dv} shared {shared}: rel RMS {err:.3e}, max abs {:.3e}",
+        "{name}: {elem} seqlens {seqlens:?} HQ {} HKV {} dk {dk} dv {dv} shared {shared}: rel RMS {err:.3e}, max abs {:.3e}",
         cfg.heads,
         cfg.kv_heads,
         max_abs(&got.o, &want_o)
@@ -114,6 +150,27 @@ fn paper_geometry_group16_independent_kv() {
 fn varlen_group4_dk192_dv128_shared_kv() {
     let c = cfg(8, 2).build().unwrap();
     run_case("g4-varlen", &c, &[1100, 31, 300, 65], 192, 128, true);
+}
+
+#[test]
+fn f16_group16_varlen_dk128() {
+    let c = cfg(32, 2).build().unwrap();
+    run_case_in(
+        "f16-g16",
+        &c,
+        &[777, 300, 45],
+        128,
+        128,
+        false,
+        0,
+        Elem::F16,
+    );
+}
+
+#[test]
+fn f16_group4_dk192_dv128_shared_kv() {
+    let c = cfg(8, 2).build().unwrap();
+    run_case_in("f16-g4", &c, &[1100, 31, 65], 192, 128, true, 0, Elem::F16);
 }
 
 #[test]

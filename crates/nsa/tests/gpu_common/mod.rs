@@ -1,4 +1,4 @@
-//! Helpers shared by the GPU test suites (cuda_forward, cuda_decode): seeds, bf16 rounding,
+//! Helpers shared by the GPU test suites (cuda_forward, cuda_decode): seeds, bf16 / f16 rounding,
 //! the near-tie selection check and the reference patch for near-tie rows.
 #![allow(dead_code)]
 
@@ -28,6 +28,12 @@ pub fn seed() -> u64 {
 /// The inputs rounded to bf16 once, so that the reference sees exactly what the GPU reads.
 pub fn round_bf16(x: &NsaInputs<f32>) -> NsaInputs<f32> {
     x.map(|v| half::bf16::from_f32(v).to_f32())
+}
+
+/// The inputs rounded once to the kernels' element type `elem` (to nearest even, as the upload
+/// does), so that the reference sees exactly what the GPU reads.
+pub fn round_elem(x: &NsaInputs<f32>, elem: nsa::Elem) -> NsaInputs<f32> {
+    x.map(|v| elem.round(v))
 }
 
 pub fn cfg(hq: usize, hkv: usize) -> nsa::NsaConfigBuilder {
