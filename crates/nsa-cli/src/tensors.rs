@@ -6,11 +6,13 @@ use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// One loaded tensor: shape and f32 data.
+/// One loaded tensor: shape, f32 data and the dtype it had in the file (F32, BF16 or F16;
+/// 16-bit values widen to f32 exactly).
 #[derive(Debug, Clone)]
 pub struct Tensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+    pub dtype: Dtype,
 }
 
 /// All tensors of a file by name.
@@ -53,7 +55,8 @@ impl TensorFile {
                 _ => None,
             };
             if let Some(data) = floats {
-                out.floats.insert(name, Tensor { shape, data });
+                let dtype = view.dtype();
+                out.floats.insert(name, Tensor { shape, data, dtype });
                 continue;
             }
             let ints: Vec<i64> = match view.dtype() {
