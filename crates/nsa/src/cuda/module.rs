@@ -51,7 +51,11 @@ impl Family {
     pub fn source(self) -> &'static str {
         match self {
             Family::Compress => include_str!("kernels/compress.cu"),
-            Family::CmpAttn => include_str!("kernels/cmp_attn.cu"),
+            // the wgmma helpers (sm_90a) first: cmp_attn.cu uses them (-DCMP_NO_WGMMA: mma.sync only)
+            Family::CmpAttn => concat!(
+                include_str!("kernels/wgmma.cu"),
+                include_str!("kernels/cmp_attn.cu")
+            ),
             Family::SelAttn => include_str!("kernels/sel_attn.cu"),
             Family::WinAttn => include_str!("kernels/win_attn.cu"),
             Family::Fill => include_str!("kernels/fill.cu"),

@@ -64,6 +64,18 @@ __device__ __forceinline__ int warp_sort_asc_int(int x) {
     return x;
 }
 
+// Pass 1 runs on Hopper's warpgroup MMA (wgmma.cu) when built for sm_90a, for the head dims it
+// covers (dk a multiple of 64 up to 256, dv 64 or 128) with the double-buffered loop; otherwise
+// on mma.sync (the fallback: sm_80/sm_89, other head dims, -DCMP_SINGLE_BUFFER, or -DCMP_NO_WGMMA
+// through NSA_CUDA_DEFINES for comparisons).
+#if WG_AVAILABLE && !defined(CMP_NO_WGMMA) && !defined(CMP_SINGLE_BUFFER) && DK % 64 == 0 && DK <= 256 && \
+    (DV == 64 || DV == 128)
+#define CMP_USE_WGMMA 1
+#else
+#define CMP_USE_WGMMA 0
+#endif
+
+#if !CMP_USE_WGMMA
 // Pass 1 (kernel `cmp_attn`): writes g_cmp * o_cmp (the first term of the gated sum, `=`) and
 // the log2-domain log-sum-exp of every row to `lse` ([N, HQ]; +inf for rows that see nothing).
 extern "C" __global__ void __launch_bounds__(128) cmp_attn(
@@ -179,6 +191,181 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     }
 
 }
+
+#else  // CMP_USE_WGMMA
+
+// One key tile for the warpgroup's CMT m64 row tiles: S = Q K^T (wgmma, smem operands), the
+// masked online softmax (as attn_tile in common.cu), O += P V (wgmma, P from registers).
+// The second tile's scores compute while the first tile's softmax runs, and the first tile's
+// P V while the second's softmax runs (wgmma groups: S0, S1, PV0, PV1, completed in order).
+__device__ __forceinline__ void wg_attn_tile(u32 qa, u32 ka, u32 va, const int (&lo)[2 * CMT],
+                                             const int (&hi)[2 * CMT], RowStats<CMT>& st,
+                                             float (&o)[CMT][DV / 8][4]) {
+    const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
+    float s[CMT][KT / 8][4];
+    wg_fence();
+#pragma unroll
+    for (int mt = 0; mt < CMT; ++mt) {
+        wg_qk<CMP_ROWS>(s[mt], qa, ka, mt);
+        wg_commit();
+    }
+    u32 p[CMT][KT / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < CMT; ++mt) {
+        if (mt == 0)
+            wg_wait<CMT - 1>();
+        else
+            wg_wait<1>();
+        wg_pin(s[mt]);
+        float mx[2], alpha[2], mu[2], rs[2];
+        mx[0] = mx[1] = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int h = e >> 1, i = 2 * mt + h, key = nt * 8 + gc + (e & 1);
+                const float v = (key >= lo[i] && key < hi[i]) ? s[mt][nt][e] * SCALE_LOG2 : NEG_INF;
+                s[mt][nt][e] = v;
+                mx[h] = fmaxf(mx[h], v);
+            }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int i = 2 * mt + h;
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+            const float mn = fmaxf(st.m[i], mx[h]);
+            mu[h] = (mn == NEG_INF) ? 0.f : mn;   // all masked so far: keep exp2 finite (gives 0)
+            alpha[h] = exp2f(st.m[i] - mu[h]);
+            st.m[i] = mn;
+            rs[h] = 0.f;
+        }
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float pv = exp2f(s[mt][nt][e] - mu[e >> 1]);
+                s[mt][nt][e] = pv;
+                rs[e >> 1] += pv;
+            }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) st.l[2 * mt + h] = st.l[2 * mt + h] * alpha[h] + rs[h];
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt) {
+            o[mt][nt][0] *= alpha[0];
+            o[mt][nt][1] *= alpha[0];
+            o[mt][nt][2] *= alpha[1];
+            o[mt][nt][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int kc = 0; kc < KT / 16; ++kc) {
+            p[mt][kc][0] = pack_bf16x2(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+            p[mt][kc][1] = pack_bf16x2(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+            p[mt][kc][2] = pack_bf16x2(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+            p[mt][kc][3] = pack_bf16x2(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+        }
+        wg_fence();
+        wg_pv(o[mt], p[mt], va);
+        wg_commit();
+    }
+    wg_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < CMT; ++mt) wg_pin(o[mt]);
+}
+
+// Pass 1 on wgmma: the CTA's 128 threads are one warpgroup; row tile mt (64 rows) belongs to all
+// four warps (warp w: rows mt*64 + 16w .. +15). Q, K and V tiles are 128B-swizzled, unpadded
+// (fits the padded mma.sync footprint the launcher reserves, with 1 KB for the alignment).
+extern "C" __global__ void __launch_bounds__(128) cmp_attn(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const float* __restrict__ gate, const int4* __restrict__ items, float* __restrict__ out,
+    float* __restrict__ lse_out, bf16_t* __restrict__ o_save) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* Qs = align1024(smem_raw);             // [CMP_ROWS x DK]
+    unsigned char* KVs = Qs + CMP_ROWS * DK * 2;         // 2 stages of K [KT x DK], V [KT x DV]
+    constexpr int K_BYTES = KT * DK * 2, STAGE_BYTES = KT * (DK + DV) * 2;
+
+    const int4 it = items[blockIdx.x];
+    const int start = it.x, len = it.y, t0 = it.z, cstart = it.w;
+    const int g = blockIdx.y;
+    const int npos = min(P_CMP, len - t0), nrows = npos * G;
+    const int tmax = t0 + npos - 1;
+    const int ncmp = cmp_visible(tmax);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2;
+
+    load_rows_sw128<CMP_ROWS, DK, 128>(Qs, q, nrows, [&](int r) {
+        return ((i64)(start + t0 + r / G) * HQ + g * G + r % G) * DK;
+    });
+    cp_async_commit();
+
+    int rr[2 * CMT], tt[2 * CMT], vis[2 * CMT];
+    bool valid[2 * CMT];
+#pragma unroll
+    for (int h = 0; h < 2 * CMT; ++h) {
+        rr[h] = (h >> 1) * 64 + warp * 16 + gr + 8 * (h & 1);
+        valid[h] = rr[h] < nrows;
+        tt[h] = t0 + rr[h] / G;
+        vis[h] = valid[h] ? cmp_visible(tt[h]) : 0;
+    }
+    auto krow = [&](int r) { return ((i64)(cstart + r) * HKV + g) * DK; };
+    auto vrow = [&](int r) { return ((i64)(cstart + r) * HKV + g) * DV; };
+
+    RowStats<CMT> st;
+    rowstats_init(st);
+    float o[CMT][DV / 8][4];
+    zero_acc(o);
+    auto issue = [&](int c0) {
+        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & 1;
+        load_rows_sw128<KT, DK, 128>(KVs + stage * STAGE_BYTES, kc + krow(c0), nk,
+                                     [&](int r) { return (i64)r * HKV * DK; });
+        load_rows_sw128<KT, DV, 128>(KVs + stage * STAGE_BYTES + K_BYTES, vc + vrow(c0), nk,
+                                     [&](int r) { return (i64)r * HKV * DV; });
+        cp_async_commit();
+    };
+    if (ncmp > 0) issue(0);
+    for (int c0 = 0; c0 < ncmp; c0 += KT) {
+        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & 1;
+        if (c0 + KT < ncmp) {
+            issue(c0 + KT);
+            cp_async_wait_one();
+        } else {
+            cp_async_wait_all();
+        }
+        fence_proxy_async();   // cp.async wrote Q / this stage; the wgmma reads them (async proxy)
+        __syncthreads();
+        int lo[2 * CMT], hi[2 * CMT];
+#pragma unroll
+        for (int h = 0; h < 2 * CMT; ++h) {
+            lo[h] = 0;
+            hi[h] = min(max(vis[h] - c0, 0), nk);
+        }
+        const u32 ka = smem_addr(KVs + stage * STAGE_BYTES);
+        wg_attn_tile(smem_addr(Qs), ka, ka + K_BYTES, lo, hi, st, o);
+        __syncthreads();   // every wgmma of this stage completed before it is refilled
+    }
+    cp_async_wait_all();
+    float inv[2 * CMT];
+    rowstats_finish(st, inv);
+    {
+        float* dst[2 * CMT];
+        float sc[2 * CMT];
+#pragma unroll
+        for (int h = 0; h < 2 * CMT; ++h) {
+            const i64 qrow = (i64)(start + tt[h]) * HQ + g * G + rr[h] % G;
+            if (valid[h] && (lane & 3) == 0) lse_out[qrow] = st.l[h] > 0.f ? st.m[h] + log2f(st.l[h]) : POS_INF;
+            dst[h] = valid[h] ? out + qrow * DV : nullptr;
+            sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
+        }
+        store_rows<false, CMT>(dst, sc, o);
+    }
+    if (o_save != nullptr) {   // o_cmp (before its gate) for the backward
+        bf16_t* ds[2 * CMT];
+#pragma unroll
+        for (int h = 0; h < 2 * CMT; ++h)
+            ds[h] = valid[h] ? o_save + ((i64)(start + tt[h]) * HQ + g * G + rr[h] % G) * DV : nullptr;
+        store_rows_bf16<CMT>(ds, inv, o);
+    }
+}
+#endif  // CMP_USE_WGMMA
 
 // Pass 2 (kernel `cmp_topn`): selection scores and the streaming top-n, from the row
 // log-sum-exp of pass 1; writes sel_idx.
