@@ -1,12 +1,15 @@
 //! Standalone timing of the CUDA backward pass:
-//! `cargo run -p nsa --features cuda --release --example cuda_bench_bwd -- [T,...] [--dk192] [--g-sweep] [--saved]`
+//! `cargo run -p nsa --features cuda --release --example cuda_bench_bwd -- [T,...] [--dk192] [--g-sweep] [--recompute]`
 //! B = 1, HQ = 64, HKV = 4, dk = dv = 128 unless told; per-kernel medians (CUDA events), the
-//! effective rates against the counted work (`nsa::cuda::backward::bench::bwd_work`), and the
-//! device memory of forward + backward.
+//! effective rates against the counted work (`nsa::cuda::backward::bench::bwd_work`; the dQ
+//! kernels' count leaves out the statistics pass in the default mode), and the device memory of
+//! forward + backward. Default: the forward saves the branch statistics (`BwdMode::SavedStats`);
+//! `--recompute` measures the low-memory mode (`BwdMode::Recompute`). The first line names the
+//! mode.
 
 #[cfg(feature = "cuda")]
 fn main() -> nsa::Result<()> {
-    use nsa::cuda::backward::bench;
+    use nsa::cuda::backward::{bench, BwdMode};
     use nsa::cuda::CudaContext;
     use nsa::NsaConfig;
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,17 +23,22 @@ fn main() -> nsa::Result<()> {
     } else {
         ts
     };
-    // --saved: the forward saves the branch outputs and lse, the backward skips its statistics pass
-    let saved = args.iter().any(|a| a == "--saved");
+    // default: the forward saves the branch outputs and lse, the backward skips its statistics
+    // pass; --recompute: the low-memory mode (`--saved`, the former opt-in, is still accepted)
+    let mode = if args.iter().any(|a| a == "--recompute") {
+        BwdMode::Recompute
+    } else {
+        BwdMode::SavedStats
+    };
     let ctx = CudaContext::new(0)?;
     println!(
-        "device: {} ({}), statistics {}",
+        "device: {} ({}), mode {}: statistics {}",
         ctx.device_name()?,
         ctx.arch(),
-        if saved {
-            "saved by the forward"
-        } else {
-            "recomputed"
+        mode.name(),
+        match mode {
+            BwdMode::SavedStats => "saved by the forward",
+            BwdMode::Recompute => "recomputed by the backward",
         }
     );
     let mut shapes: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // T, HQ, HKV, dk, dv
@@ -55,9 +63,15 @@ fn main() -> nsa::Result<()> {
     for (t, hq, hkv, dk, dv) in shapes {
         let cfg = NsaConfig::builder().heads(hq).kv_heads(hkv).build()?;
         let w = bench::bwd_work(&cfg, &[t], dk, dv);
-        let r = bench::time_backward(&ctx, &cfg, &[t], dk, dv, 1, 5, t as u64, saved)?;
+        let r = bench::time_backward(&ctx, &cfg, &[t], dk, dv, 1, 5, t as u64, mode)?;
         let k = r.times;
         let rate = |f: f64, ms: f32| f / (ms as f64 * 1e-3) / 1e12;
+        // row-major flops: 2 (3 dk + 2 dv) per pair with the statistics pass, 2 (2 dk + dv)
+        // without it
+        let dqf = |b: usize| match mode {
+            BwdMode::Recompute => w.dq_flops[b],
+            BwdMode::SavedStats => w.pairs[b] * 2.0 * (2.0 * dk as f64 + dv as f64),
+        };
         println!(
             "{t:>6} {hq:>3} {hkv:>3} {dk:>3} {dv:>3} | {:>7.2} {:>7.2} {:>6.2} | {:>7.2} {:>7.2} | {:>6.2} {:>7.2} {:>7.2} | {:>8.2} {:>7.2} | {:>8.2} {:>8.2} | {:.0}/{:.0}, {:.0}/{:.0}, {:.0}/{:.0}  (segments {}, partial slots {})",
             k.cmp_dq,
@@ -72,11 +86,11 @@ fn main() -> nsa::Result<()> {
             r.forward_ms,
             r.peak_bytes as f64 / (1u64 << 30) as f64,
             r.backward_bytes as f64 / (1u64 << 30) as f64,
-            rate(w.dq_flops[0], k.cmp_dq),
+            rate(dqf(0), k.cmp_dq),
             rate(w.dkdv_flops[0], k.cmp_dkdv),
-            rate(w.dq_flops[2], k.win_dq),
+            rate(dqf(2), k.win_dq),
             rate(w.dkdv_flops[2], k.win_dkdv),
-            rate(w.dq_flops[1], k.sel_dq),
+            rate(dqf(1), k.sel_dq),
             rate(w.dkdv_flops[1], k.sel_dkdv),
             r.segments,
             r.partial_slots,

@@ -41,6 +41,9 @@ pub struct CudaBenchArgs {
     /// The NSA hyper-parameters other than the heads (paper defaults).
     pub nsa: NsaConfig,
     pub device_ordinal: usize,
+    /// Backward sweep in the low-memory mode (statistics recomputed by the backward) instead of
+    /// the default (statistics saved by the forward).
+    pub recompute: bool,
 }
 
 impl Default for CudaBenchArgs {
@@ -71,6 +74,7 @@ impl Default for CudaBenchArgs {
             warmup: 2,
             nsa: NsaConfig::default(),
             device_ordinal: 0,
+            recompute: false,
         }
     }
 }
@@ -188,8 +192,19 @@ fn config_for(args: &CudaBenchArgs, s: CudaShape) -> nsa::Result<NsaConfig> {
 /// The backward sweep (paper shape, batch 1, `lengths`): one `backward` record (the backward
 /// kernels alone, per-kernel medians and peak memory of forward+backward as extras) and one
 /// `forward_backward` record (forward median + backward median of the same run) per length.
+/// Default mode: the forward saves the branch statistics; `recompute`: the low-memory mode.
+/// The records name the mode (`bwd_mode` extra and the notes).
 pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
-    use nsa::cuda::backward::bench::time_backward;
+    use nsa::cuda::backward::{bench::time_backward, BwdMode};
+    let mode = if args.recompute {
+        BwdMode::Recompute
+    } else {
+        BwdMode::SavedStats
+    };
+    let how = match mode {
+        BwdMode::SavedStats => "branch statistics saved by the forward",
+        BwdMode::Recompute => "low-memory mode: branch statistics recomputed by the backward",
+    };
     let ctx = CudaContext::new(args.device_ordinal)?;
     let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
     let s = PAPER_SHAPE;
@@ -205,11 +220,12 @@ pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> 
             args.warmup,
             args.reps,
             t as u64,
-            false,
+            mode,
         )?;
         let k = b.times;
         eprintln!(
-            "cuda backward T={t}: {:.3} ms (forward {:.3} ms), peak {:.2} GiB",
+            "cuda backward ({}) T={t}: {:.3} ms (forward {:.3} ms), peak {:.2} GiB",
+            mode.name(),
             k.total,
             b.forward_ms,
             b.peak_bytes as f64 / (1u64 << 30) as f64
@@ -217,9 +233,11 @@ pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> 
         let peak = num(b.peak_bytes as f64 / (1u64 << 30) as f64);
         let mut r = record(&machine, "backward", 1, t, s, k.total as f64);
         r.notes = vec![format!(
-            "deterministic (no float atomics), branch statistics recomputed, median of {}",
+            "deterministic (no float atomics), {how}, median of {}",
             args.reps
         )];
+        r.extra
+            .insert("bwd_mode".into(), Value::String(mode.name().into()));
         for (name, v) in [
             ("cmp_dq_ms", k.cmp_dq),
             ("cmp_dkdv_ms", k.cmp_dkdv),
@@ -242,7 +260,11 @@ pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> 
             s,
             (b.forward_ms + k.total) as f64,
         );
-        fb.notes = vec!["forward median + backward median of the same run".into()];
+        fb.notes = vec![format!(
+            "forward median + backward median of the same run ({how})"
+        )];
+        fb.extra
+            .insert("bwd_mode".into(), Value::String(mode.name().into()));
         fb.extra.insert("peak_mem_gib".into(), peak);
         out.push(fb);
     }

@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// Name prefix of the result files (default: the device).
     #[arg(long)]
     pub name: Option<String>,
+    /// CUDA backward: the low-memory mode (statistics recomputed by the backward) instead of
+    /// the default (statistics saved by the forward).
+    #[arg(long)]
+    pub recompute: bool,
 }
 
 impl BenchArgs {
@@ -165,6 +169,7 @@ fn run_cuda_forward(args: &BenchArgs) -> nsa::Result<()> {
     if let Some(r) = args.reps {
         cargs.reps = r;
     }
+    cargs.recompute = args.recompute;
     if args.quick {
         cargs.lengths = vec![8192];
         cargs.decode_lengths = vec![8192];

@@ -1,13 +1,25 @@
-//! CUDA backward pass of NSA (phi = mean): gradients of `sum(o * d_o)` for q, each branch's K/V
-//! (the compressed branch's back through phi = mean to the raw `k_cmp`/`v_cmp`) and the three
-//! gates. bf16 operands on the tensor cores (mma.sync m16n8k16), f32 accumulation, f32 gradients.
+//! CUDA backward pass of NSA: gradients of `sum(o * d_o)` for q, each branch's K/V (the
+//! compressed branch's back through phi to the raw `k_cmp`/`v_cmp`), the three gates and the
+//! parameters of phi = linear / mlp. bf16 operands on the tensor cores (mma.sync m16n8k16), f32
+//! accumulation, f32 gradients.
+//!
+//! Two modes ([`BwdMode`]) for each branch's softmax statistics:
+//! - [`BwdMode::SavedStats`], the default of [`backward`], `nsa::backward(Device::Cuda)`, `nsa
+//!   backward --device cuda` and the benchmarks: the forward saves each branch's output o_b
+//!   (bf16) and lse ([`DeviceInputs::enable_saving`]); `bwd_gate_dot` writes `dg_b = do . o_b`
+//!   (which also serves as Delta) and the row-major kernels skip their statistics pass;
+//! - [`BwdMode::Recompute`] ([`backward_recompute`], `--recompute` in the benchmarks), the
+//!   low-memory mode: nothing saved (3 x N x HQ x dv bf16 less), the row-major kernels recompute
+//!   o_b and the lse first (about 1.4x the backward time at 64k).
 //!
 //! Per branch b, FlashAttention-2 style (kernels/bwd_common.cu has the algebra):
-//! - a row-major kernel recomputes o_b and the row log-sum-exp (statistics pass), writes
-//!   `dg_b = do . o_b` (which also serves as Delta) and the lse, then accumulates dQ over the same
-//!   keys (dQ is summed over the branches in a fixed order: compressed `=`, window `+=`,
-//!   selection `+=`);
+//! - a row-major kernel (after the statistics: saved or recomputed) accumulates dQ over the
+//!   branch's keys (dQ is summed over the branches in a fixed order: compressed `=`, window
+//!   `+=`, selection `+=`);
 //! - a key-major kernel walks, for each 64-key tile, the rows that see it and writes dK, dV.
+//!
+//! The compressed branch's dK/dV go back through phi: mean (`cmp_mean_bwd`) or linear / mlp
+//! (`phi` module, kernels/phi_bwd.cu: deterministic f32 GEMMs, parameter gradients in `dphi`).
 //!
 //! The selection branch's key-major pass goes through an inverse index built on the GPU
 //! (kernels/sel_bwd.cu): per (KV head, selection block) the ascending list of tokens that chose
@@ -17,11 +29,12 @@
 //!
 //! Extra device memory beyond inputs, outputs and gradients is O(T): the bf16 copy of do, three
 //! lse rows `[N, HQ]`, the compressed dK/dV `[N/d, HKV, dk+dv]`, the index (`N*HKV*n` entries
-//! plus 256 chunk counters per (head, block)) and the partial sums of long lists.
-//! `linear`/`mlp` phi return `Unsupported` (their backward is CPU-only so far).
+//! plus 256 chunk counters per (head, block)) and the partial sums of long lists; for phi =
+//! linear / mlp the `dZ` scratch (`[HKV, N/d, l*D]` f32) and the parameter gradients.
 
 pub mod bench;
 mod kernels;
+mod phi;
 mod plan;
 
 pub use kernels::{compile_bwd, BwdCompiled, BwdFamily};
@@ -72,6 +85,7 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize) -> BwdSmem {
 pub struct BwdTimes {
     pub cmp_dq: f32,
     pub cmp_dkdv: f32,
+    /// phi backward: mean, or linear / mlp (`phi_bwd.cu`).
     pub cmp_mean: f32,
     pub win_dq: f32,
     pub win_dkdv: f32,
@@ -136,6 +150,8 @@ pub struct DeviceBackward {
     pk: CudaSlice<f32>,
     pv: CudaSlice<f32>,
     pslot_cap: usize,
+    /// phi = linear / mlp: gradients and scratch (None for mean).
+    phi: Option<phi::PhiBwd>,
     /// Segments and partial slots of the last run's inverse index.
     pub last_segments: usize,
     pub last_partial_slots: usize,
@@ -152,13 +168,11 @@ fn upload_i32(ctx: &CudaContext, v: &[i32]) -> Result<CudaSlice<i32>> {
 }
 
 impl DeviceBackward {
-    /// Allocates gradients and scratch for the inputs `x` (uploaded with `cu_seqlens`), compiles
-    /// and loads the kernels.
+    /// Allocates gradients and scratch for the inputs `x` (uploaded with `cu_seqlens`; for phi
+    /// = linear / mlp with its weights set, [`DeviceInputs::set_phi`]), compiles and loads the
+    /// kernels.
     pub fn new(ctx: &CudaContext, x: &DeviceInputs, cu_seqlens: &[usize]) -> Result<Self> {
         let cfg = &x.cfg;
-        if cfg.phi != PhiKind::Mean {
-            return Err(unsupported_phi(cfg.phi));
-        }
         let n = x.n_tokens;
         if cu_seqlens.first() != Some(&0) || cu_seqlens.last() != Some(&n) {
             return Err(NsaError::BadSeqLens(format!(
@@ -253,6 +267,10 @@ impl DeviceBackward {
             pk: f(1)?,
             pv: f(1)?,
             pslot_cap: 0,
+            phi: match cfg.phi {
+                PhiKind::Mean => None,
+                _ => Some(phi::PhiBwd::new(ctx, x)?),
+            },
             last_segments: 0,
             last_partial_slots: 0,
         })
@@ -305,11 +323,16 @@ impl DeviceBackward {
             put(&mut self.dg[b])?;
             put(&mut self.lse[b])?;
         }
+        if let Some(p) = &mut self.phi {
+            for b in p.grads_mut() {
+                put(b)?;
+            }
+        }
         put(&mut self.dkc)?;
         put(&mut self.dvc)
     }
 
-    /// Copies the gradients back (`dphi` is `Mean`: no parameters).
+    /// Copies the gradients back (`dphi`: the phi parameter gradients, `Mean` for phi = mean).
     pub fn download(&self, ctx: &CudaContext) -> Result<NsaGrads<f32>> {
         let s = &ctx.stream;
         let get = |b: &CudaSlice<f32>, len: usize| -> Result<Vec<f32>> {
@@ -330,7 +353,10 @@ impl DeviceBackward {
             dg_cmp: get(&self.dg[0], n * hq)?,
             dg_slc: get(&self.dg[1], n * hq)?,
             dg_win: get(&self.dg[2], n * hq)?,
-            dphi: PhiParams::mean(),
+            dphi: match &self.phi {
+                Some(p) => p.download(ctx)?,
+                None => PhiParams::mean(),
+            },
         };
         s.synchronize().map_err(driver_err)?;
         Ok(g)
@@ -352,6 +378,7 @@ impl DeviceBackward {
             + f(&self.pv)
             + f(&self.pkc)
             + f(&self.pvc)
+            + self.phi.as_ref().map_or(0, |p| p.device_bytes())
             + [
                 &self.cnt,
                 &self.total,
@@ -368,12 +395,6 @@ impl DeviceBackward {
     fn func(&self, name: &str) -> Result<CudaFunction> {
         self.kernels.get(name).cloned()
     }
-}
-
-fn unsupported_phi(phi: PhiKind) -> NsaError {
-    NsaError::Unsupported(format!(
-        "the CUDA backward implements phi = mean only, got {phi:?} (use the CPU backend)"
-    ))
 }
 
 fn grid(x: usize, y: usize, threads: usize, smem: usize) -> LaunchConfig {
@@ -546,7 +567,19 @@ pub fn backward_device_with(
         unsafe { l.launch(grid(b.n_cmp_reduce, hkv, 256, 0)) }.map_err(driver_err)?;
     }
     rec(2)?;
-    {
+    if let Some(p) = &mut b.phi {
+        p.run(
+            ctx,
+            &b.kernels,
+            x,
+            &b.dkc,
+            &b.dvc,
+            &b.seqs,
+            b.nseq,
+            &mut b.dk[0],
+            &mut b.dv[0],
+        )?;
+    } else {
         let f = b.func("cmp_mean_bwd")?;
         let items = b.n_tokens * hkv * (b.dk_dim + b.dv_dim) / 4;
         let mut l = s.launch_builder(&f);
@@ -754,9 +787,39 @@ pub fn backward_device_with(
     Ok(())
 }
 
-/// Full backward pass: upload (bf16), forward (sel_idx, compressed K/V), backward (recomputing
-/// the branch statistics), download. `phi` must match `cfg.phi`; only `Mean` is implemented on
-/// the GPU.
+/// How the backward gets each branch's softmax statistics (row log-sum-exp, o_b, dg_b).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BwdMode {
+    /// The default: the forward saves each branch's output o_b (bf16) and lse
+    /// ([`DeviceInputs::enable_saving`]) and the backward reads them (no statistics pass).
+    /// 64k, HQ 64 / HKV 4, D 128 on the H100: backward 141.7 ms, peak 10.7 GiB.
+    #[default]
+    SavedStats,
+    /// Low-memory mode: the forward saves nothing, the backward's row-major kernels recompute
+    /// o_b and the lse in an extra pass (3 x N x HQ x dv bf16 less memory: 7.7 GiB peak at 64k,
+    /// backward 194 ms).
+    Recompute,
+}
+
+impl BwdMode {
+    /// Whether the forward saves its statistics for the backward.
+    pub fn saves_stats(self) -> bool {
+        self == BwdMode::SavedStats
+    }
+
+    /// A short name for bench notes and records (`saved` or `recompute`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BwdMode::SavedStats => "saved",
+            BwdMode::Recompute => "recompute",
+        }
+    }
+}
+
+/// Full backward pass: upload (bf16), forward (sel_idx, compressed K/V, the branch outputs and
+/// lse saved for the backward), backward, download. `phi` must match `cfg.phi` (mean, linear or
+/// mlp; the gradients of its parameters come back in `dphi`). [`BwdMode::SavedStats`]; see
+/// [`backward_recompute`] for the low-memory mode.
 pub fn backward<T: HostElem>(
     ctx: &CudaContext,
     cfg: &NsaConfig,
@@ -764,34 +827,43 @@ pub fn backward<T: HostElem>(
     phi: &PhiParams<f32>,
     d_o: &[f32],
 ) -> Result<NsaGrads<f32>> {
-    backward_with(ctx, cfg, x, phi, d_o, false)
+    backward_with(ctx, cfg, x, phi, d_o, BwdMode::SavedStats)
 }
 
-/// [`backward`] with the forward saving its statistics (`save_stats`: the branch outputs o_b in
-/// bf16 and the lse; the backward then skips its statistics pass, for 3 x N x HQ x dv bf16 more
-/// memory) or the backward recomputing them (`false`, the default of [`backward`]: the path
-/// verified on the GPU so far). The element type follows `T` ([`HostElem`]): f32 inputs (and
-/// `d_o`) are rounded to bf16, `half::f16` inputs compute in f16 (`d_o` rounded to f16).
+/// [`backward`] in the opt-in low-memory mode [`BwdMode::Recompute`]: the forward saves no
+/// branch outputs, the backward recomputes the statistics (about 1.4x the backward time at 64k,
+/// 3 x N x HQ x dv bf16 less device memory).
+pub fn backward_recompute<T: HostElem>(
+    ctx: &CudaContext,
+    cfg: &NsaConfig,
+    x: &NsaInputs<T>,
+    phi: &PhiParams<f32>,
+    d_o: &[f32],
+) -> Result<NsaGrads<f32>> {
+    backward_with(ctx, cfg, x, phi, d_o, BwdMode::Recompute)
+}
+
+/// [`backward`] in the given [`BwdMode`]. The element type follows `T` ([`HostElem`]): f32
+/// inputs (and `d_o`) are rounded to bf16, `half::f16` inputs compute in f16 (`d_o` rounded to
+/// f16), `half::bf16` in bf16.
 pub fn backward_with<T: HostElem>(
     ctx: &CudaContext,
     cfg: &NsaConfig,
     x: &NsaInputs<T>,
     phi: &PhiParams<f32>,
     d_o: &[f32],
-    save_stats: bool,
+    mode: BwdMode,
 ) -> Result<NsaGrads<f32>> {
-    if cfg.phi != PhiKind::Mean {
-        return Err(unsupported_phi(cfg.phi));
-    }
     phi.validate(cfg, x.dk, x.dv)?;
     let mut dev = DeviceInputs::upload(ctx, cfg, x)?;
+    dev.set_phi(ctx, phi)?;
     let mut b = DeviceBackward::new(ctx, &dev, &x.cu_seqlens)?;
     b.upload_do(ctx, d_o)?;
     b.poison(ctx)?;
-    if save_stats {
+    if mode.saves_stats() {
         dev.enable_saving(ctx)?;
     }
     forward_device(ctx, &mut dev, None)?;
-    backward_device_with(ctx, &dev, &mut b, save_stats, None)?;
+    backward_device_with(ctx, &dev, &mut b, mode.saves_stats(), None)?;
     b.download(ctx)
 }

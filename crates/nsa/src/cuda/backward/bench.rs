@@ -1,7 +1,7 @@
 //! Timing of the CUDA backward pass (`examples/cuda_bench_bwd.rs`), with the work each kernel
 //! must do counted first (METHOD.md: flops and bytes before time).
 
-use super::{backward_device, BwdTimes, DeviceBackward};
+use super::{backward_device, BwdMode, BwdTimes, DeviceBackward};
 use crate::blocks;
 use crate::config::NsaConfig;
 use crate::cuda::{driver_err, forward_device, CudaContext, DeviceInputs};
@@ -76,8 +76,9 @@ pub struct BwdBench {
 }
 
 /// Median of each field over `reps` timed backward calls (after `warmup` untimed ones) on
-/// random device-resident inputs and upstream gradient (B = 1 sequence per entry of `seqlens`);
-/// `save_stats`: the forward saves the branch outputs and lse, the backward uses them.
+/// random device-resident inputs and upstream gradient (B = 1 sequence per entry of `seqlens`)
+/// in `mode` ([`BwdMode::SavedStats`]: the forward saves the branch outputs and lse, the
+/// backward uses them; [`BwdMode::Recompute`]: the backward recomputes them).
 #[allow(clippy::too_many_arguments)]
 pub fn time_backward(
     ctx: &CudaContext,
@@ -88,7 +89,7 @@ pub fn time_backward(
     warmup: usize,
     reps: usize,
     seed: u64,
-    save_stats: bool,
+    mode: BwdMode,
 ) -> Result<BwdBench> {
     ctx.stream.synchronize().map_err(driver_err)?;
     let (free0, _) = ctx.ctx.mem_get_info().map_err(driver_err)?;
@@ -97,7 +98,7 @@ pub fn time_backward(
     for &l in seqlens {
         cu.push(cu.last().unwrap() + l);
     }
-    if save_stats {
+    if mode.saves_stats() {
         x.enable_saving(ctx)?;
     }
     let mut b = DeviceBackward::new(ctx, &x, &cu)?;

@@ -26,11 +26,18 @@ pub enum BwdFamily {
     Win,
     /// Selection branch: dQ/statistics, inverse index, dK/dV, partial reduction.
     Sel,
+    /// phi = linear / mlp backward: strided f32 GEMMs, column sums, the scatter to raw K/V.
+    Phi,
 }
 
 impl BwdFamily {
     /// Every family, for compile-only checks.
-    pub const ALL: [BwdFamily; 3] = [BwdFamily::Cmp, BwdFamily::Win, BwdFamily::Sel];
+    pub const ALL: [BwdFamily; 4] = [
+        BwdFamily::Cmp,
+        BwdFamily::Win,
+        BwdFamily::Sel,
+        BwdFamily::Phi,
+    ];
 
     /// The family's own source.
     pub fn source(self) -> &'static str {
@@ -38,6 +45,7 @@ impl BwdFamily {
             BwdFamily::Cmp => include_str!("../kernels/cmp_bwd.cu"),
             BwdFamily::Win => include_str!("../kernels/win_bwd.cu"),
             BwdFamily::Sel => include_str!("../kernels/sel_bwd.cu"),
+            BwdFamily::Phi => include_str!("../kernels/phi_bwd.cu"),
         }
     }
 
@@ -63,6 +71,7 @@ impl BwdFamily {
                 "sel_bwd_dkdv",
                 "sel_dkdv_reduce",
             ],
+            BwdFamily::Phi => &["phi_bwd_gemm", "phi_bwd_colsum", "phi_bwd_scatter"],
         }
     }
 
@@ -71,6 +80,7 @@ impl BwdFamily {
             BwdFamily::Cmp => "cmp_bwd.cu",
             BwdFamily::Win => "win_bwd.cu",
             BwdFamily::Sel => "sel_bwd.cu",
+            BwdFamily::Phi => "phi_bwd.cu",
         }
     }
 }
