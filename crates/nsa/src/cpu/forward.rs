@@ -17,6 +17,8 @@ use rayon::prelude::*;
 #[derive(Default)]
 struct Scratch {
     q: Vec<f32>,
+    /// The tile's `Q^T` (`[dk, lanes]`), shared by the three branches.
+    qt: Vec<f32>,
     thin: ThinScratch,
     /// The selection's (the compression probabilities stay in `thin` meanwhile).
     sthin: ThinScratch,
@@ -117,6 +119,7 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
     } = part;
     let Scratch {
         q,
+        qt: qt_tile,
         thin,
         sthin,
         ranges,
@@ -142,6 +145,8 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
         // The tile's rows (token-major, the `G` heads of the group inner) are the lanes of
         // thin tiles: no key is packed or copied.
         let qm = MatRef::rows(q, rows, dk);
+        thin::pack_query(qm, qt_tile);
+        let ldq = thin::lanes(rows);
 
         // Sliding window: one key span for the tile, each row its own range.
         let (k0, k1) = window::span(dims, t0, t1);
@@ -150,8 +155,9 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
             k: kv_rows(&x.k_win, hkv, dk, g, s0 + k0, k1 - k0),
             v: kv_rows(&x.v_win, hkv, dv, g, s0 + k0, k1 - k0),
         };
-        thin::forward(
-            qm,
+        thin::forward_packed(
+            qt_tile,
+            rows,
             &[wseg],
             Some(ranges),
             thin,
@@ -165,8 +171,9 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
         let nv = blocks::cmp_visible(t1 - 1, dims.l, dims.d);
         compress::ranges(dims, t0, t1, 0, nv, ranges);
         let cseg = kv.seg(dims, b, g, 0, nv);
-        thin::forward(
-            qm,
+        thin::forward_packed(
+            qt_tile,
+            rows,
             &[cseg],
             Some(ranges),
             thin,
@@ -188,7 +195,13 @@ fn tile(dims: &Dims, x: &NsaInputs<f32>, kv: &CmpKv<'_>, part: TileOut<'_>, scr:
             select::top_n(dims, scores, best, row);
             select::runs(dims.lp, t, row, runs);
             select::segments(dims, &x.k_slc, &x.v_slc, s0, g, runs, &mut segs);
-            select::forward_token(qt, &segs, sthin, &mut os[orow], &mut ls[r0..r0 + gs]);
+            let (ot, lt) = (&mut os[orow], &mut ls[r0..r0 + gs]);
+            if gs.is_multiple_of(8) {
+                // The token's lanes of the tile's `Q^T`, read in place.
+                thin::forward_strided(&qt_tile[r0..], ldq, gs, &segs, None, sthin, ot, lt, false);
+            } else {
+                select::forward_token(qt, &segs, sthin, ot, lt);
+            }
         }
 
         // The gates, and the group's rows to (token, head) order.

@@ -25,16 +25,23 @@ const MR: usize = 6;
 /// without changing the order of the chains.
 const KC: usize = 256;
 
-/// `C = A @ B` (`accumulate == false`) or `C += A @ B`, `A` `[m, kk]` strided, `B` `[kk, w]`,
-/// `C` `[m, w]` row-major, `w % 8 == 0`.
-pub(crate) fn gemm_thin(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumulate: bool) {
+/// `C = A @ B` (`accumulate == false`) or `C += A @ B`, `A` `[m, kk]` strided, `B` `[kk, w]`
+/// with row stride `ldb >= w`, `C` `[m, w]` row-major, `w % 8 == 0`.
+pub(crate) fn gemm_thin(
+    a: MatRef<'_>,
+    b: &[f32],
+    ldb: usize,
+    w: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     let (m, kk) = (a.rows, a.cols);
     assert!(
-        w.is_multiple_of(8),
-        "gemm_thin: width {w} is not a multiple of 8"
+        w.is_multiple_of(8) && ldb >= w,
+        "gemm_thin: width {w} is not a multiple of 8 or exceeds the stride {ldb}"
     );
     assert!(
-        b.len() >= kk * w && c.len() >= m * w,
+        (kk == 0 || b.len() >= (kk - 1) * ldb + w) && c.len() >= m * w,
         "gemm_thin: operand sizes"
     );
     if m == 0 || w == 0 {
@@ -51,18 +58,18 @@ pub(crate) fn gemm_thin(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accum
         if has_avx512() {
             // SAFETY: AVX-512F, AVX2 and FMA are present (checked at run time); the bounds of
             // `a` were checked when the view was made and those of `b`, `c` just above.
-            unsafe { drive_avx512(a, b, w, c, accumulate) };
+            unsafe { drive_avx512(a, b, ldb, w, c, accumulate) };
             return;
         }
         // SAFETY: AVX2 and FMA are present (checked at run time); bounds as above.
-        unsafe { drive_avx2(a, b, w, c, accumulate, 0) };
+        unsafe { drive_avx2(a, b, ldb, w, c, accumulate, 0) };
         return;
     }
-    drive_portable(a, b, w, c, accumulate);
+    drive_portable(a, b, ldb, w, c, accumulate);
 }
 
 /// Portable build: the same chains as the AVX2 kernel (`acc = a * b + acc`, fused).
-fn drive_portable(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumulate: bool) {
+fn drive_portable(a: MatRef<'_>, b: &[f32], ldb: usize, w: usize, c: &mut [f32], accumulate: bool) {
     let (m, kk) = (a.rows, a.cols);
     let mut acc = vec![0.0f32; w];
     for i in 0..m {
@@ -74,7 +81,7 @@ fn drive_portable(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumulate:
         }
         for k in 0..kk {
             let av = a.data[i * a.rs + k * a.cs];
-            for (x, &bv) in acc.iter_mut().zip(&b[k * w..(k + 1) * w]) {
+            for (x, &bv) in acc.iter_mut().zip(&b[k * ldb..k * ldb + w]) {
                 *x = av.mul_add(bv, *x);
             }
         }
@@ -95,6 +102,7 @@ fn has_avx512() -> bool {
 unsafe fn drive_avx2(
     a: MatRef<'_>,
     b: &[f32],
+    ldb: usize,
     w: usize,
     c: &mut [f32],
     accumulate: bool,
@@ -127,7 +135,8 @@ unsafe fn drive_avx2(
                     rs: a.rs,
                     cs: a.cs,
                     kn,
-                    b: bp.add(k0 * w + col),
+                    b: bp.add(k0 * ldb + col),
+                    ldb,
                     w,
                     c: cp.add(i * w + col),
                     acc_in,
@@ -161,7 +170,14 @@ const MR512: usize = 12;
 /// The AVX-512 intrinsics are stable since Rust 1.89, the workspace's `rust-version`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn drive_avx512(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumulate: bool) {
+unsafe fn drive_avx512(
+    a: MatRef<'_>,
+    b: &[f32],
+    ldb: usize,
+    w: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     let (m, kk) = (a.rows, a.cols);
     let w16 = w / 16 * 16;
     let (ap, bp, cp) = (a.data.as_ptr(), b.as_ptr(), c.as_mut_ptr());
@@ -187,7 +203,8 @@ unsafe fn drive_avx512(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumu
                     rs: a.rs,
                     cs: a.cs,
                     kn,
-                    b: bp.add(k0 * w + col),
+                    b: bp.add(k0 * ldb + col),
+                    ldb,
                     w,
                     c: cp.add(i * w + col),
                     acc_in,
@@ -207,12 +224,12 @@ unsafe fn drive_avx512(a: MatRef<'_>, b: &[f32], w: usize, c: &mut [f32], accumu
         k0 += kn;
     }
     if w16 < w {
-        drive_avx2(a, b, w, c, accumulate, w16);
+        drive_avx2(a, b, ldb, w, c, accumulate, w16);
     }
 }
 
 /// One micro-tile: `MR` rows of `A` from `a` (strides `rs`, `cs`), `kn` steps of `k`, `8 NV`
-/// columns of `B` (row stride `w`) into `C` (row stride `w`).
+/// columns of `B` (row stride `ldb`) into `C` (row stride `w`).
 #[cfg(target_arch = "x86_64")]
 struct Blk {
     a: *const f32,
@@ -220,6 +237,7 @@ struct Blk {
     cs: usize,
     kn: usize,
     b: *const f32,
+    ldb: usize,
     w: usize,
     c: *mut f32,
     acc_in: bool,
@@ -253,7 +271,7 @@ impl Blk {
                 }
             }
             ak = ak.add(self.cs);
-            bk = bk.add(self.w);
+            bk = bk.add(self.ldb);
         }
         for (i, row) in acc.iter().enumerate() {
             for (v, x) in row.iter().enumerate() {
@@ -289,7 +307,7 @@ impl Blk {
                 }
             }
             ak = ak.add(self.cs);
-            bk = bk.add(self.w);
+            bk = bk.add(self.ldb);
         }
         for (i, row) in acc.iter().enumerate() {
             for (v, x) in row.iter().enumerate() {
@@ -319,31 +337,35 @@ mod tests {
             (25, 40, 56),
             (7, 70, 64),
         ] {
-            for &(rs, cs, transposed) in &[(kk, 1, false), (1, m, true)] {
+            // `B` dense (`ldb = w`) or a strided view (`ldb > w`, e.g. values `[nk, HKV, dv]`).
+            for (ldb, (rs, cs, transposed)) in [w, w + 5]
+                .into_iter()
+                .flat_map(|ldb| [(ldb, (kk, 1, false)), (ldb, (1, m, true))])
+            {
                 let a = data(m * kk, 1.0);
                 let av = MatRef::new(&a, m, kk, rs, cs);
-                let b = data(kk * w, 2.0);
+                let b = data(kk * ldb, 2.0);
                 let c0 = data(m * w, 3.0);
                 for accumulate in [false, true] {
                     let mut fast = c0.clone();
-                    gemm_thin(av, &b, w, &mut fast, accumulate);
+                    gemm_thin(av, &b, ldb, w, &mut fast, accumulate);
                     let mut port = c0.clone();
-                    drive_portable(av, &b, w, &mut port, accumulate);
+                    drive_portable(av, &b, ldb, w, &mut port, accumulate);
                     #[cfg(target_arch = "x86_64")]
                     if crate::cpu::tile::has_avx2_fma() {
                         let mut v2 = c0.clone();
                         // SAFETY: AVX2/FMA checked; sizes as in `gemm_thin`.
-                        unsafe { drive_avx2(av, &b, w, &mut v2, accumulate, 0) };
+                        unsafe { drive_avx2(av, &b, ldb, w, &mut v2, accumulate, 0) };
                         assert_eq!(
                             v2.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                             port.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                            "AVX2 build: m={m} k={kk} w={w}"
+                            "AVX2 build: m={m} k={kk} w={w} ldb={ldb}"
                         );
                     }
                     assert_eq!(
                         fast.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                         port.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                        "m={m} k={kk} w={w} transposed={transposed} acc={accumulate}"
+                        "m={m} k={kk} w={w} ldb={ldb} transposed={transposed} acc={accumulate}"
                     );
                     for i in 0..m {
                         for j in 0..w {
@@ -353,7 +375,7 @@ mod tests {
                                 0.0
                             };
                             for k in 0..kk {
-                                want += a[i * rs + k * cs] as f64 * b[k * w + j] as f64;
+                                want += a[i * rs + k * cs] as f64 * b[k * ldb + j] as f64;
                             }
                             let got = fast[i * w + j] as f64;
                             assert!((got - want).abs() < 1e-4, "({i},{j}) {got} vs {want}");

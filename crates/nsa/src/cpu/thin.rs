@@ -30,7 +30,7 @@ pub(crate) struct ThinScratch {
 }
 
 /// Lanes of a tile of `rows` rows.
-fn lanes(rows: usize) -> usize {
+pub(crate) fn lanes(rows: usize) -> usize {
     rows.div_ceil(8) * 8
 }
 
@@ -46,12 +46,40 @@ fn pack_t(x: MatRef<'_>, w: usize, out: &mut Vec<f32>) {
     }
 }
 
-/// `S^T[off.., :] = K_seg Q^T` for every segment (`st` is `[ncols, w]`).
-fn logits_t(segs: &[Seg<'_>], qt: &[f32], w: usize, st: &mut [f32]) {
+/// `S^T[off.., :] = K_seg Q^T` for every segment (`st` is `[ncols, w]`, `qt` `[dk, w]` with
+/// row stride `ldq`).
+fn logits_t(segs: &[Seg<'_>], qt: &[f32], ldq: usize, w: usize, st: &mut [f32]) {
     let mut off = 0;
     for seg in segs {
-        gemm_thin(seg.k, qt, w, &mut st[off * w..], false);
+        gemm_thin(seg.k, qt, ldq, w, &mut st[off * w..], false);
         off += seg.len();
+    }
+}
+
+/// Whether `P V` can run with the values as the dense side `B` of the kernel (`dv` a multiple
+/// of 8, rows of `V` contiguous): the same fused chains (one per output, keys ascending) as
+/// `O^T = V^T P^T`, so bitwise the same outputs, with each value row read whole.
+fn pv_row_major(segs: &[Seg<'_>], dv: usize) -> bool {
+    dv.is_multiple_of(8) && segs.iter().all(|s| s.v.cs == 1)
+}
+
+/// `O (+)= P[:, seg] V_seg` over the segments, `O` `[rows, dv]` row-major (`p` is `P^T`,
+/// `[ncols, w]`). Needs [`pv_row_major`].
+fn times_v(segs: &[Seg<'_>], p: &[f32], w: usize, rows: usize, out: &mut [f32]) {
+    let dv = segs[0].v.cols;
+    let mut off = 0;
+    let mut first = true;
+    for seg in segs {
+        let nk = seg.len();
+        if nk > 0 {
+            let pm = MatRef::new(&p[off * w..], rows, nk, 1, w);
+            gemm_thin(pm, seg.v.data, seg.v.rs, dv, out, !first);
+            first = false;
+        }
+        off += nk;
+    }
+    if first {
+        out[..rows * dv].fill(0.0);
     }
 }
 
@@ -63,7 +91,7 @@ fn times_t(segs: &[Seg<'_>], which_v: bool, m: &[f32], w: usize, out: &mut [f32]
     for seg in segs {
         let x = if which_v { seg.v } else { seg.k };
         if seg.len() > 0 {
-            gemm_thin(x.t(), &m[off * w..], w, out, !first);
+            gemm_thin(x.t(), &m[off * w..], w, w, out, !first);
             first = false;
         }
         off += seg.len();
@@ -115,6 +143,24 @@ pub(crate) fn forward_packed(
     lse: &mut [f32],
     keep_probs: bool,
 ) {
+    forward_strided(qt, lanes(rows), rows, segs, ranges, scr, o, lse, keep_probs)
+}
+
+/// [`forward_packed`] from `Q^T` with row stride `ldq`: the rows can be a slice of the
+/// lanes of a wider packed `Q^T` (one token of a tile, its first lane at `qt[0]`). Lanes
+/// `rows..lanes(rows)` must lie inside that row (any finite values: they are excluded).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_strided(
+    qt: &[f32],
+    ldq: usize,
+    rows: usize,
+    segs: &[Seg<'_>],
+    ranges: Option<&[(usize, usize)]>,
+    scr: &mut ThinScratch,
+    o: &mut [f32],
+    lse: &mut [f32],
+    keep_probs: bool,
+) {
     let dv = segs.first().map_or(0, |s| s.v.cols);
     let ncols: usize = segs.iter().map(|s| s.len()).sum();
     scr.w = lanes(rows);
@@ -142,7 +188,7 @@ pub(crate) fn forward_packed(
         scr.lo[r] = a.min(e) as u32;
         scr.hi[r] = e as u32;
     }
-    logits_t(segs, qt, w, &mut scr.st);
+    logits_t(segs, qt, ldq, w, &mut scr.st);
     exp_lanes(
         &mut scr.st[..ncols * w],
         w,
@@ -151,7 +197,13 @@ pub(crate) fn forward_packed(
         &mut scr.m,
         &mut scr.sum,
     );
-    times_t(segs, true, &scr.st, w, &mut scr.outt);
+    let row_major = pv_row_major(segs, dv);
+    if row_major {
+        // `O = P V` straight into `o` (`[rows, dv]`).
+        times_v(segs, &scr.st, w, rows, o);
+    } else {
+        times_t(segs, true, &scr.st, w, &mut scr.outt);
+    }
     for r in 0..rows {
         if scr.sum[r] == 0.0 {
             // Nothing visible: the branch contributes exactly 0.
@@ -160,8 +212,14 @@ pub(crate) fn forward_packed(
             continue;
         }
         let inv = 1.0 / scr.sum[r];
-        for (c, d) in o[r * dv..(r + 1) * dv].iter_mut().enumerate() {
-            *d = scr.outt[c * w + r] * inv;
+        if row_major {
+            for d in o[r * dv..(r + 1) * dv].iter_mut() {
+                *d *= inv;
+            }
+        } else {
+            for (c, d) in o[r * dv..(r + 1) * dv].iter_mut().enumerate() {
+                *d = scr.outt[c * w + r] * inv;
+            }
         }
         lse[r] = scr.m[r] + scr.sum[r].ln();
         // `sum` now holds the inverse, for the probabilities.
@@ -209,10 +267,10 @@ pub(crate) fn backward_q(
     ensure(&mut scr.st, ncols * w);
     ensure(&mut scr.dpt, ncols * w);
     ensure(&mut scr.outt, dk * w);
-    logits_t(segs, &scr.qt, w, &mut scr.st);
+    logits_t(segs, &scr.qt, w, w, &mut scr.st);
     let mut off = 0;
     for seg in segs {
-        gemm_thin(seg.v, &scr.dot, w, &mut scr.dpt[off * w..], false);
+        gemm_thin(seg.v, &scr.dot, w, w, &mut scr.dpt[off * w..], false);
         off += seg.len();
     }
     // Padding lanes and rows that see nothing: lse = +inf gives P = 0 there.
