@@ -367,15 +367,31 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
 }
 #endif  // CMP_USE_WGMMA
 
+// Pass 2's Q Kcmp^T on wgmma (sm_90a, dk a multiple of 64; -DCMP_NO_WGMMA: mma.sync): Q and K
+// swizzled and unpadded, the thread's rows as in the wgmma pass 1, and the next K tile loaded as
+// soon as this tile's scores are in registers (overlapping the group sum and the merges).
+#if WG_AVAILABLE && !defined(CMP_NO_WGMMA) && DK % 64 == 0 && DK <= 256
+#define TOPN_USE_WGMMA 1
+#else
+#define TOPN_USE_WGMMA 0
+#endif
+
 // Pass 2 (kernel `cmp_topn`): selection scores and the streaming top-n, from the row
 // log-sum-exp of pass 1; writes sel_idx.
 extern "C" __global__ void __launch_bounds__(128) cmp_topn(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const float* __restrict__ lse_in,
     const int4* __restrict__ items, int* __restrict__ sel_idx) {
     extern __shared__ __align__(16) unsigned char smem[];
+#if TOPN_USE_WGMMA
+    // [CMP_ROWS x DK] and [KT x DK], 1024-aligned (fits the padded footprint: (rows + 64) x 16 B spare)
+    unsigned char* Qs = align1024(smem);
+    unsigned char* Ks = Qs + CMP_ROWS * DK * 2;
+    float* Ds = (float*)(Ks + KT * DK * 2);             // [CMP_ROWS][DS_STRIDE] per-row block scores
+#else
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* Ks = Qs + CMP_ROWS * QS_STRIDE;
     float* Ds = (float*)(Ks + KT * KS_STRIDE);          // [CMP_ROWS][DS_STRIDE] per-row block scores
+#endif
     float* score = Ds + CMP_ROWS * DS_STRIDE;
     float* topv = score + P_CMP * RING;
     int* topi = (int*)(topv + P_CMP * TOPW);
@@ -388,18 +404,26 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
     const int tmax = t0 + npos - 1;
     const int ncmp = cmp_visible(tmax);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+#if TOPN_USE_WGMMA
+    // row of (m16 tile mt, half h) of this thread: mt*64 + warp*16 + gr + 8h (wgmma layout)
+#define TOPN_ROW(mt, h) ((mt) * 64 + warp * 16 + gr + 8 * (h))
+    load_rows_sw128<CMP_ROWS, DK, 128>(Qs, q, nrows, [&](int r) {
+        return ((i64)(start + t0 + r / G) * HQ + g * G + r % G) * DK;
+    });
+#else
     const int row0 = warp * 16 * CMT;
-
+#define TOPN_ROW(mt, h) (row0 + (mt) * 16 + gr + 8 * (h))
     load_rows_async<CMP_ROWS, DK, QS_STRIDE, 128>(Qs, q, nrows, [&](int r) {
         return ((i64)(start + t0 + r / G) * HQ + g * G + r % G) * DK;
     });
+#endif
     cp_async_commit();
 
     int rr[2 * CMT], tt[2 * CMT], vis[2 * CMT];
     bool valid[2 * CMT];
 #pragma unroll
     for (int h = 0; h < 2 * CMT; ++h) {
-        rr[h] = row0 + (h >> 1) * 16 + gr + 8 * (h & 1);
+        rr[h] = TOPN_ROW(h >> 1, h & 1);
         valid[h] = rr[h] < nrows;
         tt[h] = t0 + rr[h] / G;
         vis[h] = valid[h] ? cmp_visible(tt[h]) : 0;
@@ -478,8 +502,15 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
         const int j_lo = (c0 * CMP_D) / SEL_L;
         const int j_hi = ((c1 - 1) * CMP_D + CMP_L - 1) / SEL_L;   // inclusive
         const int nj = j_hi - j_lo + 1;                           // <= JSPAN <= JW
+#if TOPN_USE_WGMMA
+        if (c0 == 0) {   // later tiles were issued by the previous iteration
+            load_rows_sw128<KT, DK, 128>(Ks, kc + krow(c0), nk, [&](int r) { return (i64)r * HKV * DK; });
+            cp_async_commit();
+        }
+#else
         load_rows_async<KT, DK, KS_STRIDE, 128>(Ks, kc + krow(c0), nk, [&](int r) { return (i64)r * HKV * DK; });
         cp_async_commit();
+#endif
         // W^T for this tile: Wt[jj][i] = overlap(c0 + i, j_lo + jj), 0 outside the tile
         for (int e = tid; e < JW * KT; e += 128) {
             const int jj = e / KT, i = e % KT;
@@ -487,10 +518,23 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
             Wt[jj * WT_STRIDE + i] = f32_to_f16(w);
         }
         cp_async_wait_all();
+#if TOPN_USE_WGMMA
+        fence_proxy_async();   // cp.async wrote Q / K; the wgmma reads them
+#endif
         __syncthreads();
         {
             float s[CMT][KT / 8][4];
+#if TOPN_USE_WGMMA
+            wg_fence();
+#pragma unroll
+            for (int mt = 0; mt < CMT; ++mt) wg_qk<CMP_ROWS>(s[mt], smem_addr(Qs), smem_addr(Ks), mt);
+            wg_commit();
+            wg_wait<0>();
+#pragma unroll
+            for (int mt = 0; mt < CMT; ++mt) wg_pin(s[mt]);
+#else
             qk_tile<CMT>(Qs, Ks, row0, s);
+#endif
 #pragma unroll
             for (int mt = 0; mt < CMT; ++mt)
 #pragma unroll
@@ -529,12 +573,20 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
             for (int mt = 0; mt < CMT; ++mt)
 #pragma unroll
                 for (int nt = 0; nt < JW / 8; ++nt) {
-                    const int r = row0 + mt * 16 + gr;
+                    const int r = TOPN_ROW(mt, 0);
                     *(float2*)(Ds + r * DS_STRIDE + nt * 8 + gc) = make_float2(d[mt][nt][0], d[mt][nt][1]);
                     *(float2*)(Ds + (r + 8) * DS_STRIDE + nt * 8 + gc) = make_float2(d[mt][nt][2], d[mt][nt][3]);
                 }
         }
         __syncthreads();
+#if TOPN_USE_WGMMA
+        // every wgmma of this tile completed (each thread waited before the barrier): refill K
+        if (c0 + KT < ncmp) {
+            load_rows_sw128<KT, DK, 128>(Ks, kc + krow(c0 + KT), min(KT, ncmp - c0 - KT),
+                                         [&](int r) { return (i64)r * HKV * DK; });
+            cp_async_commit();
+        }
+#endif
 #ifndef EXP_NO_SCORE
         // group sum (Eq. 10) into the per-position score ring, heads in a fixed order
         for (int e = tid; e < npos * nj; e += 128) {
@@ -570,4 +622,5 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
         if (lane < NSEL)
             sel_idx[((i64)(start + t0 + p) * HKV + g) * NSEL + lane] = key == INT_MAX_ ? -1 : key;
     }
+#undef TOPN_ROW
 }
