@@ -8,8 +8,9 @@
 use super::attend::Seg;
 use super::phi::PhiF32;
 use super::thin::{self, ThinScratch};
-use super::tile::{ensure, exp_f32, MatRef};
+use super::tile::{ensure, exp1, MatRef};
 use super::{combine, kv_rows, select, window, Dims};
+use crate::blocks;
 use crate::cache::{BlockCompressor, DecodeCache, KvPart, SeqCache, TokenKv};
 use crate::config::NsaConfig;
 use crate::error::{NsaError, Result};
@@ -279,7 +280,8 @@ pub fn step_split(
                 &mut part.lse,
                 true,
             );
-            part.p = scr.thin.probs().0.to_vec();
+            let (probs, w) = scr.thin.probs();
+            part.j0 = spread_lanes(&dims, i0, i1, probs, w, &mut part.p);
             part
         })
         .collect();
@@ -303,25 +305,28 @@ pub fn step_split(
         let nvis = seq.num_cmp();
         let parts = &cparts[first[p]..first[p + 1]];
         let lse = merge(parts, gs, dv, oc);
-        // Eq. 10's group sum straight from the chunks' local probabilities: key `i` of
-        // chunk `c` weighs `sum_r p_c[i, r] e^{lse_c[r] - lse[r]}` (a fixed-order lane sum).
+        // Eq. 9-10 from the chunks' per-lane block scores (made in the parallel phase from
+        // their local probabilities): block `j` gets `sum_c sum_r s_c[j, r] e^{lse_c[r] -
+        // lse[r]}` (fixed-order lane sums, chunks in order).
         let w = gs.div_ceil(8) * 8;
         let mut wts = vec![0.0f32; w];
-        scr.psum.clear();
+        let scores = &mut scr.scores;
+        scores.clear();
+        scores.resize(blocks::sel_admissible(t, dims.lp), 0.0);
         for part in parts {
             for (r, (&lt, &lc)) in lse.iter().zip(&part.lse).enumerate() {
                 wts[r] = if lt == f32::NEG_INFINITY {
                     0.0
                 } else {
-                    exp_f32(lc - lt)
+                    exp1(lc - lt)
                 };
             }
-            scr.psum
-                .extend(part.p.chunks_exact(w).map(|row| lane_dot(row, &wts)));
+            for (s, row) in scores[part.j0..].iter_mut().zip(part.p.chunks_exact(w)) {
+                *s += lane_dot(row, &wts);
+            }
         }
-        debug_assert_eq!(scr.psum.len(), nvis);
-        select::spread(&dims, t, &scr.psum, &mut scr.scores);
-        select::top_n(&dims, &scr.scores, &mut scr.best, sel);
+        debug_assert!(nvis == 0 || parts.len() == nvis.div_ceil(split));
+        select::top_n(&dims, scores, &mut scr.best, sel);
         let mut r = Vec::new();
         select::runs(dims.lp, t, sel, &mut r);
         r
@@ -453,15 +458,56 @@ fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
+/// Eq. 9 per lane for the compressed tokens `i0..i1` (probabilities `p` `[i1 - i0, w]`):
+/// `out[(j - j0) * w + r] = sum_i p[i, r] overlap(i, j) / d` for the selection blocks `j`
+/// they overlap (in `i` order, as [`select::spread`]); returns `j0`.
+fn spread_lanes(
+    dims: &Dims,
+    i0: usize,
+    i1: usize,
+    p: &[f32],
+    w: usize,
+    out: &mut Vec<f32>,
+) -> usize {
+    let (l, d, lp) = (dims.l, dims.d, dims.lp);
+    out.clear();
+    if i1 <= i0 {
+        return 0;
+    }
+    let j0 = i0 * d / lp;
+    let j1 = ((i1 - 1) * d + l - 1) / lp + 1;
+    out.resize((j1 - j0) * w, 0.0);
+    let mut add = |j: usize, row: &[f32], f: f32| {
+        for (o, &x) in out[(j - j0) * w..(j - j0 + 1) * w].iter_mut().zip(row) {
+            *o += x * f;
+        }
+    };
+    for (i, row) in (i0..i1).zip(p.chunks_exact(w)) {
+        let a0 = i * d;
+        let ja = a0 / lp;
+        let end0 = (ja + 1) * lp;
+        if a0 + l <= end0 {
+            add(ja, row, (l / d) as f32);
+        } else {
+            let w0 = (end0 - a0) / d;
+            add(ja, row, w0 as f32);
+            add(ja + 1, row, (l / d - w0) as f32);
+        }
+    }
+    j0
+}
+
 /// A decode attention task: (pair `b * HKV + g`, branch 1 = selected / 2 = window, token ranges).
 type AttnJob = (usize, usize, Vec<(usize, usize)>);
 
 /// A chunk's normalised attention output `[G, dv]`, its log-sum-exp `[G]` and (compression
-/// branch) its local probabilities `[nk, w]` (key-major, the rows as lanes).
+/// branch) the per-lane Eq. 9 scores of the selection blocks `j0..` its compressed tokens
+/// overlap, from its local probabilities (`[blocks, w]`, the rows as lanes).
 struct Partial {
     o: Vec<f32>,
     lse: Vec<f32>,
     p: Vec<f32>,
+    j0: usize,
 }
 
 impl Partial {
@@ -470,6 +516,7 @@ impl Partial {
             o: vec![0.0; gs * dv],
             lse: vec![0.0; gs],
             p: Vec::new(),
+            j0: 0,
         }
     }
 }
@@ -487,14 +534,14 @@ fn merge(parts: &[Partial], gs: usize, dv: usize, o: &mut [f32]) -> Vec<f32> {
         if m == f32::NEG_INFINITY {
             continue;
         }
-        let sum: f32 = parts.iter().map(|p| exp_f32(p.lse[r] - m)).sum();
+        let sum: f32 = parts.iter().map(|p| exp1(p.lse[r] - m)).sum();
         *l = m + sum.ln();
         let dst = &mut o[r * dv..(r + 1) * dv];
         for p in parts {
             if p.lse[r] == f32::NEG_INFINITY {
                 continue;
             }
-            let w = exp_f32(p.lse[r] - *l);
+            let w = exp1(p.lse[r] - *l);
             for (d, &v) in dst.iter_mut().zip(&p.o[r * dv..(r + 1) * dv]) {
                 *d += w * v;
             }

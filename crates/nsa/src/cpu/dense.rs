@@ -11,7 +11,7 @@
 //!   (flash-decoding) whose partial results are merged in a fixed order.
 
 use super::attend::{self, gather_heads, gather_rows, Seg};
-use super::tile::{ensure, exp_f32, exp_shift_sum, gemm, max_of, MatMut, MatRef};
+use super::tile::{ensure, exp1, exp_shift_sum, gemm, max_of, MatMut, MatRef};
 use super::{head_chunks, kv_rows, split_tiles, tiles, to_token_major};
 use crate::error::{NsaError, Result};
 use crate::inputs::validate_cu_seqlens;
@@ -121,7 +121,7 @@ fn online_block(
         let alpha = if st.m[r] == f32::NEG_INFINITY {
             0.0
         } else {
-            exp_f32(st.m[r] - m_new)
+            exp1(st.m[r] - m_new)
         };
         st.l[r] = st.l[r] * alpha + sum;
         st.m[r] = m_new;
@@ -456,7 +456,7 @@ pub fn decode_step(
                 let dst = &mut out[(b * hq + g * gs + hh) * dv..][..dv];
                 dst.fill(0.0);
                 for p in group {
-                    let a = exp_f32(p.0[hh] - m);
+                    let a = exp1(p.0[hh] - m);
                     l += a * p.1[hh];
                     for (d, &x) in dst.iter_mut().zip(&p.2[hh * dv..(hh + 1) * dv]) {
                         *d += a * x;

@@ -162,6 +162,24 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     y * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
+/// [`exp_f32`] of one value outside the vectorised kernels: the FMA build where the CPU has
+/// it (in baseline x86-64 code each fused step would be a call to libm's `fmaf`). Same value.
+#[inline]
+pub(crate) fn exp1(x: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { exp1_fma(x) };
+    }
+    exp_f32(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp1_fma(x: f32) -> f32 {
+    exp_f32(x)
+}
+
 /// Largest element (8 independent lanes so it vectorises); `-inf` for an empty slice.
 #[inline(always)]
 pub(crate) fn max_of(x: &[f32]) -> f32 {
@@ -352,6 +370,9 @@ mod tests {
         }
         assert!(worst < 4e-7, "worst relative error {worst}");
         assert_eq!(exp_f32(0.0), 1.0);
+        for x in [-80.5f32, -3.25, -0.1, 0.0, 0.3, 7.0] {
+            assert_eq!(exp1(x).to_bits(), exp_f32(x).to_bits());
+        }
         assert!(exp_f32(-1e30) < 1e-37);
     }
 
