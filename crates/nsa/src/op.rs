@@ -85,8 +85,10 @@ pub fn forward_as(
     }
 }
 
-/// NSA backward on `device`: gradients of `sum(o * d_o)` with respect to every input (CUDA: in
-/// bf16).
+/// NSA backward on `device`: gradients of `sum(o * d_o)` with respect to every input and the
+/// `phi` parameters (CUDA: in bf16). On CUDA the forward it runs first saves each branch's
+/// output and lse for the backward (`cuda::backward::BwdMode::SavedStats`, the fast default);
+/// the low-memory mode that recomputes them is `nsa::cuda::backward::backward_recompute`.
 pub fn backward(
     device: &Device,
     cfg: &NsaConfig,
