@@ -19,11 +19,13 @@
 //!
 //! # A step
 //!
-//! Every step is six launches with no host synchronisation (capturable in a CUDA graph; the
+//! Every step is five launches with no host synchronisation (capturable in a CUDA graph; the
 //! sequence positions live on the device and the write kernel advances them):
 //! `decode_write` (append + compress), `decode_attn_cw` (split-K over compressed tokens with the
 //! Eq. 9 partial scores), `decode_topn`, `decode_sel` (split-K over the selected blocks and the
-//! window), `decode_combine` (merge the splits, apply the gates). See
+//! window), `decode_combine` (merge the splits, apply the gates). When a group has few
+//! compressed splits (large batches) the top-n runs inside `decode_attn_cw` (the last split of
+//! each (row, group) to finish does it) and a step is four launches. See
 //! `kernels/decode_attn.cu`.
 //!
 //! # Prefill
@@ -50,6 +52,11 @@ pub const PAGE: usize = 64;
 const MAX_ROWS: usize = 1024;
 /// Most rows one launch of the write kernels takes.
 const WRITE_ROWS: usize = 8192;
+/// Padding of each row of the compressed kernel's logits buffer (`DEC_LPAD` in decode_attn.cu).
+const LOGITS_PAD: usize = 8;
+/// Upper bound of the attention kernels' static shared memory (reductions, page numbers,
+/// alignment of the dynamic part).
+const STATIC_SMEM: usize = 4096;
 /// Dynamic shared memory the small kernels may use without raising their limit.
 const SMALL_SMEM: usize = 48 * 1024;
 
@@ -153,6 +160,9 @@ pub struct Splits {
     pub spb: usize,
     /// selection-block slots of one compressed split's partial scores
     pub uj: usize,
+    /// the top-n runs inside the compressed launch (its last CTA per (row, group)) instead of
+    /// a launch of its own
+    pub fuse_topn: bool,
 }
 
 impl Splits {
@@ -187,6 +197,8 @@ struct Work {
     out: CudaSlice<f32>,
     /// `[rows, HKV, n]`
     sel: CudaSlice<i32>,
+    /// `[rows, HKV]` finished compressed splits (fused top-n; every launch leaves it zero)
+    done: CudaSlice<i32>,
 }
 
 fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -294,10 +306,11 @@ impl GpuDecodeCache {
         };
         let base = (qrows * (dk + 8) + stages() * 64 * (dk + dv + 2 * pad)) * 2;
         let max_smem = ctx.max_smem;
-        if base + g * 64 * 4 > max_smem {
+        let ls_row = |cc: usize| (cc + LOGITS_PAD) * 4;
+        if base + g * ls_row(64) + STATIC_SMEM > max_smem {
             return Err(NsaError::Unsupported(format!(
                 "decode kernels need {} bytes of shared memory, the device offers {max_smem}",
-                base + g * 64 * 4
+                base + g * ls_row(64)
             )));
         }
         // compressed tokens per split: their logits ([G, cc] f32) stay in shared memory
@@ -307,8 +320,10 @@ impl GpuDecodeCache {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(512);
-        let cc_cap = (((max_smem - base) / (g * 4)) / PAGE * PAGE).clamp(PAGE, cap_env.max(PAGE));
-        let attn_smem_max = base + g * cc_cap * 4;
+        // (the kernels' static shared memory, <= STATIC_SMEM, counts against the same limit)
+        let cc_cap = (((max_smem - base - STATIC_SMEM) / (g * 4) - LOGITS_PAD) / PAGE * PAGE)
+            .clamp(PAGE, cap_env.max(PAGE));
+        let attn_smem_max = base + g * ls_row(cc_cap);
         let sms = ctx
             .ctx
             .attribute(
@@ -333,6 +348,7 @@ impl GpuDecodeCache {
             part_u: s.alloc_zeros::<f32>(1).map_err(driver_err)?,
             out: s.alloc_zeros::<f32>(1).map_err(driver_err)?,
             sel: s.alloc_zeros::<i32>(1).map_err(driver_err)?,
+            done: s.alloc_zeros::<i32>(1).map_err(driver_err)?,
         };
         Ok(GpuDecodeCache {
             cfg: cfg.clone(),
@@ -469,6 +485,14 @@ impl GpuDecodeCache {
         let spb = (n / per_raw).max(1);
         let ss = n.div_ceil(spb);
         let uj = (cc * cfg.cmp_stride + cfg.cmp_block) / cfg.sel_block + 2;
+        // fused top-n when a group has few splits (large batches: the last split's CTA does a
+        // small top-n while other groups still stream); with many splits (batch 1) the 8-warp
+        // kernel of its own is faster. NSA_DECODE_FUSE_TOPN=0|1 forces it (experiments, tests)
+        let fuse_topn = match std::env::var("NSA_DECODE_FUSE_TOPN").ok().as_deref() {
+            Some("0") => false,
+            Some("1") => true,
+            _ => sc <= 16,
+        };
         let sp = Splits {
             sc,
             cc,
@@ -477,6 +501,7 @@ impl GpuDecodeCache {
             ss,
             spb,
             uj,
+            fuse_topn,
         };
         if sp.topn_smem(g) > SMALL_SMEM || sp.ns() * 12 > SMALL_SMEM {
             return Err(NsaError::Unsupported(format!(
@@ -524,6 +549,7 @@ impl GpuDecodeCache {
             w.sel = stream
                 .alloc_zeros::<i32>(rows * hkv * self.cfg.sel_count)
                 .map_err(driver_err)?;
+            w.done = stream.alloc_zeros::<i32>(rows * hkv).map_err(driver_err)?;
             w.rows = rows;
         }
         Ok(())
@@ -645,14 +671,24 @@ impl GpuDecodeCache {
         }
         let g = self.cfg.group_size();
         let hkv = self.cfg.kv_heads;
-        let f_cw = self.f(ctx, "decode_attn_cw", self.attn_smem_max)?;
+        let f_cw = self.f(ctx, "decode_attn_cw", self.attn_smem_max.max(SMALL_SMEM))?;
         let f_topn = self.f(ctx, "decode_topn", 0)?;
         let f_sel = self.f(ctx, "decode_sel", self.attn_smem_max)?;
         let f_comb = self.f(ctx, "decode_combine", 0)?;
-        let base = self.attn_smem_max - g * self.cc_cap * 4;
+        let base = self.attn_smem_max - g * (self.cc_cap + LOGITS_PAD) * 4;
         let (maxp_raw, maxp_cmp) = (self.raw.maxp as i32, self.cmp.maxp as i32);
-        let [sc, cc, sw, cw, ss, spb, uj, ns] =
-            [sp.sc, sp.cc, sp.sw, sp.cw, sp.ss, sp.spb, sp.uj, sp.ns()].map(|v| v as i32);
+        let [sc, cc, sw, cw, ss, spb, uj, ns, fuse] = [
+            sp.sc,
+            sp.cc,
+            sp.sw,
+            sp.cw,
+            sp.ss,
+            sp.spb,
+            sp.uj,
+            sp.ns(),
+            sp.fuse_topn as usize,
+        ]
+        .map(|v| v as i32);
         let rg = (rows * hkv) as u32;
         let marks = self.marks.as_ref();
         let mark = |i: usize| -> Result<()> {
@@ -661,6 +697,7 @@ impl GpuDecodeCache {
             }
             Ok(())
         };
+        let ls_bytes = g * (sp.cc + LOGITS_PAD) * 4;
         let w = &mut self.work;
         {
             let mut b = stream.launch_builder(&f_cw);
@@ -676,20 +713,30 @@ impl GpuDecodeCache {
                 .arg(&uj)
                 .arg(&mut w.part_o)
                 .arg(&mut w.part_ml)
-                .arg(&mut w.part_u);
+                .arg(&mut w.part_u)
+                .arg(&mut w.sel)
+                .arg(&mut w.done)
+                .arg(&fuse);
+            // the fused top-n reuses the dynamic shared memory (<= 48 KiB, plan)
+            let smem = if sp.fuse_topn {
+                (base + ls_bytes).max(sp.topn_smem(g))
+            } else {
+                base + ls_bytes
+            };
             // SAFETY: matches `decode_attn_cw`; partial buffers sized by ensure_work for (rows, sp);
-            // the logits need g * cc * 4 bytes after the base layout.
+            // the logits need g * (cc + pad) * 4 bytes after the base layout; `done` has rows * HKV
+            // zeroed counters (every launch leaves them zero).
             unsafe {
                 b.launch(LaunchConfig {
-                    grid_dim: (rg, sp.sc as u32, 1),
+                    grid_dim: (rg * sp.sc as u32, 1, 1),
                     block_dim: (128, 1, 1),
-                    shared_mem_bytes: (base + g * sp.cc * 4) as u32,
+                    shared_mem_bytes: smem as u32,
                 })
             }
             .map_err(driver_err)?;
             mark(2)?;
         }
-        {
+        if !sp.fuse_topn {
             let mut b = stream.launch_builder(&f_topn);
             b.arg(&w.adesc)
                 .arg(&w.part_ml)
@@ -708,8 +755,8 @@ impl GpuDecodeCache {
                 })
             }
             .map_err(driver_err)?;
-            mark(3)?;
         }
+        mark(3)?;
         {
             let mut b = stream.launch_builder(&f_sel);
             b.arg(&w.adesc)

@@ -15,7 +15,8 @@
 //                   in step mode it also reads the position from `lens` and advances it.
 //   decode_ring     (prefill only) refreshes the ring with the chunk's last l tokens.
 //   decode_attn_cw  split-K attention over the compressed tokens (+ Eq. 9 partial scores);
-//                   one CTA = (row, KV group, key split).
+//                   one CTA = (row, KV group, key split). With fuse_topn the last CTA of each
+//                   (row, group) to finish also runs the top-n (no decode_topn launch).
 //   decode_topn     per (row, group): log-sum-exp of every head, Eq. 9/10 scores from the
 //                   partials, forced blocks, top-n (ties to the lower index), sorted output.
 //   decode_sel      split-K attention over the window and over the selected blocks
@@ -33,6 +34,15 @@
 #define DEC_KW (KT / DEC_WK)                   // keys of a tile per warp: 16, 32 or 64
 #define DEC_QROWS (DEC_WM * 16)
 #define DEC_INT_MAX 0x7fffffff
+// tiles of one CTA whose page numbers are staged in shared memory (later ones read them from
+// the table in the loop)
+#define DEC_PGMAX 64
+// Alignment of the dynamic shared memory (it follows the static arrays): the K/V swizzle
+// assumes rows start on 128-byte lines; with the 16-byte default the base moved with the static
+// arrays (measured: twice the shared wavefronts and L2 sectors of the tile copies, v7 notes)
+#ifndef DEC_SMEM_ALIGN
+#define DEC_SMEM_ALIGN 128
+#endif
 // K/V tiles in shared memory: with head dims that are multiples of 64, rows are unpadded and
 // the 16-byte chunks of row r are XOR-swizzled by r % 8 (the 8 rows one mma fragment or one
 // ldmatrix touches land in 8 different chunks: no bank conflicts, and 6% less shared memory than
@@ -190,28 +200,38 @@ struct DecState {
     float o[DV / 8][4];
 };
 
-// Shared memory of the attention kernels (dynamic): Q rows, two K/V stages, then (compressed
-// branch only) the logits of the chunk, [G][ls_stride] f32.
+// Shared memory of the attention kernels (dynamic): Q rows, DEC_STAGES K/V stages (K then V),
+// then (compressed branch only) the logits of the chunk, [G][cc + DEC_LPAD] f32. Stage i's
+// tiles are found by arithmetic (an array of stage pointers indexed at run time went to local
+// memory: 48-byte stack frame, L2 round trips in the tile loop).
+#define DEC_STAGE_ELEMS (KT * (DEC_KSTR + DEC_VSTR))
+// logits row padding: with a row stride = 8 (mod 32) words, the float2 stores of one mma
+// fragment (8 rows x 4 column pairs) take the minimum two wavefronts (v6: 8-way conflicts)
+#define DEC_LPAD 8
 struct DecSmem {
     bf16_t* Qs;
-    bf16_t* Ks[DEC_STAGES];
-    bf16_t* Vs[DEC_STAGES];
+    bf16_t* KV;
     float* Ls;
 };
 
 __device__ __forceinline__ DecSmem dec_smem(unsigned char* smem) {
     DecSmem s;
     s.Qs = (bf16_t*)smem;
-    bf16_t* p = s.Qs + DEC_QROWS * QS_STRIDE;
-#pragma unroll
-    for (int i = 0; i < DEC_STAGES; ++i) {
-        s.Ks[i] = p;
-        s.Vs[i] = p + KT * DEC_KSTR;
-        p += KT * (DEC_KSTR + DEC_VSTR);
-    }
-    s.Ls = (float*)p;
+    s.KV = s.Qs + DEC_QROWS * QS_STRIDE;
+    s.Ls = (float*)(s.KV + DEC_STAGES * DEC_STAGE_ELEMS);
     return s;
 }
+__device__ __forceinline__ bf16_t* dec_ks(const DecSmem& s, int stage) { return s.KV + stage * DEC_STAGE_ELEMS; }
+__device__ __forceinline__ bf16_t* dec_vs(const DecSmem& s, int stage) {
+    return s.KV + stage * DEC_STAGE_ELEMS + KT * DEC_KSTR;
+}
+
+// Query fragments (A operands of QK^T) of a warp's row tile, kept in registers across the tiles
+// when they fit next to the accumulators (else re-read from shared memory every tile).
+#define DEC_QREG (DK <= 192 && DV <= 128)
+struct DecQ {
+    u32 a[DEC_QREG ? DK / 16 : 1][4];
+};
 
 // Loads the G query rows of group g of row `row` (rows G .. 16*WM zero-filled).
 __device__ __forceinline__ void dec_load_q(bf16_t* Qs, const bf16_t* __restrict__ q, int row, int g) {
@@ -237,37 +257,74 @@ __device__ __forceinline__ int2 dec_tile_pages(const int* __restrict__ table, in
 
 // Loads keys/values of positions start .. start + nk, whose pages are pg (rows nk .. KT
 // zero-filled: a zero V row times a zero probability stays 0, never NaN).
+// (v7: fully unrolled with the page bases computed once; v6 spent ~35 instructions per 16-byte
+// copy on 64-bit index arithmetic.)
+template <int D, bool IS_K>
+__device__ __forceinline__ void dec_load_rows(bf16_t* dst, const bf16_t* __restrict__ pool, int2 pg, int g,
+                                              int off0, int nk) {
+    constexpr int CH = D / 8;
+    const bf16_t* b0 = pool + ((i64)pg.x * HKV + g) * PAGE * D;
+    if constexpr (128 % CH == 0) {
+        // the tile's rows lie in one page (every compressed tile, every selected tile when l'
+        // is a multiple of PAGE): one pointer per thread, constant strides, ~4 instructions a copy
+        if (off0 + nk <= PAGE) {
+            constexpr int R = 128 / CH;   // rows per pass
+            const int r0 = threadIdx.x / CH, k = (threadIdx.x % CH) * 8;
+            const bf16_t* src = b0 + (off0 + r0) * D + k;
+            const int dst0 = IS_K ? dec_koff(r0, k) : dec_voff(r0, k);
+            constexpr int STR = IS_K ? DEC_KSTR : DEC_VSTR;
+            if (nk == KT && (!DEC_SWIZZLE || R % 8 == 0)) {   // a full tile: no predicates
+#pragma unroll
+                for (int i = 0; i < KT / R; ++i) cp_async16(dst + dst0 + i * R * STR, src + i * R * D, 16);
+                return;
+            }
+#pragma unroll
+            for (int i = 0; i < KT / R; ++i) {
+                const int r = r0 + i * R;
+                const bool ok = r < nk;
+                int off;
+                if (!DEC_SWIZZLE || R % 8 == 0)
+                    off = (IS_K ? dec_koff(r0, k) : dec_voff(r0, k)) + i * R * (IS_K ? DEC_KSTR : DEC_VSTR);
+                else
+                    off = IS_K ? dec_koff(r, k) : dec_voff(r, k);
+                cp_async16(dst + off, ok ? src + i * R * D : pool, ok ? 16 : 0);
+            }
+            return;
+        }
+    }
+    const bf16_t* b1 = pool + (((i64)pg.y * HKV + g) * PAGE - PAGE) * D;   // slot >= PAGE
+#pragma unroll
+    for (int i = 0; i < (KT * CH + 127) / 128; ++i) {
+        const int c = threadIdx.x + i * 128;
+        if ((KT * CH) % 128 == 0 || c < KT * CH) {
+            const int r = c / CH, k = (c % CH) * 8;
+            const int slot = off0 + r;
+            const bool ok = r < nk;
+            const bf16_t* src = (slot < PAGE ? b0 : b1) + slot * D + k;
+            cp_async16(dst + (IS_K ? dec_koff(r, k) : dec_voff(r, k)), ok ? src : pool, ok ? 16 : 0);
+        }
+    }
+}
+
 __device__ __forceinline__ void dec_load_tile(bf16_t* Ks, bf16_t* Vs, const bf16_t* __restrict__ kp,
                                               const bf16_t* __restrict__ vp, int2 pg, int g, int start,
                                               int nk) {
-    constexpr int CK = DK / 8, CV = DV / 8;
     const int off0 = start % PAGE;
-    const i64 base0 = ((i64)pg.x * HKV + g) * PAGE, base1 = ((i64)pg.y * HKV + g) * PAGE;
-#pragma unroll 4
-    for (int c = threadIdx.x; c < KT * CK; c += 128) {
-        const int r = c / CK, k = (c % CK) * 8;
-        const bool ok = r < nk;
-        const int slot = off0 + r;
-        const i64 pos = slot < PAGE ? base0 + slot : base1 + (slot - PAGE);
-        const bf16_t* src = ok ? kp + pos * DK + k : kp;
-        cp_async16(Ks + dec_koff(r, k), src, ok ? 16 : 0);
-    }
-#pragma unroll 4
-    for (int c = threadIdx.x; c < KT * CV; c += 128) {
-        const int r = c / CV, k = (c % CV) * 8;
-        const bool ok = r < nk;
-        const int slot = off0 + r;
-        const i64 pos = slot < PAGE ? base0 + slot : base1 + (slot - PAGE);
-        const bf16_t* src = ok ? vp + pos * DV + k : vp;
-        cp_async16(Vs + dec_voff(r, k), src, ok ? 16 : 0);
-    }
+    dec_load_rows<DK, true>(Ks, kp, pg, g, off0, nk);
+    dec_load_rows<DV, false>(Vs, vp, pg, g, off0, nk);
+}
+
+__device__ __forceinline__ void dec_ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(smem_addr(p)));
 }
 
 // One tile for one warp: keys kw0 .. kw0 + DEC_KW of the tile (valid below nk). With Ls, the
 // masked logits (log2 domain) of the G real rows are stored at column col0 + key.
-__device__ __forceinline__ void dec_tile(const bf16_t* Qs, const bf16_t* Ks, const bf16_t* Vs, int wm,
-                                         int wk, int nk, DecState& st, float* Ls, int ls_stride,
-                                         int col0) {
+__device__ __forceinline__ void dec_tile(const bf16_t* Qs, const DecQ& qf, const bf16_t* Ks,
+                                         const bf16_t* Vs, int wm, int wk, int nk, DecState& st, float* Ls,
+                                         int ls_stride, int col0) {
     const int lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
     const int kw0 = wk * DEC_KW;
     float s[DEC_KW / 8][4];
@@ -276,16 +333,28 @@ __device__ __forceinline__ void dec_tile(const bf16_t* Qs, const bf16_t* Ks, con
 #pragma unroll
     for (int kk = 0; kk < DK; kk += 16) {
         u32 a[4];
+#if DEC_QREG
+        a[0] = qf.a[kk / 16][0];
+        a[1] = qf.a[kk / 16][1];
+        a[2] = qf.a[kk / 16][2];
+        a[3] = qf.a[kk / 16][3];
+#else
         const bf16_t* q0 = Qs + (wm * 16 + gr) * QS_STRIDE + kk + gc;
         a[0] = *(const u32*)(q0);
         a[1] = *(const u32*)(q0 + 8 * QS_STRIDE);
         a[2] = *(const u32*)(q0 + 8);
         a[3] = *(const u32*)(q0 + 8 * QS_STRIDE + 8);
+#endif
+        // B fragments of 16 keys x 16 dims per ldmatrix.x4 (matrices: keys +0..7 / +8..15 x
+        // dims kk / kk+8); v6 read them with two 32-bit loads per 8 keys
 #pragma unroll
-        for (int nt = 0; nt < DEC_KW / 8; ++nt) {
-            const int kr = kw0 + nt * 8 + gr;
-            mma_bf16(s[nt], a, *(const u32*)(Ks + dec_koff(kr, kk + gc)),
-                     *(const u32*)(Ks + dec_koff(kr, kk + 8 + gc)));
+        for (int np = 0; np < DEC_KW / 16; ++np) {
+            const int mi = lane >> 3;
+            const int kr = kw0 + np * 16 + (mi >> 1) * 8 + (lane & 7);
+            u32 b0, b1, b2, b3;
+            dec_ldsm_x4(b0, b1, b2, b3, Ks + dec_koff(kr, kk + (mi & 1) * 8));
+            mma_bf16(s[2 * np], a, b0, b1);
+            mma_bf16(s[2 * np + 1], a, b2, b3);
         }
     }
     float mx[2] = {NEG_INF, NEG_INF};
@@ -297,11 +366,21 @@ __device__ __forceinline__ void dec_tile(const bf16_t* Qs, const bf16_t* Ks, con
             const float v = key < nk ? s[nt][e] * SCALE_LOG2 : NEG_INF;
             s[nt][e] = v;
             mx[e >> 1] = fmaxf(mx[e >> 1], v);
-            if (Ls != nullptr) {
-                const int r = wm * 16 + gr + 8 * (e >> 1);
-                if (r < G && key < nk) Ls[r * ls_stride + col0 + key] = v;
-            }
         }
+#ifndef DEC_EXP_NOLS   // experiment: no logits stores (timing)
+    // masked keys store -inf; the fold reads only columns of valid keys
+    if (Ls != nullptr) {
+#pragma unroll
+        for (int nt = 0; nt < DEC_KW / 8; ++nt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int r = wm * 16 + gr + 8 * hf;
+                if (r < G)
+                    *(float2*)(Ls + r * ls_stride + col0 + kw0 + nt * 8 + gc) =
+                        make_float2(s[nt][2 * hf], s[nt][2 * hf + 1]);
+            }
+    }
+#endif
     float mu[2], alpha[2], rs[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -323,12 +402,15 @@ __device__ __forceinline__ void dec_tile(const bf16_t* Qs, const bf16_t* Ks, con
         }
 #pragma unroll
     for (int i = 0; i < 2; ++i) st.l[i] = st.l[i] * alpha[i] + rs[i];
+    // once the running maxima settle most tiles change none of them: skip the DV/2 multiplies
+    if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int nt = 0; nt < DV / 8; ++nt) {
-        st.o[nt][0] *= alpha[0];
-        st.o[nt][1] *= alpha[0];
-        st.o[nt][2] *= alpha[1];
-        st.o[nt][3] *= alpha[1];
+        for (int nt = 0; nt < DV / 8; ++nt) {
+            st.o[nt][0] *= alpha[0];
+            st.o[nt][1] *= alpha[0];
+            st.o[nt][2] *= alpha[1];
+            st.o[nt][3] *= alpha[1];
+        }
     }
 #pragma unroll
     for (int kc = 0; kc < DEC_KW / 16; ++kc) {
@@ -356,8 +438,20 @@ __device__ __forceinline__ void dec_run(const DecSmem& sm, const bf16_t* __restr
                                         const bf16_t* __restrict__ vp, const int* __restrict__ table,
                                         int g, int ntiles, TileOf tile_of, DecState& st, float* Ls,
                                         int ls_stride) {
-    const int warp = threadIdx.x >> 5;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wm = warp / DEC_WK, wk = warp % DEC_WK;
+    // the page numbers of every tile (at most two pages each), read in parallel into shared
+    // memory before the first copy: no dependent global load inside the tile loop
+    __shared__ int2 pgs[DEC_PGMAX];
+    for (int k = threadIdx.x; k < min(ntiles, DEC_PGMAX); k += 128) {
+        int s0, n0;
+        tile_of(k, s0, n0);
+        pgs[k] = dec_tile_pages(table, s0, n0);
+    }
+    __syncthreads();
+    auto pages = [&](int k, int s0, int n0) {
+        return k < DEC_PGMAX ? pgs[k] : dec_tile_pages(table, s0, n0);
+    };
     // prologue: tiles 0 .. DEC_STAGES-2 in flight (one commit group each, empty ones too, so
     // that "at most DEC_STAGES-1 groups pending" always means "tile k has landed")
 #pragma unroll
@@ -365,37 +459,46 @@ __device__ __forceinline__ void dec_run(const DecSmem& sm, const bf16_t* __restr
         if (k < ntiles) {
             int s0, n0;
             tile_of(k, s0, n0);
-            dec_load_tile(sm.Ks[k], sm.Vs[k], kp, vp, dec_tile_pages(table, s0, n0), g, s0, n0);
+            dec_load_tile(dec_ks(sm, k), dec_vs(sm, k), kp, vp, pages(k, s0, n0), g, s0, n0);
         }
         cp_async_commit();
     }
-    // the page numbers of the next tile to issue are read one iteration ahead, so that their
-    // latency hides behind a tile's compute instead of delaying the next copy
-    int2 pg_next = make_int2(0, 0);
-    if (DEC_STAGES - 1 < ntiles) {
-        int s1, n1;
-        tile_of(DEC_STAGES - 1, s1, n1);
-        pg_next = dec_tile_pages(table, s1, n1);
-    }
+    DecQ qf;
+    int stage = 0;   // k % DEC_STAGES
     for (int k = 0; k < ntiles; ++k) {
         const int kn = k + DEC_STAGES - 1;
         if (kn < ntiles) {
             int s1, n1;
             tile_of(kn, s1, n1);
-            dec_load_tile(sm.Ks[kn % DEC_STAGES], sm.Vs[kn % DEC_STAGES], kp, vp, pg_next, g, s1, n1);
-            if (kn + 1 < ntiles) {
-                tile_of(kn + 1, s1, n1);
-                pg_next = dec_tile_pages(table, s1, n1);
-            }
+            const int sn = stage == 0 ? DEC_STAGES - 1 : stage - 1;   // kn % DEC_STAGES
+            dec_load_tile(dec_ks(sm, sn), dec_vs(sm, sn), kp, vp, pages(kn, s1, n1), g, s1, n1);
         }
         cp_async_commit();
         asm volatile("cp.async.wait_group %0;\n" ::"n"(DEC_STAGES - 1));
         __syncthreads();
+#if DEC_QREG
+        if (k == 0 && wm < DEC_WM) {   // Q landed with the first tile's group
+            const int gr = lane >> 2, gc = (lane & 3) * 2;
+#pragma unroll
+            for (int kk = 0; kk < DK / 16; ++kk) {
+                const bf16_t* q0 = sm.Qs + (wm * 16 + gr) * QS_STRIDE + kk * 16 + gc;
+                qf.a[kk][0] = *(const u32*)(q0);
+                qf.a[kk][1] = *(const u32*)(q0 + 8 * QS_STRIDE);
+                qf.a[kk][2] = *(const u32*)(q0 + 8);
+                qf.a[kk][3] = *(const u32*)(q0 + 8 * QS_STRIDE + 8);
+            }
+        }
+#endif
         int start, nk;
         tile_of(k, start, nk);
+#ifndef DEC_EXP_NOTILE   // experiment: loads only (timing)
         if (wm < DEC_WM)
-            dec_tile(sm.Qs, sm.Ks[k % DEC_STAGES], sm.Vs[k % DEC_STAGES], wm, wk, nk, st, Ls, ls_stride, k * KT);
+#else
+        if (false)
+#endif
+            dec_tile(sm.Qs, qf, dec_ks(sm, stage), dec_vs(sm, stage), wm, wk, nk, st, Ls, ls_stride, k * KT);
         __syncthreads();
+        stage = stage == DEC_STAGES - 1 ? 0 : stage + 1;
     }
     cp_async_wait_all();
     __syncthreads();
@@ -417,7 +520,7 @@ __device__ __forceinline__ void dec_finish(const DecSmem& sm, DecState& st, floa
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, gc = (lane & 3) * 2;
     const int wm = warp / DEC_WK;
     const bool active = wm < DEC_WM;
-    float* red_o = (float*)sm.Ks[0];   // [4 warps][16][DV]
+    float* red_o = (float*)sm.KV;   // [4 warps][16][DV]
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         st.l[i] += __shfl_xor_sync(0xffffffff, st.l[i], 1);
@@ -490,114 +593,6 @@ __device__ __forceinline__ int dec_i_lo(int j) {
 }
 __device__ __forceinline__ int dec_i_hi(int j) { return ((j + 1) * SEL_L) / CMP_D; }
 
-// Partial slots of (row, group): [0, sc) compressed splits, [sc, sc + sw) window splits,
-// [sc + sw, ns) selected splits. part_o [rows*HKV, ns, G, DV], part_ml [rows*HKV, ns, G].
-// part_u [rows*HKV, sc, G, uj]: u[h][j - j_lo] = sum_i w(i, j) * exp2(s_hi - M_h) over the
-// chunk's visible compressed blocks i (Eq. 9 before normalisation).
-extern "C" __global__ void __launch_bounds__(128) decode_attn_cw(
-    const int4* __restrict__ adesc, const int* __restrict__ cmp_table, int maxp_cmp,
-    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc_pool, const bf16_t* __restrict__ vc_pool,
-    int sc, int cc, int ns, int uj, float* __restrict__ part_o, float2* __restrict__ part_ml,
-    float* __restrict__ part_u) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ float fin_m[DEC_QROWS];
-    const DecSmem sm = dec_smem(smem);
-    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV, s = blockIdx.y;
-    const int4 d = adesc[row];
-    const int b = d.x, t = d.y, qrow = d.z;
-    const i64 rg = (i64)row * HKV + g;
-    dec_load_q(sm.Qs, q, qrow, g);
-    DecState st;
-    dec_state_init(st);
-    {
-        const int nvis = dec_cmp_visible(t);
-        const int c0 = s * cc, c1 = min(c0 + cc, nvis);
-        const int n = max(c1 - c0, 0);
-        const int* table = cmp_table + (i64)b * maxp_cmp;
-        auto tile_of = [&](int k, int& start, int& nk) {
-            start = c0 + k * KT;
-            nk = min(KT, c1 - start);
-        };
-        dec_run(sm, kc_pool, vc_pool, table, g, (n + KT - 1) / KT, tile_of, st, sm.Ls, cc);
-        dec_finish(sm, st, part_o + (rg * ns + s) * G * DV, part_ml + (rg * ns + s) * G, fin_m);
-        // Eq. 9 partial scores of the selection blocks this chunk touches
-        float* u = part_u + (rg * sc + s) * G * uj;
-        if (n > 0) {
-            const int jl = dec_j_lo(c0);
-            const int jh = ((c1 - 1) * CMP_D + CMP_L - 1) / SEL_L;   // inclusive
-            const int nj = jh - jl + 1;
-            for (int e = threadIdx.x; e < G * nj; e += 128) {
-                const int h = e / nj, j = jl + e % nj;
-                const int ilo = max(c0, dec_i_lo(j)), ihi = min(c1, dec_i_hi(j));
-                const float M = fin_m[h];
-                float acc = 0.f;
-                for (int i = ilo; i < ihi; ++i)
-                    acc += dec_overlap_w(i, j) * exp2f(sm.Ls[h * cc + (i - c0)] - M);
-                u[h * uj + (j - jl)] = acc;
-            }
-        }
-    }
-}
-
-// Window splits (blockIdx.y < sw) and selected-block splits (the rest) in one launch, neither
-// needing the logits buffer. Selected split s takes the selected slots [s*spb, (s+1)*spb) of sel [rows, HKV, NSEL];
-// block j covers positions [j*l', min((j+1)*l', t+1)), in tiles of KT.
-extern "C" __global__ void __launch_bounds__(128) decode_sel(
-    const int4* __restrict__ adesc, const int* __restrict__ raw_table, int maxp_raw,
-    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks_pool, const bf16_t* __restrict__ vs_pool,
-    const bf16_t* __restrict__ kw_pool, const bf16_t* __restrict__ vw_pool, const int* __restrict__ sel,
-    int sc, int sw, int cw, int spb, int ns, float* __restrict__ part_o, float2* __restrict__ part_ml) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ float fin_m[DEC_QROWS];
-    __shared__ int blk[NSEL];
-    constexpr int TPB = (SEL_L + KT - 1) / KT;   // tiles per selection block
-    const DecSmem sm = dec_smem(smem);
-    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV;
-    const int4 d = adesc[row];
-    const int b = d.x, t = d.y, qrow = d.z;
-    const i64 rg = (i64)row * HKV + g;
-    if ((int)blockIdx.y < sw) {
-        // sliding window: keys max(0, t-w+1) ..= t, split sw ways
-        const int s = blockIdx.y;
-        dec_load_q(sm.Qs, q, qrow, g);
-        DecState st;
-        dec_state_init(st);
-        const int lo = max(0, t - WIN + 1);
-        const int k0 = lo + s * cw, k1 = min(k0 + cw, t + 1);
-        const int n = max(k1 - k0, 0);
-        const int* table = raw_table + (i64)b * maxp_raw;
-        auto tile_of = [&](int k, int& start, int& nk) {
-            start = k0 + k * KT;
-            nk = min(KT, k1 - start);
-        };
-        dec_run(sm, kw_pool, vw_pool, table, g, (n + KT - 1) / KT, tile_of, st, nullptr, 0);
-        const int slot = sc + s;
-        dec_finish(sm, st, part_o + (rg * ns + slot) * G * DV, part_ml + (rg * ns + slot) * G, fin_m);
-        return;
-    }
-    const int s = blockIdx.y - sw;
-    const int k0 = s * spb, nb = max(0, min(spb, NSEL - k0));
-    for (int k = threadIdx.x; k < nb; k += 128) blk[k] = sel[rg * NSEL + k0 + k];
-    dec_load_q(sm.Qs, q, qrow, g);
-    __syncthreads();
-    DecState st;
-    dec_state_init(st);
-    const int* table = raw_table + (i64)b * maxp_raw;
-    auto tile_of = [&](int k, int& start, int& nk) {
-        const int j = blk[k / TPB];
-        if (j < 0) {
-            start = 0;
-            nk = 0;
-            return;
-        }
-        start = j * SEL_L + (k % TPB) * KT;
-        nk = max(0, min(KT, min((j + 1) * SEL_L, t + 1) - start));
-    };
-    dec_run(sm, ks_pool, vs_pool, table, g, nb * TPB, tile_of, st, nullptr, 0);
-    const int slot = sc + sw + s;
-    dec_finish(sm, st, part_o + (rg * ns + slot) * G * DV, part_ml + (rg * ns + slot) * G, fin_m);
-}
-
 // ---------------------------------------------------------------------------------------------
 // top-n
 // ---------------------------------------------------------------------------------------------
@@ -654,33 +649,33 @@ __device__ __forceinline__ int dec_sort_asc_int(int x) {
     return x;
 }
 
-// One CTA (8 warps) per (row, group). p[j] = sum_h sum_i w(i, j) exp2(s_hi - lse_h) is rebuilt
+// One CTA (8 warps; 4 when fused into decode_attn_cw) per (row, group).
+// p[j] = sum_h sum_i w(i, j) exp2(s_hi - lse_h) is rebuilt
 // from the chunks' partials: chunk c contributes sum_h exp2(M_ch - lse_h) * u_c[h][j]. The head
 // sum is taken first, coalesced, into P[c][j - j_lo(c)] in shared memory (every global load is
 // issued before any is used); then every warp scores a stride of candidates and keeps a running
 // top-32 (bitonic), and warp 0 merges the eight lists. Forced blocks score +inf; inadmissible
 // ones never enter. sel [rows, HKV, NSEL] ascending, -1 padded.
 // Dynamic shared memory: ml [sc][G] float2, wgt [sc][G], P [sc][uj].
-extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __restrict__ adesc,
-                                                              const float2* __restrict__ part_ml,
-                                                              const float* __restrict__ part_u, int sc,
-                                                              int cc, int ns, int uj,
-                                                              int* __restrict__ sel) {
-    extern __shared__ __align__(16) unsigned char smem[];
+// The top-n of (row, group) for a CTA of NW warps (partials read through L2: in the fused
+// path they were written by other CTAs of the same launch).
+template <int NW, bool FUSED>
+__device__ __forceinline__ void dec_topn_body(unsigned char* smem, int row, int g, int t,
+                                              const float2* part_ml, const float* part_u, int sc,
+                                              int cc, int ns, int uj, int* __restrict__ sel) {
     float2* ml = (float2*)smem;           // [sc][G]
     float* wgt = (float*)(ml + sc * G);   // [sc][G]
     float* P = wgt + sc * G;              // [sc][uj]
-    __shared__ float lv[8][32];
-    __shared__ int li[8][32];
-    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV;
+    __shared__ float lv[NW][32];
+    __shared__ int li[NW][32];
+    constexpr int NT = NW * 32;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int t = adesc[row].y;
     const int nvis = dec_cmp_visible(t), nadm = t / SEL_L + 1, own = t / SEL_L;
     const i64 rg = (i64)row * HKV + g;
-    for (int e = tid; e < sc * G; e += 256) ml[e] = part_ml[rg * ns * G + e];   // slots [0, sc)
+    for (int e = tid; e < sc * G; e += NT) ml[e] = FUSED ? __ldcg(part_ml + rg * ns * G + e) : __ldg(part_ml + rg * ns * G + e);   // slots [0, sc)
     __syncthreads();
     // log-sum-exp of each head over the compressed splits: one warp per head, lanes over splits
-    for (int h = warp; h < G; h += 8) {
+    for (int h = warp; h < G; h += NW) {
         float M = NEG_INF;
         for (int s = lane; s < sc; s += 32)
             if (ml[s * G + h].y > 0.f) M = fmaxf(M, ml[s * G + h].x);
@@ -697,7 +692,7 @@ extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __rest
     }
     __syncthreads();
     const float* u = part_u + rg * sc * G * uj;
-    for (int e = tid; e < sc * uj; e += 256) {
+    for (int e = tid; e < sc * uj; e += NT) {
         const int s = e / uj, jj = e % uj;
         const int jl = dec_j_lo(s * cc);
         const int c1 = min(s * cc + cc, nvis);
@@ -706,7 +701,7 @@ extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __rest
         if (jl + jj <= jh) {
             float v[G];
 #pragma unroll
-            for (int h = 0; h < G; ++h) v[h] = wgt[s * G + h] != 0.f ? u[(s * G + h) * uj + jj] : 0.f;
+            for (int h = 0; h < G; ++h) v[h] = wgt[s * G + h] != 0.f ? (FUSED ? __ldcg(u + (s * G + h) * uj + jj) : __ldg(u + (s * G + h) * uj + jj)) : 0.f;
 #pragma unroll
             for (int h = 0; h < G; ++h) acc += wgt[s * G + h] * v[h];
         }
@@ -715,7 +710,7 @@ extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __rest
     __syncthreads();
     float cv = NEG_INF;
     int ci = DEC_INT_MAX;
-    for (int jb = warp * 32; jb < nadm; jb += 256) {
+    for (int jb = warp * 32; jb < nadm; jb += NT) {
         const int j = jb + lane;
         float v = NEG_INF;
         int i = DEC_INT_MAX;
@@ -743,11 +738,177 @@ extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __rest
     li[warp][lane] = ci;
     __syncthreads();
     if (warp == 0) {
-        for (int w = 1; w < 8; ++w) dec_merge(cv, ci, lv[w][lane], li[w][lane]);
+        for (int w = 1; w < NW; ++w) dec_merge(cv, ci, lv[w][lane], li[w][lane]);
         int key = (lane < NSEL && cv != NEG_INF) ? ci : DEC_INT_MAX;
         key = dec_sort_asc_int(key);
         if (lane < NSEL) sel[rg * NSEL + lane] = key == DEC_INT_MAX ? -1 : key;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256) decode_topn(const int4* __restrict__ adesc,
+                                                              const float2* __restrict__ part_ml,
+                                                              const float* __restrict__ part_u, int sc,
+                                                              int cc, int ns, int uj,
+                                                              int* __restrict__ sel) {
+    extern __shared__ __align__(DEC_SMEM_ALIGN) unsigned char smem[];
+    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV;
+    dec_topn_body<8, false>(smem, row, g, adesc[row].y, part_ml, part_u, sc, cc, ns, uj, sel);
+}
+
+// Partial slots of (row, group): [0, sc) compressed splits, [sc, sc + sw) window splits,
+// [sc + sw, ns) selected splits. part_o [rows*HKV, ns, G, DV], part_ml [rows*HKV, ns, G].
+// part_u [rows*HKV, sc, G, uj]: u[h][j - j_lo] = sum_i w(i, j) * exp2(s_hi - M_h) over the
+// chunk's visible compressed blocks i (Eq. 9 before normalisation).
+extern "C" __global__ void __launch_bounds__(128) decode_attn_cw(
+    const int4* __restrict__ adesc, const int* __restrict__ cmp_table, int maxp_cmp,
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc_pool, const bf16_t* __restrict__ vc_pool,
+    int sc, int cc, int ns, int uj, float* __restrict__ part_o, float2* __restrict__ part_ml,
+    float* __restrict__ part_u, int* __restrict__ sel, int* __restrict__ done, int fuse_topn) {
+    extern __shared__ __align__(DEC_SMEM_ALIGN) unsigned char smem[];
+    __shared__ float fin_m[DEC_QROWS];
+    const DecSmem sm = dec_smem(smem);
+    // one dimension, split fastest: the splits of a (row, group) are dispatched together, so
+    // groups finish throughout the launch (a fused top-n overlaps later groups' streaming)
+    const int s = blockIdx.x % sc, rgi = blockIdx.x / sc;
+    const int row = rgi / HKV, g = rgi % HKV;
+    const int4 d = adesc[row];
+    const int b = d.x, t = d.y, qrow = d.z;
+    const i64 rg = (i64)row * HKV + g;
+    dec_load_q(sm.Qs, q, qrow, g);
+    DecState st;
+    dec_state_init(st);
+    {
+        const int nvis = dec_cmp_visible(t);
+        const int c0 = s * cc, c1 = min(c0 + cc, nvis);
+        const int n = max(c1 - c0, 0);
+        const int* table = cmp_table + (i64)b * maxp_cmp;
+        auto tile_of = [&](int k, int& start, int& nk) {
+            start = c0 + k * KT;
+            nk = min(KT, c1 - start);
+        };
+        const int lstr = cc + DEC_LPAD;
+        dec_run(sm, kc_pool, vc_pool, table, g, (n + KT - 1) / KT, tile_of, st, sm.Ls, lstr);
+        dec_finish(sm, st, part_o + (rg * ns + s) * G * DV, part_ml + (rg * ns + s) * G, fin_m);
+        // Eq. 9 partial scores of the selection blocks this chunk touches
+        float* u = part_u + (rg * sc + s) * G * uj;
+#ifdef DEC_EXP_NOFOLD   // experiment: no Eq. 9 fold (timing)
+        if (false) {
+#else
+        if (n > 0) {
+#endif
+            const int jl = dec_j_lo(c0);
+            const int jh = ((c1 - 1) * CMP_D + CMP_L - 1) / SEL_L;   // inclusive
+            const int nj = jh - jl + 1;
+            const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+            // probabilities first (each logit once), then the overlap-weighted sums: one warp
+            // per head, lanes over the selection blocks (v6: one (head, block) per thread with
+            // a division and ~5 exp2 each, a quarter of the kernel's instructions)
+            for (int h = warp; h < G; h += 4) {
+                const float M = fin_m[h];
+                float* row = sm.Ls + h * lstr;
+                for (int c = lane; c < n; c += 32) row[c] = exp2f(row[c] - M);
+            }
+            __syncthreads();
+            for (int h = warp; h < G; h += 4) {
+                const float* row = sm.Ls + h * lstr - c0;
+                for (int jj = lane; jj < nj; jj += 32) {
+                    const int j = jl + jj;
+                    float acc = 0.f;
+#if SEL_L % CMP_D == 0 && CMP_L % CMP_D == 0
+                    // l and l' multiples of d: block j overlaps i = j*P + m, m in (-Q, P), by
+                    // min(m + Q, P) - max(m, 0) strides (Eq. 9; 1,2,2,2,1 for 32/16/64), constants
+                    constexpr int P = SEL_L / CMP_D, Q = CMP_L / CMP_D;
+#pragma unroll
+                    for (int m = 1 - Q; m < P; ++m) {
+                        const int i = j * P + m;
+                        const float w = (float)(min(m + Q, P) - max(m, 0));
+                        if (i >= c0 && i < c1) acc += w * row[i];
+                    }
+#else
+                    const int ilo = max(c0, dec_i_lo(j)), ihi = min(c1, dec_i_hi(j));
+                    for (int i = ilo; i < ihi; ++i) acc += dec_overlap_w(i, j) * row[i];
+#endif
+                    u[h * uj + jj] = acc;
+                }
+            }
+        }
+    }
+    // fused top-n (large batches): the last of the sc CTAs of (row, group) to finish runs it,
+    // while other groups' splits still stream (saves the launch and the dependent phase);
+    // done[rg] counts finished splits and is reset by the last one (graph replays)
+    if (fuse_topn) {
+        __shared__ int last;
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            last = atomicAdd(done + rg, 1) == sc - 1;
+            if (last) done[rg] = 0;
+        }
+        __syncthreads();
+        if (last) {
+            __threadfence();
+            dec_topn_body<4, true>(smem, row, g, t, part_ml, part_u, sc, cc, ns, uj, sel);
+        }
+    }
+}
+
+// Window splits (blockIdx.y < sw) and selected-block splits (the rest) in one launch, neither
+// needing the logits buffer. Selected split s takes the selected slots [s*spb, (s+1)*spb) of sel [rows, HKV, NSEL];
+// block j covers positions [j*l', min((j+1)*l', t+1)), in tiles of KT.
+extern "C" __global__ void __launch_bounds__(128) decode_sel(
+    const int4* __restrict__ adesc, const int* __restrict__ raw_table, int maxp_raw,
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks_pool, const bf16_t* __restrict__ vs_pool,
+    const bf16_t* __restrict__ kw_pool, const bf16_t* __restrict__ vw_pool, const int* __restrict__ sel,
+    int sc, int sw, int cw, int spb, int ns, float* __restrict__ part_o, float2* __restrict__ part_ml) {
+    extern __shared__ __align__(DEC_SMEM_ALIGN) unsigned char smem[];
+    __shared__ float fin_m[DEC_QROWS];
+    __shared__ int blk[NSEL];
+    constexpr int TPB = (SEL_L + KT - 1) / KT;   // tiles per selection block
+    const DecSmem sm = dec_smem(smem);
+    const int row = blockIdx.x / HKV, g = blockIdx.x % HKV;
+    const int4 d = adesc[row];
+    const int b = d.x, t = d.y, qrow = d.z;
+    const i64 rg = (i64)row * HKV + g;
+    if ((int)blockIdx.y < sw) {
+        // sliding window: keys max(0, t-w+1) ..= t, split sw ways
+        const int s = blockIdx.y;
+        dec_load_q(sm.Qs, q, qrow, g);
+        DecState st;
+        dec_state_init(st);
+        const int lo = max(0, t - WIN + 1);
+        const int k0 = lo + s * cw, k1 = min(k0 + cw, t + 1);
+        const int n = max(k1 - k0, 0);
+        const int* table = raw_table + (i64)b * maxp_raw;
+        auto tile_of = [&](int k, int& start, int& nk) {
+            start = k0 + k * KT;
+            nk = min(KT, k1 - start);
+        };
+        dec_run(sm, kw_pool, vw_pool, table, g, (n + KT - 1) / KT, tile_of, st, nullptr, 0);
+        const int slot = sc + s;
+        dec_finish(sm, st, part_o + (rg * ns + slot) * G * DV, part_ml + (rg * ns + slot) * G, fin_m);
+        return;
+    }
+    const int s = blockIdx.y - sw;
+    const int k0 = s * spb, nb = max(0, min(spb, NSEL - k0));
+    for (int k = threadIdx.x; k < nb; k += 128) blk[k] = sel[rg * NSEL + k0 + k];
+    dec_load_q(sm.Qs, q, qrow, g);
+    __syncthreads();
+    DecState st;
+    dec_state_init(st);
+    const int* table = raw_table + (i64)b * maxp_raw;
+    auto tile_of = [&](int k, int& start, int& nk) {
+        const int j = blk[k / TPB];
+        if (j < 0) {
+            start = 0;
+            nk = 0;
+            return;
+        }
+        start = j * SEL_L + (k % TPB) * KT;
+        nk = max(0, min(KT, min((j + 1) * SEL_L, t + 1) - start));
+    };
+    dec_run(sm, ks_pool, vs_pool, table, g, nb * TPB, tile_of, st, nullptr, 0);
+    const int slot = sc + sw + s;
+    dec_finish(sm, st, part_o + (rg * ns + slot) * G * DV, part_ml + (rg * ns + slot) * G, fin_m);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -762,7 +923,7 @@ extern "C" __global__ void __launch_bounds__(128) decode_combine(
     const int4* __restrict__ adesc, const float* __restrict__ part_o, const float2* __restrict__ part_ml,
     const float* __restrict__ g_cmp, const float* __restrict__ g_slc, const float* __restrict__ g_win,
     int sc, int sw, int ss, float* __restrict__ out) {
-    extern __shared__ __align__(16) unsigned char smem[];
+    extern __shared__ __align__(DEC_SMEM_ALIGN) unsigned char smem[];
     const int ns = sc + sw + ss;
     float2* ml = (float2*)smem;          // [ns]
     float* coef = (float*)(ml + ns);     // [ns]
