@@ -198,7 +198,10 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
 // masked online softmax (as attn_tile in common.cu), O += P V (wgmma, P from registers).
 // The second tile's scores compute while the first tile's softmax runs, and the first tile's
 // P V while the second's softmax runs (wgmma groups: S0, S1, PV0, PV1, completed in order).
-__device__ __forceinline__ void wg_attn_tile(u32 qa, u32 ka, u32 va, const int (&lo)[2 * CMT],
+// Keys at or past hi[i] are masked only when `need_mask` (CTA-uniform: the tile reaches past some
+// row's visible blocks); the running max is kept on raw scores and the scale folded into one FMA
+// in front of exp2 (scale > 0: NsaConfig::validate).
+__device__ __forceinline__ void wg_attn_tile(u32 qa, u32 ka, u32 va, bool need_mask,
                                              const int (&hi)[2 * CMT], RowStats<CMT>& st,
                                              float (&o)[CMT][DV / 8][4]) {
     const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
@@ -219,21 +222,25 @@ __device__ __forceinline__ void wg_attn_tile(u32 qa, u32 ka, u32 va, const int (
         wg_pin(s[mt]);
         float mx[2], alpha[2], mu[2], rs[2];
         mx[0] = mx[1] = NEG_INF;
+        if (need_mask) {
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = nt * 8 + gc + (e & 1);
+                    if (key >= hi[2 * mt + (e >> 1)]) s[mt][nt][e] = NEG_INF;
+                }
+        }
 #pragma unroll
         for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int h = e >> 1, i = 2 * mt + h, key = nt * 8 + gc + (e & 1);
-                const float v = (key >= lo[i] && key < hi[i]) ? s[mt][nt][e] * SCALE_LOG2 : NEG_INF;
-                s[mt][nt][e] = v;
-                mx[h] = fmaxf(mx[h], v);
-            }
+            for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int i = 2 * mt + h;
             mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
             mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-            const float mn = fmaxf(st.m[i], mx[h]);
+            const float mn = fmaxf(st.m[i], mx[h] * SCALE_LOG2);   // log2 domain, as RowStats
             mu[h] = (mn == NEG_INF) ? 0.f : mn;   // all masked so far: keep exp2 finite (gives 0)
             alpha[h] = exp2f(st.m[i] - mu[h]);
             st.m[i] = mn;
@@ -243,7 +250,7 @@ __device__ __forceinline__ void wg_attn_tile(u32 qa, u32 ka, u32 va, const int (
         for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float pv = exp2f(s[mt][nt][e] - mu[e >> 1]);
+                const float pv = exp2f(fmaf(s[mt][nt][e], SCALE_LOG2, -mu[e >> 1]));
                 s[mt][nt][e] = pv;
                 rs[e >> 1] += pv;
             }
@@ -308,6 +315,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     }
     auto krow = [&](int r) { return ((i64)(cstart + r) * HKV + g) * DK; };
     auto vrow = [&](int r) { return ((i64)(cstart + r) * HKV + g) * DV; };
+    const int vis_lo = cmp_visible(t0);
 
     RowStats<CMT> st;
     rowstats_init(st);
@@ -332,14 +340,12 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
         }
         fence_proxy_async();   // cp.async wrote Q / this stage; the wgmma reads them (async proxy)
         __syncthreads();
-        int lo[2 * CMT], hi[2 * CMT];
+        int hi[2 * CMT];
 #pragma unroll
-        for (int h = 0; h < 2 * CMT; ++h) {
-            lo[h] = 0;
-            hi[h] = min(max(vis[h] - c0, 0), nk);
-        }
+        for (int h = 0; h < 2 * CMT; ++h) hi[h] = min(max(vis[h] - c0, 0), nk);
         const u32 ka = smem_addr(KVs + stage * STAGE_BYTES);
-        wg_attn_tile(smem_addr(Qs), ka, ka + K_BYTES, lo, hi, st, o);
+        // rows of this CTA see at least cmp_visible(t0) blocks; rows past nrows (zero Q) stay finite
+        wg_attn_tile(smem_addr(Qs), ka, ka + K_BYTES, c0 + KT > vis_lo, hi, st, o);
         __syncthreads();   // every wgmma of this stage completed before it is refilled
     }
     cp_async_wait_all();
@@ -494,6 +500,17 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
         }
     };
 
+#if (KT * CMP_D) % SEL_L == 0
+    // Every tile starts on a selection-block boundary (c0 * d is a multiple of l'), so W is the
+    // same for every tile: overlap(c0 + i, j_lo + jj) = overlap(i, jj). Entries past the tile
+    // (i >= nk, jj >= nj) meet p = 0 or go unread.
+    for (int e = tid; e < JW * KT; e += 128) {
+        const int jj = e / KT, i = e % KT;
+        Wt[jj * WT_STRIDE + i] = f32_to_f16(overlap_w(i, jj));
+    }
+#endif
+    // rows of this CTA see at least vis_lo compressed tokens: tiles below it need no mask
+    const int vis_lo = cmp_visible(t0);
     __syncthreads();
 #ifndef EXP_NO_PASS2
     for (int c0 = 0; c0 < ncmp; c0 += KT) {
@@ -511,12 +528,14 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
         load_rows_async<KT, DK, KS_STRIDE, 128>(Ks, kc + krow(c0), nk, [&](int r) { return (i64)r * HKV * DK; });
         cp_async_commit();
 #endif
+#if (KT * CMP_D) % SEL_L != 0
         // W^T for this tile: Wt[jj][i] = overlap(c0 + i, j_lo + jj), 0 outside the tile
         for (int e = tid; e < JW * KT; e += 128) {
             const int jj = e / KT, i = e % KT;
             const float w = (i < nk && jj < nj) ? overlap_w(c0 + i, j_lo + jj) : 0.f;
             Wt[jj * WT_STRIDE + i] = f32_to_f16(w);
         }
+#endif
         cp_async_wait_all();
 #if TOPN_USE_WGMMA
         fence_proxy_async();   // cp.async wrote Q / K; the wgmma reads them
@@ -535,16 +554,26 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
 #else
             qk_tile<CMT>(Qs, Ks, row0, s);
 #endif
+            if (c0 + KT > vis_lo) {   // CTA-uniform: some row sees only part of this tile
 #pragma unroll
-            for (int mt = 0; mt < CMT; ++mt)
+                for (int mt = 0; mt < CMT; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < KT / 8; ++nt)
+                    for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int h = 2 * mt + (e >> 1), key = nt * 8 + gc + (e & 1);
-                        const int hi = min(max(vis[h] - c0, 0), nk);
-                        s[mt][nt][e] = key < hi ? exp2f(s[mt][nt][e] * SCALE_LOG2 - lse[h]) : 0.f;
-                    }
+                        for (int e = 0; e < 4; ++e) {
+                            const int h = 2 * mt + (e >> 1), key = nt * 8 + gc + (e & 1);
+                            const int hi = min(max(vis[h] - c0, 0), nk);
+                            s[mt][nt][e] = key < hi ? exp2f(fmaf(s[mt][nt][e], SCALE_LOG2, -lse[h])) : 0.f;
+                        }
+            } else {   // rows past nrows have lse = +inf: p = 0
+#pragma unroll
+                for (int mt = 0; mt < CMT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            s[mt][nt][e] = exp2f(fmaf(s[mt][nt][e], SCALE_LOG2, -lse[2 * mt + (e >> 1)]));
+            }
             // per-row block scores D = P W on the tensor cores (f16 operands, f32 accumulation)
             float d[CMT][JW / 8][4];
 #pragma unroll
