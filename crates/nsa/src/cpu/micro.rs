@@ -68,6 +68,18 @@ pub(crate) fn gemm_thin(
     drive_portable(a, b, ldb, w, c, accumulate);
 }
 
+/// Whether [`gemm_thin`] runs its AVX-512 build here (16-lane vectors).
+pub(crate) fn wide_vectors() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::tile::has_avx2_fma() && has_avx512()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Portable build: the same chains as the AVX2 kernel (`acc = a * b + acc`, fused).
 fn drive_portable(a: MatRef<'_>, b: &[f32], ldb: usize, w: usize, c: &mut [f32], accumulate: bool) {
     let (m, kk) = (a.rows, a.cols);

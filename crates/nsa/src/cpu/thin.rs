@@ -56,11 +56,19 @@ fn logits_t(segs: &[Seg<'_>], qt: &[f32], ldq: usize, w: usize, st: &mut [f32]) 
     }
 }
 
-/// Whether `P V` can run with the values as the dense side `B` of the kernel (`dv` a multiple
-/// of 8, rows of `V` contiguous): the same fused chains (one per output, keys ascending) as
-/// `O^T = V^T P^T`, so bitwise the same outputs, with each value row read whole.
-fn pv_row_major(segs: &[Seg<'_>], dv: usize) -> bool {
-    dv.is_multiple_of(8) && segs.iter().all(|s| s.v.cs == 1)
+/// Whether `P V` runs with the values as the dense side `B` of the kernel (`O = P V`,
+/// `[rows, dv]`) rather than as the strided side (`O^T = V^T P^T`). Both are the same fused
+/// chains (one per output, keys ascending), so bitwise the same outputs (unit-tested); the
+/// choice is speed only. Row-major needs `dv` a multiple of 8 and contiguous value rows, and
+/// is taken where the other form's `B` (`w` lanes) would fill only one vector of the
+/// AVX-512 kernel: for `w = 16` (one token of `G = 16`) that form needs 13 loads per 12
+/// FMAs (load-port bound), row-major 14 per 24. On AVX2 (two vectors either way) the
+/// transposed form measured as fast or faster (2-core box), so it stays there.
+fn pv_row_major(segs: &[Seg<'_>], dv: usize, w: usize) -> bool {
+    w < 32
+        && super::micro::wide_vectors()
+        && dv.is_multiple_of(8)
+        && segs.iter().all(|s| s.v.cs == 1)
 }
 
 /// `O (+)= P[:, seg] V_seg` over the segments, `O` `[rows, dv]` row-major (`p` is `P^T`,
@@ -197,7 +205,7 @@ pub(crate) fn forward_strided(
         &mut scr.m,
         &mut scr.sum,
     );
-    let row_major = pv_row_major(segs, dv);
+    let row_major = pv_row_major(segs, dv, w);
     if row_major {
         // `O = P V` straight into `o` (`[rows, dv]`).
         times_v(segs, &scr.st, w, rows, o);
@@ -458,6 +466,47 @@ fn dscores_lanes_body(st: &mut [f32], dpt: &mut [f32], w: usize, lse: &[f32], de
             };
             *s = p;
             *d = p * (*d - dl);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_pv_forms_give_the_same_bits() {
+        // Two segments of strided values (head 1 of `[nk, 2, dv]`), 13 rows in 16 lanes.
+        let (rows, w, dv, dk) = (13, 16, 24, 8);
+        let data = |n: usize, s: f32| -> Vec<f32> {
+            (0..n).map(|i| ((i as f32 + s) * 0.377).sin()).collect()
+        };
+        let (n1, n2) = (37, 300);
+        let (v1, v2) = (data(n1 * 2 * dv, 1.0), data(n2 * 2 * dv, 2.0));
+        let (k1, k2) = (data(n1 * dk, 3.0), data(n2 * dk, 4.0));
+        let segs = [
+            Seg {
+                k: MatRef::rows(&k1, n1, dk),
+                v: MatRef::new(&v1[dv..], n1, dv, 2 * dv, 1),
+            },
+            Seg {
+                k: MatRef::rows(&k2, n2, dk),
+                v: MatRef::new(&v2[dv..], n2, dv, 2 * dv, 1),
+            },
+        ];
+        let p = data((n1 + n2) * w, 5.0);
+        let mut rm = vec![0.0f32; rows * dv];
+        times_v(&segs, &p, w, rows, &mut rm);
+        let mut tr = vec![0.0f32; dv * w];
+        times_t(&segs, true, &p, w, &mut tr);
+        for r in 0..rows {
+            for c in 0..dv {
+                assert_eq!(
+                    rm[r * dv + c].to_bits(),
+                    tr[c * w + r].to_bits(),
+                    "({r},{c})"
+                );
+            }
         }
     }
 }
