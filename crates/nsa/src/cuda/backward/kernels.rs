@@ -42,8 +42,17 @@ impl BwdFamily {
     /// The family's own source.
     pub fn source(self) -> &'static str {
         match self {
-            BwdFamily::Cmp => include_str!("../kernels/cmp_bwd.cu"),
-            BwdFamily::Win => include_str!("../kernels/win_bwd.cu"),
+            // the wgmma helpers and the backward's wgmma key-major path (sm_90a) first
+            BwdFamily::Cmp => concat!(
+                include_str!("../kernels/wgmma.cu"),
+                include_str!("../kernels/bwd_wgmma.cu"),
+                include_str!("../kernels/cmp_bwd.cu")
+            ),
+            BwdFamily::Win => concat!(
+                include_str!("../kernels/wgmma.cu"),
+                include_str!("../kernels/bwd_wgmma.cu"),
+                include_str!("../kernels/win_bwd.cu")
+            ),
             BwdFamily::Sel => include_str!("../kernels/sel_bwd.cu"),
             BwdFamily::Phi => include_str!("../kernels/phi_bwd.cu"),
         }

@@ -9,7 +9,7 @@
 //               sequence and one chunk of the positions t >= c0*d + l - 1 that see them; it walks
 //               the (position, head of g) rows and writes dKcmp, dVcmp (f32 scratch) of its 64
 //               compressed tokens, or a partial sum that cmp_dkdv_reduce adds up in chunk order.
-//               No atomics.
+//               No atomics. Its products run on wgmma where bwd_wgmma.cu enables it (BW_WG).
 // cmp_mean_bwd  phi = mean backward: raw token s of a sequence belongs to the compressed blocks
 //               i with i*d <= s < i*d + l (at most l/d of them); dk[s] = (1/l) sum_i dKcmp[i],
 //               gathered in ascending i (no scatter, no atomics).
@@ -78,6 +78,64 @@ __device__ __forceinline__ void cmp_bwd_dq_body(
     bw_rows_dq<false, SAVED>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
+#if BW_WG
+// cmp_bwd_dq_body<true> on wgmma (bw_wg_rows_dq): the same items, rows, tiles and masks.
+__device__ __forceinline__ void cmp_bwd_dq_wg(const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc,
+                                              const bf16_t* __restrict__ vc, const bf16_t* __restrict__ dO,
+                                              const float* __restrict__ gate, const int4* __restrict__ items,
+                                              const float* __restrict__ lse_in, const float* __restrict__ dg_in,
+                                              float* __restrict__ dq_out) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned char* sm = align1024(smem);
+    const int4 it = items[blockIdx.x];
+    const int start = it.x, len = it.y, t0 = it.z, cstart = it.w;
+    const int g = blockIdx.y;
+    const int npos = min(BQ_P, len - t0), nrows = npos * G;
+    const int ncmp = bw_cmp_visible(t0 + npos - 1);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2;
+    const int row0 = warp * 16;
+
+    auto qoff = [&](int r) { return ((i64)(start + t0 + r / G) * HQ + g * G + r % G); };
+    load_rows_sw128<BQ_ROWS, DK, 128>(sm, q, nrows, [&](int r) { return qoff(r) * DK; });
+    load_rows_sw128<BQ_ROWS, DV, 128>(sm + BQ_ROWS * DK * 2, dO, nrows, [&](int r) { return qoff(r) * DV; });
+    cp_async_commit();
+
+    int vis[2];
+    i64 qrow[2];
+    bool valid[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = row0 + gr + 8 * i;
+        valid[i] = r < nrows;
+        vis[i] = valid[i] ? bw_cmp_visible(t0 + r / G) : 0;
+        qrow[i] = valid[i] ? qoff(r) : 0;
+    }
+    auto for_tiles = [&](auto fn) {
+        int c = 0;
+        bw_wg_pipeline(
+            sm + BW_WG_Q_BYTES, kc, vc, g,
+            [&](BwTile& t) {
+                if (c >= ncmp) return false;
+                t.row = cstart + c;
+                t.k0 = c;
+                t.nk = min(KT, ncmp - c);
+                t.chose = 0;
+                c += KT;
+                return true;
+            },
+            [&](const BwTile& t, int (&lo)[2], int (&hi)[2]) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    lo[i] = 0;
+                    hi[i] = min(max(vis[i] - t.k0, 0), t.nk);
+                }
+            },
+            fn);
+    };
+    bw_wg_rows_dq<false>(sm, qrow, valid, gate, lse_in, dg_in, dq_out, for_tiles);
+}
+#endif
+
 // items[b] = (seq start, seq len, c0, cstart, p0, np, slot, 0): the 64 compressed tokens
 // [c0, c0 + 64) of a sequence against the positions [tlo + p0, tlo + p0 + np) (tlo: the first
 // position that sees token c0). A key tile's positions are cut into at most a few chunks so that
@@ -95,15 +153,21 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dkdv(
     const int g = blockIdx.y;
     const int ncmp_seq = len >= CMP_L ? (len - CMP_L) / CMP_D + 1 : 0;
     const int nk = min(KT, ncmp_seq - c0);
-    bw_load_kv(smem, kc, vc, (i64)(cstart + c0), g, nk);
     const int tlo = c0 * CMP_D + CMP_L - 1 + p0;
     float dk[DK / 8][4], dv[DV / 8][4];
     bw_zero<DK>(dk);
     bw_zero<DV>(dv);
-    bw_dkdv_rows(
-        smem, q, dO, lse, dg, gate, g, np * G, [&](int p) { return start + tlo + p; },
-        [&](int tok) { return tok - start; },
-        [&](int key, int t) { return key < nk && (c0 + key) * CMP_D + CMP_L - 1 <= t; }, dk, dv);
+    auto tok_of = [&](int p) { return start + tlo + p; };
+    auto t_of = [&](int tok) { return tok - start; };
+    auto ok = [&](int key, int t) { return key < nk && (c0 + key) * CMP_D + CMP_L - 1 <= t; };
+#if BW_WG
+    unsigned char* sm = align1024(smem);
+    bw_wg_load_kv(sm, kc, vc, (i64)(cstart + c0), g, nk);
+    bw_wg_dkdv_rows(sm, q, dO, lse, dg, gate, g, np * G, tok_of, t_of, ok, dk, dv);
+#else
+    bw_load_kv(smem, kc, vc, (i64)(cstart + c0), g, nk);
+    bw_dkdv_rows(smem, q, dO, lse, dg, gate, g, np * G, tok_of, t_of, ok, dk, dv);
+#endif
     cp_async_wait_all();
     if (slot < 0) {
         bw_store_kv(
@@ -194,7 +258,11 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq_saved(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
     float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
+#if BW_WG
+    cmp_bwd_dq_wg(q, kc, vc, dO, gate, items, lse_out, dg_out, dq_out);
+#else
     cmp_bwd_dq_body<true>(q, kc, vc, dO, gate, items, lse_out, dg_out, dq_out);
+#endif
 }
 
 // dg[row] = do[row] . o_b[row] for `rows` rows (o_b: the branch output the forward saved, bf16).

@@ -1,0 +1,358 @@
+// Hopper wgmma (sm_90a) path of the key-major dK/dV kernels (cmp_bwd_dkdv, win_bwd_dkdv).
+// Prepended after wgmma.cu (whose helpers it uses) to the compressed and window backward
+// families by cuda/backward/kernels.rs. Used when BW_WG is 1: sm_90a, dk and dv each 64 or 128,
+// and not built with -DBWD_NO_WGMMA (then the mma.sync path of bwd_common.cu runs, as on sm_80).
+//
+// One CTA = one warpgroup (4 warps) and the same 64 keys / row steps of BW_RT query rows as the
+// mma.sync path, so the host side (work lists, launch, the padded BW_KV_SMEM footprint) is
+// unchanged; the unpadded swizzled tiles need 1 KB less than the padded ones plus < 1 KB of
+// alignment. Per row step, with warp w owning keys 16w .. 16w + 15 (the wgmma accumulator rows):
+//   S^T  (64 keys x RT rows) = K Q^T          SS, K-major A (K tile) and B (Q rows), m64n32k16
+//   dP^T (64 keys x RT rows) = V dO^T         SS, K-major, m64n32k16
+//   P^T = g * exp2(S^T * scale - lse), dS^T = P^T (dP^T - dg)   (registers, as on mma.sync)
+//   dV  += P^T dO                             RS (P^T as A fragments), dO read MN-major
+//   dK  += dS^T Q                             RS, Q read MN-major
+// The accumulator layout per warp is the mma.sync C layout, so bw_store_kv writes dK / dV
+// unchanged. Every sum runs in the same order on every run (no atomics): bitwise repeatable.
+
+#if WG_AVAILABLE && !defined(BWD_NO_WGMMA) && (DK == 64 || DK == 128) && (DV == 64 || DV == 128) && BW_RT == 32
+#define BW_WG 1
+#else
+#define BW_WG 0
+#endif
+
+#if BW_WG
+
+// D (m64 x n32, f32) (+)= A (64 x 16, smem descriptor) * B (16 x n32, smem descriptor), both
+// K-major.
+template <int SCALE_D>
+__device__ __forceinline__ void bw_wg_ss_n32(float (&d)[4][4], unsigned long long da, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." ELEM_PTX "." ELEM_PTX " "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+        : "l"(da), "l"(db), "n"(SCALE_D));
+}
+
+// C (64 x D) += A (64 x 16, registers) * B (16 x D, MN-major smem descriptor): one wgmma of the
+// accumulator's width (the overload picks n64 or n128 by the array size).
+__device__ __forceinline__ void bw_wg_rs(float (&c)[16][4], const u32 (&a)[4], unsigned long long b) {
+    wg_rs_n128<1, 1>(c, a, b);
+}
+__device__ __forceinline__ void bw_wg_rs(float (&c)[8][4], const u32 (&a)[4], unsigned long long b) {
+    wg_rs_n64<1, 1>(c, a, b);
+}
+
+// S (64 x BW_RT) = A B^T over D: A the swizzled [64 x D] key-side tile at `a0`, B the swizzled
+// [BW_RT x D] row tile at `b0` (both K-major). Issues D / 16 wgmmas (caller fences / commits).
+template <int D>
+__device__ __forceinline__ void bw_wg_nt(float (&s)[4][4], u32 a0, u32 b0) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const u32 a = a0 + (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+        const u32 b = b0 + (kk >> 2) * (BW_RT * 128) + (kk & 3) * 32;
+        if (kk == 0)
+            bw_wg_ss_n32<0>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
+        else
+            bw_wg_ss_n32<1>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
+    }
+}
+
+// C (64 x D) += X (64 x BW_RT, registers: x[kc] = A fragment of rows 16kc .. 16kc + 15) times the
+// swizzled row tile [BW_RT x D] at `m0`, read MN-major (N = D contiguous; column blocks of 64 are
+// BW_RT * 128 bytes apart, the next 8 rows 1024 bytes).
+template <int D>
+__device__ __forceinline__ void bw_wg_acc(float (&c)[D / 8][4], const u32 (&x)[BW_RT / 16][4], u32 m0) {
+#pragma unroll
+    for (int kc = 0; kc < BW_RT / 16; ++kc) bw_wg_rs(c, x[kc], wg_desc(m0 + kc * 16 * 128, BW_RT * 128, 1024));
+}
+
+// The accumulator tile (64 x BW_RT, f32) as A fragments of the element type.
+__device__ __forceinline__ void bw_wg_frags(u32 (&a)[BW_RT / 16][4], const float (&p)[4][4]) {
+#pragma unroll
+    for (int kc = 0; kc < BW_RT / 16; ++kc) {
+        a[kc][0] = pack_bf16x2(p[2 * kc][0], p[2 * kc][1]);
+        a[kc][1] = pack_bf16x2(p[2 * kc][2], p[2 * kc][3]);
+        a[kc][2] = pack_bf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+        a[kc][3] = pack_bf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+    }
+}
+
+// Shared memory (bytes from the 1024-aligned base): K [64 x DK], V [64 x DV], two row buffers
+// (q [BW_RT x DK], do [BW_RT x DV]), then two metadata blocks (lse, dg, gate, t; BW_RT each).
+#define BW_WG_KV_BYTES (64 * (DK + DV) * 2)
+#define BW_WG_ROW_BYTES (BW_RT * (DK + DV) * 2)
+
+// Loads `nk` keys / values of KV head g (row stride HKV * D in global) into the swizzled K / V
+// tiles at `sm` (1024-aligned); one commit group.
+__device__ __forceinline__ void bw_wg_load_kv(unsigned char* sm, const bf16_t* __restrict__ k,
+                                              const bf16_t* __restrict__ v, i64 first_row, int g, int nk) {
+    load_rows_sw128<64, DK, 128>(sm, k + (first_row * HKV + g) * DK, nk, [&](int r) { return (i64)r * HKV * DK; });
+    load_rows_sw128<64, DV, 128>(sm + 64 * DK * 2, v + (first_row * HKV + g) * DV, nk,
+                                 [&](int r) { return (i64)r * HKV * DV; });
+    cp_async_commit();
+}
+
+// One row step on wgmma: S^T and dP^T issued together, P computed while dP^T runs, dV issued as
+// soon as P is packed, dK after dS. Returns with every wgmma of the step complete.
+template <class Ok>
+__device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos, const float* rlse,
+                                                const float* rdg, const float* rgate, const int* rt, Ok ok,
+                                                float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+    const int key0 = warp * 16;
+    float st[4][4], dpt[4][4];
+    wg_fence();
+    bw_wg_nt<DK>(st, ks, qs);
+    wg_commit();
+    bw_wg_nt<DV>(dpt, vs, dos);
+    wg_commit();
+    // the thread's 8 rows (columns of S^T): row = nt * 8 + gc + (e & 1)
+    float lse_r[8], dg_r[8], gate_r[8];
+    int t_r[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int row = (j >> 1) * 8 + gc + (j & 1);
+        lse_r[j] = rlse[row];
+        dg_r[j] = rdg[row];
+        gate_r[j] = rgate[row];
+        t_r[j] = rt[row];
+    }
+    wg_wait<1>();
+    wg_pin(st);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = key0 + gr + 8 * (e >> 1), j = nt * 2 + (e & 1);
+            const int t = t_r[j];
+            const float p = (t >= 0 && ok(key, t)) ? exp2f(st[nt][e] * SCALE_LOG2 - lse_r[j]) : 0.f;
+            st[nt][e] = gate_r[j] * p;
+        }
+    u32 pa[BW_RT / 16][4];
+    bw_wg_frags(pa, st);
+    wg_fence();
+    bw_wg_acc<DV>(dv, pa, dos);
+    wg_commit();
+    wg_wait<1>();   // dP^T (older than the dV group) is complete
+    wg_pin(dpt);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int j = nt * 2 + (e & 1);
+            dpt[nt][e] = st[nt][e] * (dpt[nt][e] - dg_r[j]);
+        }
+    u32 da[BW_RT / 16][4];
+    bw_wg_frags(da, dpt);
+    wg_fence();
+    bw_wg_acc<DK>(dk, da, qs);
+    wg_commit();
+    wg_wait<0>();
+    wg_pin(dk);
+    wg_pin(dv);
+}
+
+// bw_dkdv_rows on wgmma: the K/V tile (bw_wg_load_kv, committed before) at `sm`, the same
+// virtual rows, double-buffered row steps, metadata and masks.
+template <class TokOf, class TOf, class Ok>
+__device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t* __restrict__ q,
+                                                const bf16_t* __restrict__ dO, const float* __restrict__ lse,
+                                                const float* __restrict__ dg, const float* __restrict__ gate,
+                                                int g, int nrows_total, TokOf tok_of, TOf t_of, Ok ok,
+                                                float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
+    unsigned char* rowbuf = sm + BW_WG_KV_BYTES;
+    const int tid = threadIdx.x;
+    auto Qb = [&](int b) { return rowbuf + b * BW_WG_ROW_BYTES; };
+    auto dOb = [&](int b) { return Qb(b) + BW_RT * DK * 2; };
+    auto meta = [&](int b) { return (float*)(rowbuf + 2 * BW_WG_ROW_BYTES + b * BW_RT * 16); };
+    auto stage = [&](int rho0, int b) {
+        const int nrows = min(BW_RT, nrows_total - rho0);
+        auto qrow = [&](int r) {
+            const int rho = rho0 + r;
+            return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
+        };
+        load_rows_sw128<BW_RT, DK, 128>(Qb(b), q, nrows, [&](int r) { return qrow(r) * DK; });
+        load_rows_sw128<BW_RT, DV, 128>(dOb(b), dO, nrows, [&](int r) { return qrow(r) * DV; });
+        cp_async_commit();
+        if (tid < BW_RT) {
+            float* m = meta(b);
+            if (tid < nrows) {
+                const i64 qr = qrow(tid);
+                m[tid] = lse[qr];
+                m[BW_RT + tid] = dg[qr];
+                m[2 * BW_RT + tid] = gate[qr];
+                ((int*)m)[3 * BW_RT + tid] = t_of(tok_of((rho0 + tid) / G));
+            } else {
+                m[tid] = 0.f;
+                m[BW_RT + tid] = 0.f;
+                m[2 * BW_RT + tid] = 0.f;
+                ((int*)m)[3 * BW_RT + tid] = -1;
+            }
+        }
+    };
+    const u32 ks = smem_addr(sm), vs = ks + 64 * DK * 2;
+    if (nrows_total > 0) stage(0, 0);
+    for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += BW_RT) {
+        const int b = i & 1;
+        if (rho0 + BW_RT < nrows_total) {
+            stage(rho0 + BW_RT, b ^ 1);
+            bw_cp_async_wait_1();
+        } else {
+            cp_async_wait_all();
+        }
+        fence_proxy_async();   // this thread's cp.async writes, before the wgmmas read them
+        __syncthreads();       // step i's rows and metadata are visible
+        const float* m = meta(b);
+        bw_wg_dkdv_step(ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + BW_RT, m + 2 * BW_RT,
+                        (const int*)(m + 3 * BW_RT), ok, dk, dv);
+        __syncthreads();   // buffer b is free for step i + 2
+    }
+}
+
+// ---- row-major dQ pass on wgmma (cmp_bwd_dq_saved, win_bwd_dq_saved) ----
+// One CTA = one warpgroup and 64 query rows (warp w: rows 16w .. 16w + 15, as on mma.sync), the
+// statistics from the forward (SAVED mode only; the recompute mode keeps mma.sync). Per key tile:
+//   S  (64 rows x 64 keys) = Q K^T     SS, K-major, m64n64k16 (wg_qk)
+//   dP (64 rows x 64 keys) = dO V^T    SS, K-major, m64n64k16
+//   dS = g * P * (dP - dg)             registers
+//   dQ += dS K                         RS, K tile read MN-major, m64n{64,128}k16
+// Shared memory (from the 1024-aligned base): Q [64 x DK], dO [64 x DV], two K/V tile buffers.
+#define BW_WG_Q_BYTES (64 * (DK + DV) * 2)
+
+// S (64 x 64) = A B^T over D: A the swizzled [64 x D] tile at `a0`, B the swizzled [64 x D] tile
+// at `b0` (both K-major). Issues D / 16 wgmmas (caller fences / commits).
+template <int D>
+__device__ __forceinline__ void bw_wg_nt64(float (&s)[8][4], u32 a0, u32 b0) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const u32 a = a0 + (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+        const u32 b = b0 + (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+        if (kk == 0)
+            wg_ss_n64<0, 0>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
+        else
+            wg_ss_n64<1, 0>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
+    }
+}
+
+// bw_pipeline with swizzled tiles: walks the tiles of next(tile), double-buffered (2 stages),
+// calling fn(lo, hi, ks, vs) with the shared addresses of the tile's K and V.
+template <class Next, class Mask, class Fn>
+__device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_t* __restrict__ k,
+                                               const bf16_t* __restrict__ v, int g, Next next, Mask mask, Fn fn) {
+    auto Kb = [&](int b) { return kvbuf + b * BW_WG_KV_BYTES; };
+    auto load = [&](const BwTile& t, int b) {
+        load_rows_sw128<64, DK, 128>(Kb(b), k + (t.row * HKV + g) * DK, t.nk, [&](int r) { return (i64)r * HKV * DK; });
+        load_rows_sw128<64, DV, 128>(Kb(b) + 64 * DK * 2, v + (t.row * HKV + g) * DV, t.nk,
+                                     [&](int r) { return (i64)r * HKV * DV; });
+        cp_async_commit();
+    };
+    BwTile cur, nxt;
+    bool have = next(cur);
+    __syncthreads();   // earlier users of the buffers are done
+    if (have) load(cur, 0);
+    int b = 0;
+    while (have) {
+        const bool more = next(nxt);
+        if (more) {
+            load(nxt, b ^ 1);
+            bw_cp_async_wait_1();
+        } else {
+            cp_async_wait_all();
+        }
+        fence_proxy_async();
+        __syncthreads();
+        int lo[2], hi[2];
+        mask(cur, lo, hi);
+        const u32 ks = smem_addr(Kb(b));
+        fn(lo, hi, ks, ks + 64 * DK * 2);
+        __syncthreads();
+        cur = nxt;
+        have = more;
+        b ^= 1;
+    }
+}
+
+// dQ of one key tile on wgmma (bw_dq_tile's math); returns with its wgmmas complete.
+__device__ __forceinline__ void bw_wg_dq_tile(u32 qs, u32 dos, u32 ks, u32 vs, const int (&lo)[2],
+                                              const int (&hi)[2], const float (&lse)[2], const float (&dg)[2],
+                                              const float (&gt)[2], float (&dq)[DK / 8][4]) {
+    const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
+    float s[8][4], dp[8][4];
+    wg_fence();
+    bw_wg_nt64<DK>(s, qs, ks);
+    wg_commit();
+    bw_wg_nt64<DV>(dp, dos, vs);
+    wg_commit();
+    wg_wait<1>();
+    wg_pin(s);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1, key = nt * 8 + gc + (e & 1);
+            s[nt][e] = (key >= lo[i] && key < hi[i]) ? gt[i] * exp2f(s[nt][e] * SCALE_LOG2 - lse[i]) : 0.f;
+        }
+    wg_wait<0>();
+    wg_pin(dp);
+    u32 a[4][4];
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+        a[kc][0] = pack_bf16x2(s[2 * kc][0] * (dp[2 * kc][0] - dg[0]), s[2 * kc][1] * (dp[2 * kc][1] - dg[0]));
+        a[kc][1] = pack_bf16x2(s[2 * kc][2] * (dp[2 * kc][2] - dg[1]), s[2 * kc][3] * (dp[2 * kc][3] - dg[1]));
+        a[kc][2] = pack_bf16x2(s[2 * kc + 1][0] * (dp[2 * kc + 1][0] - dg[0]),
+                               s[2 * kc + 1][1] * (dp[2 * kc + 1][1] - dg[0]));
+        a[kc][3] = pack_bf16x2(s[2 * kc + 1][2] * (dp[2 * kc + 1][2] - dg[1]),
+                               s[2 * kc + 1][3] * (dp[2 * kc + 1][3] - dg[1]));
+    }
+    wg_fence();
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) bw_wg_rs(dq, a[kc], wg_desc(ks + kc * 16 * 128, 64 * 128, 1024));
+    wg_commit();
+    wg_wait<0>();
+    wg_pin(dq);
+}
+
+// The saved-statistics dQ pass of a row-major CTA on wgmma: Q / dO (loads committed by the
+// caller into `sm`), lse / dg from the forward, the tiles of for_tiles(fn) (bw_wg_pipeline);
+// writes dq (ACC: +=). The thread's rows are row0 + gr and row0 + gr + 8 as on mma.sync.
+template <bool ACC, class ForTiles>
+__device__ __forceinline__ void bw_wg_rows_dq(unsigned char* sm, const i64 (&qrow)[2], const bool (&valid)[2],
+                                              const float* __restrict__ gate, const float* __restrict__ lse_in,
+                                              const float* __restrict__ dg_in, float* __restrict__ dq_out,
+                                              ForTiles for_tiles) {
+    const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
+    float lse[2], dg[2], gt[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        lse[i] = valid[i] ? lse_in[qrow[i]] : POS_INF;
+        dg[i] = valid[i] ? dg_in[qrow[i]] : 0.f;
+        gt[i] = valid[i] ? gate[qrow[i]] : 0.f;
+    }
+    const u32 qs = smem_addr(sm), dos = qs + 64 * DK * 2;
+    float dq[DK / 8][4];
+    bw_zero<DK>(dq);
+    for_tiles([&](const int (&lo)[2], const int (&hi)[2], u32 ks, u32 vs) {
+        bw_wg_dq_tile(qs, dos, ks, vs, lo, hi, lse, dg, gt, dq);
+    });
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (!valid[i]) continue;
+        float* dst = dq_out + qrow[i] * DK;
+#pragma unroll
+        for (int nt = 0; nt < DK / 8; ++nt) {
+            float2* p = (float2*)(dst + nt * 8 + gc);
+            float2 v = make_float2(dq[nt][2 * i] * SCALE_NAT, dq[nt][2 * i + 1] * SCALE_NAT);
+            if (ACC) {
+                const float2 old = *p;
+                v.x += old.x;
+                v.y += old.y;
+            }
+            *p = v;
+        }
+    }
+}
+
+#endif  // BW_WG
