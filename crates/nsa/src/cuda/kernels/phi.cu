@@ -5,8 +5,11 @@
 //           x[src(m) + r, g, c] + pe[g, r, c]  (read straight from the raw K or V, never stored), or
 //   dense:  a hidden activation hin[g][m][k] (the MLP's second layer).
 // act = 1 applies SiLU. The result goes to a f32 hidden buffer [HKV][M][N] or, as bf16, to the
-// compressed K/V at [dst(m), g, :]. Plain f32 FMA tiles (64 x 64 per CTA, 4 x 4 per thread):
-// this is a few GFLOP next to the attention, so simplicity wins here.
+// compressed K/V at [dst(m), g, :]. A row with dst(m) = items[m].y < 0 is skipped (never written;
+// the decode cache launches over every sequence of a step and marks those that completed no
+// block this way), and a CTA whose rows are all skipped returns at once (the forward's rows all
+// have dst >= 0). Plain f32 FMA tiles (64 x 64 per CTA, 4 x 4 per thread): this is a few GFLOP
+// next to the attention, so simplicity wins here.
 
 #define GT_M 64
 #define GT_N 64
@@ -23,6 +26,11 @@ extern "C" __global__ void __launch_bounds__(256) phi_gemm(
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
     const float* Wg = W + (i64)g * Kd * N;
     const int l = Kd / D;
+    {
+        int live = 0;
+        for (int m = m0 + tid; m < min(M, m0 + GT_M); m += 256) live |= items[m].y >= 0;
+        if (!__syncthreads_or(live)) return;
+    }
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -65,7 +73,7 @@ extern "C" __global__ void __launch_bounds__(256) phi_gemm(
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int m = m0 + ty * 4 + i;
-        if (m >= M) continue;
+        if (m >= M || items[m].y < 0) continue;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int n = n0 + tx * 4 + j;
