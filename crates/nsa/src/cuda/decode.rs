@@ -13,14 +13,20 @@
 //!
 //! A page is head-major (`[HKV, PAGE, D]`), so the keys one KV group reads are contiguous runs.
 //! When a token completes a compression block (`t >= l-1` and `(t+1-l) % d == 0`) one compressed
-//! key and value (`phi` = mean) are computed from the ring and the new rows and appended; the
-//! cache is never re-compressed. `phi = linear | mlp` is `NsaError::Unsupported` on the GPU so far.
+//! key and value are computed from the last `l` raw tokens (ring and new rows) and appended; the
+//! cache is never re-compressed. `phi = mean` is computed by the write kernel itself; for
+//! `phi = linear | mlp` the write kernel copies the block's `l` raw tokens to a staging slot,
+//! the forward's `phi_gemm` (kernels/phi.cu, gather mode; weights from
+//! [`GpuDecodeCache::set_phi`]) maps them to bf16 outputs, and `decode_phi_put` copies those to
+//! the compressed pages.
 //! A sequence beyond `max_len`, or a pool with no free page, is `NsaError::CacheFull`.
 //!
 //! # A step
 //!
 //! Every step is five launches with no host synchronisation (capturable in a CUDA graph; the
-//! sequence positions live on the device and the write kernel advances them):
+//! sequence positions live on the device and the write kernel advances them; a learned `phi`
+//! adds its GEMMs and `decode_phi_put`, launched over all `B` sequences: the write kernel marks
+//! on the device which sequences completed a block, and the others' rows are skipped):
 //! `decode_write` (append + compress), `decode_attn_cw` (split-K over compressed tokens with the
 //! Eq. 9 partial scores), `decode_topn`, `decode_sel` (split-K over the selected blocks and the
 //! window), `decode_combine` (merge the splits, apply the gates). When a group has few
@@ -38,11 +44,11 @@
 
 pub mod bench;
 
-use super::{check_supported, driver_err, shape_of, CudaContext, Elem, Family, HostElem, Shape};
+use super::{check_shapes, driver_err, shape_of, CudaContext, Elem, Family, HostElem, Shape};
 use crate::blocks;
-use crate::config::NsaConfig;
+use crate::config::{NsaConfig, PhiKind};
 use crate::error::{NsaError, Result};
-use crate::inputs::{NsaInputs, NsaOutput, PhiParams};
+use crate::inputs::{NsaInputs, NsaOutput, PhiParams, PhiWeights};
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -52,6 +58,9 @@ pub const PAGE: usize = 64;
 const MAX_ROWS: usize = 1024;
 /// Most rows one launch of the write kernels takes.
 const WRITE_ROWS: usize = 8192;
+/// Most compressed tokens one prefill write launch makes with a learned `phi` (staging slots:
+/// `l` raw tokens each).
+const PHI_STAGE_ROWS: usize = 256;
 /// Padding of each row of the compressed kernel's logits buffer (`DEC_LPAD` in decode_attn.cu).
 const LOGITS_PAD: usize = 8;
 /// Upper bound of the attention kernels' static shared memory (reductions, page numbers,
@@ -201,6 +210,149 @@ struct Work {
     done: CudaSlice<i32>,
 }
 
+/// `phi` = linear / mlp weights on the device, f32, in the layout of [`PhiWeights`] (`[pe, w]`
+/// or `[pe, w1, b1, w2, b2]`), and the host values they hold.
+struct DecodePhi {
+    host: PhiParams<f32>,
+    k: Vec<CudaSlice<f32>>,
+    v: Vec<CudaSlice<f32>>,
+}
+
+/// Staging of the compressed tokens a learned `phi` makes in one launch (`cap` slots).
+struct PhiStage {
+    cap: usize,
+    /// `[cap * l, HKV, dk]`, `[cap * l, HKV, dv]`: the `l` raw tokens of each completed block
+    raw_k: CudaSlice<u16>,
+    raw_v: CudaSlice<u16>,
+    /// `[cap, HKV, dk]`, `[cap, HKV, dv]`: the `phi` outputs
+    out_k: CudaSlice<u16>,
+    out_v: CudaSlice<u16>,
+    /// `(m * l, m or -1)` per slot: the gather items of `phi_gemm`
+    items: CudaSlice<i32>,
+    /// `(sequence, compressed position or -1)` per slot
+    pdst: CudaSlice<i32>,
+    /// staging slot of each written row (prefill), -1 where the row completes no block
+    slot: CudaSlice<i32>,
+    /// `[HKV, cap, hidden]` hidden activations of the MLP
+    hbuf: CudaSlice<f32>,
+}
+
+/// The staging plan of one prefill write launch with a learned `phi`, for its rows `(b, t)`:
+/// the slot of each row (-1 where `t` completes no compression block), and per slot the
+/// `phi_gemm` gather item `(m * l, m)` and the destination `(b, compressed index)`. Exactly the
+/// blocks whose last token is among the rows are made: old blocks are never re-compressed.
+fn phi_stage_plan(rows: &[(usize, usize)], l: usize, d: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut slots = Vec::with_capacity(rows.len());
+    let (mut items, mut pdst) = (Vec::new(), Vec::new());
+    for &(b, t) in rows {
+        if completes_block(t, l, d) {
+            let m = items.len() / 2;
+            slots.push(m as i32);
+            items.extend([(m * l) as i32, m as i32]);
+            pdst.extend([b as i32, ((t + 1 - l) / d) as i32]);
+        } else {
+            slots.push(-1);
+        }
+    }
+    (slots, items, pdst)
+}
+
+/// Splits the written rows (positions `ts`) into launches of at most [`WRITE_ROWS`] rows and,
+/// with a learned `phi` (`Some((l, d))`), at most [`PHI_STAGE_ROWS`] completed blocks.
+fn write_launches(ts: &[usize], learned: Option<(usize, usize)>) -> Vec<std::ops::Range<usize>> {
+    let mut launches = Vec::new();
+    let (mut start, mut made) = (0, 0);
+    for (i, &t) in ts.iter().enumerate() {
+        let c = learned.is_some_and(|(l, d)| completes_block(t, l, d));
+        if i - start == WRITE_ROWS || (c && made == PHI_STAGE_ROWS) {
+            launches.push(start..i);
+            (start, made) = (i, 0);
+        }
+        made += c as usize;
+    }
+    if start < ts.len() {
+        launches.push(start..ts.len());
+    }
+    launches
+}
+
+/// Whether token `t` is the last token of a compression block (SPEC.md: block `i` covers
+/// `[i*d, i*d + l)`).
+fn completes_block(t: usize, l: usize, d: usize) -> bool {
+    t + 1 >= l && (t + 1 - l).is_multiple_of(d)
+}
+
+/// One `phi` (linear: one `phi_gemm`; mlp: two) over `m` staged blocks of `l` raw tokens of head
+/// dim `d` on `stream` (the launches of the forward's `run_phi`, on any stream so that a step
+/// can be captured in a graph).
+struct PhiGemm<'a> {
+    f: &'a cudarc::driver::CudaFunction,
+    hkv: usize,
+    l: usize,
+    m: usize,
+    d: usize,
+    hidden: usize,
+}
+
+impl PhiGemm<'_> {
+    fn launch(
+        &self,
+        stream: &Arc<CudaStream>,
+        src: &CudaSlice<u16>,
+        w: &[CudaSlice<f32>],
+        hbuf: &mut CudaSlice<f32>,
+        items: &CudaSlice<i32>,
+        dst: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        let (m, d, hidden) = (self.m, self.d, self.hidden);
+        let gy = m.div_ceil(64);
+        if gy > 65535 {
+            return Err(NsaError::Unsupported(format!(
+                "phi GEMM over {m} compressed tokens (at most {} per call)",
+                65535 * 64
+            )));
+        }
+        let cfg = |n: usize| LaunchConfig {
+            grid_dim: (n.div_ceil(64) as u32, gy as u32, self.hkv as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let null = 0u64;
+        let (mi, di, lkd) = (m as i32, d as i32, (self.l * d) as i32);
+        let (one, zero) = (1i32, 0i32);
+        match w {
+            [pe, w] => {
+                // linear: dst = flatten(x + pe) @ w
+                let mut b = stream.launch_builder(self.f);
+                b.arg(src).arg(pe).arg(&null).arg(items);
+                b.arg(&mi).arg(&di).arg(&lkd).arg(&di).arg(&one);
+                b.arg(w).arg(&null).arg(&zero).arg(&null).arg(dst);
+                // SAFETY: matches `phi_gemm`; null pointers are the unused operands; `src` holds
+                // m * l staged tokens, `dst` m outputs (items[i] = (i * l, i or -1)).
+                unsafe { b.launch(cfg(d)) }.map_err(driver_err)?;
+            }
+            [pe, w1, b1, w2, b2] => {
+                // mlp: h = silu(flatten(x + pe) @ w1 + b1); dst = h @ w2 + b2
+                let h = hidden as i32;
+                let mut b = stream.launch_builder(self.f);
+                b.arg(src).arg(pe).arg(&null).arg(items);
+                b.arg(&mi).arg(&h).arg(&lkd).arg(&di).arg(&one);
+                b.arg(w1).arg(b1).arg(&one).arg(&mut *hbuf).arg(&null);
+                // SAFETY: as above; `hbuf` holds [HKV, m, hidden] (launch_phi checked).
+                unsafe { b.launch(cfg(hidden)) }.map_err(driver_err)?;
+                let mut b = stream.launch_builder(self.f);
+                b.arg(src).arg(&null).arg(&*hbuf).arg(items);
+                b.arg(&mi).arg(&di).arg(&h).arg(&di).arg(&zero);
+                b.arg(w2).arg(b2).arg(&zero).arg(&null).arg(dst);
+                // SAFETY: as above.
+                unsafe { b.launch(cfg(d)) }.map_err(driver_err)?;
+            }
+            _ => return Err(NsaError::Cuda(format!("phi weights: {} tensors", w.len()))),
+        }
+        Ok(())
+    }
+}
+
 fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
     buf: &mut CudaSlice<T>,
@@ -236,6 +388,9 @@ pub struct GpuDecodeCache {
     /// `[B]` positions on the device (advanced by the step's write kernel)
     lens_dev: CudaSlice<i32>,
     work: Work,
+    /// learned `phi` weights ([`GpuDecodeCache::set_phi`]; `None` for mean or until set)
+    phi: Option<DecodePhi>,
+    stage: PhiStage,
     sms: usize,
     cc_cap: usize,
     attn_smem_max: usize,
@@ -247,7 +402,9 @@ pub struct GpuDecodeCache {
 impl GpuDecodeCache {
     /// An empty cache for `batch` sequences of at most `max_len` tokens each, with a shared pool
     /// of `pool_tokens` raw tokens (rounded up to pages). Fails with `Unsupported` for shapes the
-    /// kernels do not take (see [`check_supported`]) and `OutOfMemory` when the pools do not fit.
+    /// kernels do not take (see [`check_shapes`]) and `OutOfMemory` when the pools do not fit.
+    /// With `phi = linear | mlp` the weights come from [`GpuDecodeCache::set_phi`] (which
+    /// [`prefill`] and [`step`] call with theirs).
     /// K/V are kept in bf16 ([`GpuDecodeCache::new_in`] chooses the element type).
     pub fn new(
         ctx: &CudaContext,
@@ -274,7 +431,7 @@ impl GpuDecodeCache {
         pool_tokens: usize,
         elem: Elem,
     ) -> Result<Self> {
-        check_supported(cfg, dk, dv)?;
+        check_shapes(cfg, dk, dv)?;
         if batch == 0 {
             return Err(NsaError::ZeroSize("decode batch"));
         }
@@ -370,12 +527,97 @@ impl GpuDecodeCache {
             lens: vec![0; batch],
             lens_dev: s.alloc_zeros::<i32>(batch).map_err(driver_err)?,
             work,
+            phi: None,
+            stage: PhiStage {
+                cap: 0,
+                raw_k: zeros(1)?,
+                raw_v: zeros(1)?,
+                out_k: zeros(1)?,
+                out_v: zeros(1)?,
+                items: s.alloc_zeros::<i32>(2).map_err(driver_err)?,
+                pdst: s.alloc_zeros::<i32>(2).map_err(driver_err)?,
+                slot: s.alloc_zeros::<i32>(1).map_err(driver_err)?,
+                hbuf: s.alloc_zeros::<f32>(1).map_err(driver_err)?,
+            },
             sms,
             cc_cap,
             attn_smem_max,
             poison: false,
             marks: None,
         })
+    }
+
+    /// Uploads the `phi` weights (needed when `cfg.phi` is linear or mlp; a no-op for mean), as
+    /// [`super::DeviceInputs::set_phi`] does for the forward. Weights equal to the ones held are
+    /// not uploaded again; new ones of the same shapes are copied into the same device buffers
+    /// (so CUDA graphs captured from [`Self::step_launch`] see them).
+    pub fn set_phi(&mut self, ctx: &CudaContext, phi: &PhiParams<f32>) -> Result<()> {
+        phi.validate(&self.cfg, self.dk, self.dv)?;
+        if self.cfg.phi == PhiKind::Mean {
+            return Ok(());
+        }
+        if self.phi.as_ref().is_some_and(|p| p.host == *phi) {
+            return Ok(());
+        }
+        let parts = |w: &PhiWeights<f32>| -> Vec<Vec<f32>> {
+            match w {
+                PhiWeights::Mean => vec![],
+                PhiWeights::Linear { pe, w } => vec![pe.clone(), w.clone()],
+                PhiWeights::Mlp { pe, w1, b1, w2, b2 } => {
+                    vec![pe.clone(), w1.clone(), b1.clone(), w2.clone(), b2.clone()]
+                }
+            }
+        };
+        let (pk, pv) = (parts(&phi.k), parts(&phi.v));
+        let s = &ctx.stream;
+        let same_shapes = |dev: &[CudaSlice<f32>], host: &[Vec<f32>]| {
+            dev.len() == host.len() && dev.iter().zip(host).all(|(a, b)| a.len() == b.len())
+        };
+        match &mut self.phi {
+            Some(p) if same_shapes(&p.k, &pk) && same_shapes(&p.v, &pv) => {
+                for (dev, host) in p.k.iter_mut().zip(&pk).chain(p.v.iter_mut().zip(&pv)) {
+                    s.memcpy_htod(host, dev).map_err(driver_err)?;
+                }
+                p.host = phi.clone();
+            }
+            _ => {
+                let up = |host: &[Vec<f32>]| -> Result<Vec<CudaSlice<f32>>> {
+                    host.iter()
+                        .map(|h| s.clone_htod(h).map_err(driver_err))
+                        .collect()
+                };
+                self.phi = Some(DecodePhi {
+                    host: phi.clone(),
+                    k: up(&pk)?,
+                    v: up(&pv)?,
+                });
+            }
+        }
+        // the MLP's hidden buffer follows the hidden width
+        let cap = self.stage.cap;
+        self.ensure_stage(s, cap, 1)
+    }
+
+    /// Grows the staging of a learned `phi` to `cap` slots and `rows` written rows (no-op for
+    /// mean).
+    fn ensure_stage(&mut self, stream: &Arc<CudaStream>, cap: usize, rows: usize) -> Result<()> {
+        if self.cfg.phi == PhiKind::Mean {
+            return Ok(());
+        }
+        let (hkv, l, dk, dv) = (self.cfg.kv_heads, self.cfg.cmp_block, self.dk, self.dv);
+        let hidden = self.phi.as_ref().map_or(0, |p| p.host.hidden);
+        let st = &mut self.stage;
+        let cap = cap.max(st.cap);
+        grow(stream, &mut st.raw_k, cap * l * hkv * dk)?;
+        grow(stream, &mut st.raw_v, cap * l * hkv * dv)?;
+        grow(stream, &mut st.out_k, cap * hkv * dk)?;
+        grow(stream, &mut st.out_v, cap * hkv * dv)?;
+        grow(stream, &mut st.items, 2 * cap)?;
+        grow(stream, &mut st.pdst, 2 * cap)?;
+        grow(stream, &mut st.slot, rows)?;
+        grow(stream, &mut st.hbuf, hkv * cap * hidden)?;
+        st.cap = cap;
+        Ok(())
     }
 
     /// Number of sequences `B`.
@@ -612,6 +854,7 @@ impl GpuDecodeCache {
         let f_ring = self.f(ctx, "decode_ring", 0)?;
         let (maxp_raw, maxp_cmp) = (self.raw.maxp as i32, self.cmp.maxp as i32);
         let mode = step_mode as i32;
+        let phi_stage = (self.cfg.phi != PhiKind::Mean) as i32;
         let cfg1 = |rows: usize| LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (128, 1, 1),
@@ -640,9 +883,17 @@ impl GpuDecodeCache {
             .arg(&mut self.k_cmp)
             .arg(&mut self.v_cmp)
             .arg(&mut self.ring_k)
-            .arg(&mut self.ring_v);
+            .arg(&mut self.ring_v)
+            .arg(&phi_stage)
+            .arg(&self.stage.slot)
+            .arg(&mut self.stage.items)
+            .arg(&mut self.stage.pdst)
+            .arg(&mut self.stage.raw_k)
+            .arg(&mut self.stage.raw_v);
         // SAFETY: matches `decode_write`; every row's pages were reserved (PageTable::ensure) and
-        // the tables synced before this launch; rows < the work buffers' capacity.
+        // the tables synced before this launch; rows < the work buffers' capacity; with a learned
+        // phi the staging holds `rows` slots in step mode (ensure_stage) and the uploaded plan's
+        // slots in prefill.
         unsafe { b.launch(cfg1(rows)) }.map_err(driver_err)?;
         if !step_mode {
             let mut b = stream.launch_builder(&f_ring);
@@ -654,6 +905,67 @@ impl GpuDecodeCache {
             // SAFETY: matches `decode_ring`.
             unsafe { b.launch(cfg1(rows)) }.map_err(driver_err)?;
         }
+        Ok(())
+    }
+
+    /// Learned `phi`: the weights are set and the staging holds `m` slots.
+    fn check_phi_ready(&self, m: usize) -> Result<()> {
+        let ph = self.phi.as_ref().ok_or_else(|| {
+            NsaError::MissingTensor("phi weights (GpuDecodeCache::set_phi)".into())
+        })?;
+        let st = &self.stage;
+        if m > st.cap || st.hbuf.len() < self.cfg.kv_heads * m * ph.host.hidden {
+            return Err(NsaError::Decode(format!(
+                "the phi staging holds {} slots, {m} needed (prepare_steps)",
+                st.cap
+            )));
+        }
+        Ok(())
+    }
+
+    /// Learned `phi`: the GEMMs over the `m` staging slots of the last write launch (slots
+    /// marked -1 are skipped) and `decode_phi_put` into the compressed pages.
+    fn launch_phi(&mut self, ctx: &CudaContext, stream: &Arc<CudaStream>, m: usize) -> Result<()> {
+        self.check_phi_ready(m)?;
+        let ph = self.phi.as_ref().expect("checked");
+        let hidden = ph.host.hidden;
+        let (hkv, l) = (self.cfg.kv_heads, self.cfg.cmp_block);
+        let st = &mut self.stage;
+        let f = ctx.named_function(Family::Phi, "phi_gemm", &self.shape, 0)?;
+        let f_put = ctx.named_function(Family::Decode, "decode_phi_put", &self.shape, 0)?;
+        for (src, w, dst, d) in [
+            (&st.raw_k, &ph.k, &mut st.out_k, self.dk),
+            (&st.raw_v, &ph.v, &mut st.out_v, self.dv),
+        ] {
+            let gemm = PhiGemm {
+                f: &f,
+                hkv,
+                l,
+                m,
+                d,
+                hidden,
+            };
+            gemm.launch(stream, src, w, &mut st.hbuf, &st.items, dst)?;
+        }
+        let maxp_cmp = self.cmp.maxp as i32;
+        let mut b = stream.launch_builder(&f_put);
+        b.arg(&st.pdst)
+            .arg(&st.out_k)
+            .arg(&st.out_v)
+            .arg(&self.cmp.dev)
+            .arg(&maxp_cmp)
+            .arg(&mut self.k_cmp)
+            .arg(&mut self.v_cmp);
+        // SAFETY: matches `decode_phi_put`; `m` <= the staging slots; every destination's
+        // compressed page was reserved and the table synced.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (m as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(driver_err)?;
         Ok(())
     }
 
@@ -820,7 +1132,7 @@ impl GpuDecodeCache {
     ) -> Result<()> {
         x.validate(cfg)?;
         phi.validate(cfg, x.dk, x.dv)?;
-        check_supported(cfg, x.dk, x.dv)?;
+        check_shapes(cfg, x.dk, x.dv)?;
         if x.dk != self.dk || x.dv != self.dv {
             return Err(NsaError::Decode(format!(
                 "inputs have dk={}, dv={} but the cache was made for dk={}, dv={}",
@@ -917,8 +1229,9 @@ impl GpuDecodeCache {
 
     /// One decode step of every sequence on `stream`, from the tokens already in the work
     /// buffers (row b = sequence b): no allocation, no upload, no host synchronisation, so it can
-    /// be captured in a CUDA graph. Pages must be reserved ([`Self::reserve`]) and `sp` planned
-    /// for the longest context the launches will see. The host's copy of the lengths is not
+    /// be captured in a CUDA graph. Pages must be reserved ([`Self::reserve`]), `sp` planned
+    /// for the longest context the launches will see, and a learned `phi`'s weights set
+    /// ([`Self::set_phi`]) before [`Self::prepare_steps`]. The host's copy of the lengths is not
     /// advanced (see [`Self::advance_host`]).
     pub fn step_launch(
         &mut self,
@@ -926,8 +1239,15 @@ impl GpuDecodeCache {
         stream: &Arc<CudaStream>,
         sp: &Splits,
     ) -> Result<()> {
+        if self.cfg.phi != PhiKind::Mean {
+            // before the write kernel, which stages the blocks of all B rows
+            self.check_phi_ready(self.batch)?;
+        }
         self.mark(0, stream)?;
         self.launch_write(ctx, stream, self.batch, true)?;
+        if self.cfg.phi != PhiKind::Mean {
+            self.launch_phi(ctx, stream, self.batch)?;
+        }
         self.mark(1, stream)?;
         self.launch_attention(ctx, stream, self.batch, sp)
     }
@@ -982,6 +1302,7 @@ impl GpuDecodeCache {
         let s = ctx.stream.clone();
         self.sync_tables(&s)?;
         self.ensure_work(&s, self.batch, sp)?;
+        self.ensure_stage(&s, self.batch, 1)?;
         s.synchronize().map_err(driver_err)
     }
 
@@ -1045,6 +1366,7 @@ pub fn prefill(
 ) -> Result<NsaOutput<f32>> {
     let cfg = cache.cfg.clone();
     cache.check_inputs(x, &cfg, phi)?;
+    cache.set_phi(ctx, phi)?;
     if seq_ids.len() != x.num_seqs() {
         return Err(NsaError::Decode(format!(
             "{} sequence ids for {} sequences of inputs",
@@ -1102,10 +1424,31 @@ pub fn prefill(
             }
         }
     }
-    for chunk in wrows.chunks(WRITE_ROWS) {
+    // (a learned phi also bounds the compressed tokens of a launch: its staging slots)
+    let (l, d) = (cfg.cmp_block, cfg.cmp_stride);
+    let learned = cfg.phi != PhiKind::Mean;
+    let positions: Vec<usize> = wrows.iter().map(|w| w.2).collect();
+    for range in write_launches(&positions, learned.then_some((l, d))) {
+        let chunk = &wrows[range];
         let rows: Vec<usize> = chunk.iter().map(|w| w.0).collect();
         cache.ensure_rows(&s, rows.len())?;
         cache.upload_tokens(ctx, x, &rows)?;
+        let mut n_phi = 0;
+        if learned {
+            let bt: Vec<(usize, usize)> = chunk.iter().map(|w| (w.1, w.2)).collect();
+            let (slots, items, pdst) = phi_stage_plan(&bt, l, d);
+            n_phi = items.len() / 2;
+            cache.ensure_stage(&s, n_phi, rows.len())?;
+            let st = &mut cache.stage;
+            s.memcpy_htod(&slots, &mut st.slot.slice_mut(0..slots.len()))
+                .map_err(driver_err)?;
+            if n_phi > 0 {
+                s.memcpy_htod(&items, &mut st.items.slice_mut(0..items.len()))
+                    .map_err(driver_err)?;
+                s.memcpy_htod(&pdst, &mut st.pdst.slice_mut(0..pdst.len()))
+                    .map_err(driver_err)?;
+            }
+        }
         // (b, t, first position of b in this launch, one past its last)
         let mut span = std::collections::HashMap::new();
         for &(_, b, t) in chunk {
@@ -1121,6 +1464,9 @@ pub fn prefill(
         let mut view = cache.work.wdesc.slice_mut(0..wd.len());
         s.memcpy_htod(&wd, &mut view).map_err(driver_err)?;
         cache.launch_write(ctx, &s, rows.len(), false)?;
+        if n_phi > 0 {
+            cache.launch_phi(ctx, &s, n_phi)?;
+        }
     }
     for (k, &b) in seq_ids.iter().enumerate() {
         cache.lens[b] += x.seq_range(k).len();
@@ -1163,6 +1509,7 @@ pub fn step(
 ) -> Result<NsaOutput<f32>> {
     let cfg = cache.cfg.clone();
     cache.check_inputs(x, &cfg, phi)?;
+    cache.set_phi(ctx, phi)?;
     let batch = cache.batch;
     let one_each: Vec<usize> = (0..=batch).collect();
     if x.cu_seqlens != one_each {
@@ -1179,6 +1526,7 @@ pub fn step(
     let max_ctx = cache.lens.iter().max().unwrap() + 1;
     let sp = cache.plan(batch, max_ctx)?;
     cache.ensure_work(&s, batch, &sp)?;
+    cache.ensure_stage(&s, batch, 1)?;
     let rows: Vec<usize> = (0..batch).collect();
     cache.upload_tokens(ctx, x, &rows)?;
     let wd: Vec<i32> = (0..batch).flat_map(|b| [b as i32, 0, 0, 0]).collect();
@@ -1223,7 +1571,7 @@ pub fn replay_with<T: HostElem>(
     }
     x.validate(cfg)?;
     phi.validate(cfg, x.dk, x.dv)?;
-    check_supported(cfg, x.dk, x.dv)?;
+    check_shapes(cfg, x.dk, x.dv)?;
     let (hq, hkv, n, dv) = (cfg.heads, cfg.kv_heads, cfg.sel_count, x.dv);
     let batch = x.num_seqs();
     let longest = (0..batch).map(|b| x.seq_range(b).len()).max().unwrap_or(0);
@@ -1288,4 +1636,93 @@ pub fn replay_with<T: HostElem>(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Launch-sized pieces of random chunks of several sequences: the plan makes exactly the
+    /// blocks that complete inside each piece (every one of them once, none of the older ones),
+    /// in slot order, each gathered from its own `l` staged rows.
+    #[test]
+    fn phi_stage_plan_makes_each_new_block_once() {
+        let mut rng = StdRng::seed_from_u64(0x5eed_0007);
+        for (l, d) in [(32, 16), (48, 16), (16, 16), (8, 2)] {
+            // (sequence, tokens already cached, chunk length)
+            let seqs: Vec<(usize, usize, usize)> = (0..4)
+                .map(|b| (b, rng.gen_range(0..200), rng.gen_range(1..300)))
+                .collect();
+            let rows: Vec<(usize, usize)> = seqs
+                .iter()
+                .flat_map(|&(b, s, n)| (s..s + n).map(move |t| (b, t)))
+                .collect();
+            let mut made = Vec::new();
+            let mut start = 0;
+            while start < rows.len() {
+                let end = (start + rng.gen_range(1..400)).min(rows.len());
+                let (slots, items, pdst) = phi_stage_plan(&rows[start..end], l, d);
+                assert_eq!(slots.len(), end - start);
+                let m = items.len() / 2;
+                assert_eq!(pdst.len(), 2 * m);
+                for (i, &slot) in slots.iter().enumerate() {
+                    let (b, t) = rows[start + i];
+                    if slot < 0 {
+                        assert!(!completes_block(t, l, d));
+                        continue;
+                    }
+                    let k = slot as usize;
+                    assert_eq!(items[2 * k..2 * k + 2], [(k * l) as i32, k as i32]);
+                    let ci = pdst[2 * k + 1] as usize;
+                    assert_eq!(pdst[2 * k], b as i32);
+                    // block ci covers [ci*d, ci*d + l): t is its last token
+                    assert_eq!(ci * d + l - 1, t);
+                    assert_eq!(blocks::cmp_visible(t, l, d), ci + 1);
+                    made.push((b, ci));
+                }
+                // slots are numbered in row order, 0 .. m
+                let used: Vec<i32> = slots.iter().copied().filter(|&s| s >= 0).collect();
+                assert_eq!(used, (0..m as i32).collect::<Vec<_>>());
+                start = end;
+            }
+            let mut want = Vec::new();
+            for &(b, s, n) in &seqs {
+                let old = blocks::cmp_blocks_in(s, l, d);
+                want.extend((old..blocks::cmp_blocks_in(s + n, l, d)).map(|ci| (b, ci)));
+            }
+            assert_eq!(made, want, "l {l} d {d}");
+        }
+    }
+
+    /// Write launches cover the rows in order, without gaps, within both limits.
+    #[test]
+    fn write_launches_bound_rows_and_staged_blocks() {
+        let (l, d) = (32, 16);
+        // one long sequence from 100, then one from 0: 20 000 rows, ~1250 blocks
+        let ts: Vec<usize> = (100..15_100).chain(0..5_000).collect();
+        for learned in [None, Some((l, d)), Some((16, 1))] {
+            let ls = write_launches(&ts, learned);
+            assert_eq!(ls.first().unwrap().start, 0);
+            assert_eq!(ls.last().unwrap().end, ts.len());
+            for w in ls.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            for r in &ls {
+                assert!(!r.is_empty() && r.len() <= WRITE_ROWS);
+                let made = ts[r.clone()]
+                    .iter()
+                    .filter(|&&t| learned.is_some_and(|(l, d)| completes_block(t, l, d)))
+                    .count();
+                assert!(made <= PHI_STAGE_ROWS);
+            }
+            match learned {
+                None => assert_eq!(ls.len(), ts.len().div_ceil(WRITE_ROWS)),
+                // d = 1: every row past l - 1 completes a block
+                Some((_, 1)) => assert!(ls.len() >= (ts.len() - 30) / PHI_STAGE_ROWS),
+                Some(_) => assert!(ls.len() >= 1250 / PHI_STAGE_ROWS),
+            }
+        }
+        assert!(write_launches(&[], None).is_empty());
+    }
 }

@@ -11,9 +11,13 @@
 // A step (or a chunk of prefill rows) is a few launches, none of which needs the host:
 //   decode_write    appends each row's raw K/V to the pages; when its token completes a
 //                   compression block (t >= l-1, (t+1-l) % d == 0) computes the compressed token
-//                   (phi = mean of the last l raw tokens) from the ring and the new rows;
-//                   in step mode it also reads the position from `lens` and advances it.
+//                   (phi = mean of the last l raw tokens) from the ring and the new rows, or
+//                   (phi = linear / mlp) copies those l raw tokens to a staging slot for the
+//                   phi_gemm of kernels/phi.cu; in step mode it also reads the position from
+//                   `lens` and advances it.
 //   decode_ring     (prefill only) refreshes the ring with the chunk's last l tokens.
+//   decode_phi_put  (phi = linear / mlp) copies the staged phi_gemm outputs into the compressed
+//                   pages (rows of sequences that completed no block are skipped).
 //   decode_attn_cw  split-K attention over the compressed tokens (+ Eq. 9 partial scores);
 //                   one CTA = (row, KV group, key split). With fuse_topn the last CTA of each
 //                   (row, group) to finish also runs the top-n (no decode_topn launch).
@@ -91,6 +95,12 @@ __device__ __forceinline__ void dec_acc8(float (&a)[8], uint4 u) {
 // rows of one sequence are consecutive and in position order, so position p in [cs, t] is source
 // row row - (t - p); positions before cs come from the ring. In step mode (one row per sequence)
 // t = lens[b], cs = t, and the CTA advances lens[b] and writes both descriptors.
+// phi_stage (phi = linear / mlp): instead of the mean, the block's l raw compression-branch
+// tokens go to staging slot m ([M * l, HKV, D], rows m*l .. m*l + l - 1, the layout phi_gemm's
+// gather mode reads with items[m] = (m * l, m)). Prefill: m = stage_slot[row] (the launcher
+// numbered the completing rows and wrote items / pdst). Step mode: m = row, and the CTA writes
+// items[row] = (row * l, row or -1) and pdst[row] = (b, compressed index or -1), so that the
+// GEMMs and decode_phi_put, launched over all B rows, skip the sequences that completed no block.
 extern "C" __global__ void __launch_bounds__(128) decode_write(
     int4* __restrict__ wdesc, int4* __restrict__ adesc, int* __restrict__ lens, int step_mode,
     const int* __restrict__ raw_table, const int* __restrict__ cmp_table, int maxp_raw, int maxp_cmp,
@@ -99,7 +109,9 @@ extern "C" __global__ void __launch_bounds__(128) decode_write(
     const bf16_t* __restrict__ kw_src, const bf16_t* __restrict__ vw_src,
     bf16_t* __restrict__ ks_pool, bf16_t* __restrict__ vs_pool, bf16_t* __restrict__ kw_pool,
     bf16_t* __restrict__ vw_pool, bf16_t* __restrict__ kc_pool, bf16_t* __restrict__ vc_pool,
-    bf16_t* __restrict__ ring_k, bf16_t* __restrict__ ring_v) {
+    bf16_t* __restrict__ ring_k, bf16_t* __restrict__ ring_v, int phi_stage,
+    const int* __restrict__ stage_slot, int2* __restrict__ items, int2* __restrict__ pdst,
+    bf16_t* __restrict__ stage_k, bf16_t* __restrict__ stage_v) {
     const int row = blockIdx.x, tid = threadIdx.x;
     const int4 d = wdesc[row];
     const int b = d.x;
@@ -136,10 +148,32 @@ extern "C" __global__ void __launch_bounds__(128) decode_write(
         if (step_mode)
             *(uint4*)(ring_v + (((i64)b * CMP_L + t % CMP_L) * HKV + h) * DV + k) = *(const uint4*)(vc_src + src);
     }
-    // a completed compression block: mean of tokens t-l+1 .. t (the ring slot written above is
-    // that of token t - l, which the block does not read)
-    if (t + 1 >= CMP_L && (t + 1 - CMP_L) % CMP_D == 0) {
-        const int ci = (t + 1 - CMP_L) / CMP_D;
+    // a completed compression block: tokens t-l+1 .. t (the ring slot written above is that of
+    // token t - l, which the block does not read)
+    const bool completes = t + 1 >= CMP_L && (t + 1 - CMP_L) % CMP_D == 0;
+    const int ci = completes ? (t + 1 - CMP_L) / CMP_D : -1;
+    if (phi_stage && step_mode && tid == 0) {
+        items[row] = make_int2(row * CMP_L, completes ? row : -1);
+        pdst[row] = make_int2(b, ci);
+    }
+    if (completes && phi_stage) {
+        // phi = linear / mlp: stage the l raw tokens (token-major, as phi_gemm flattens them)
+        const int m = step_mode ? row : stage_slot[row];
+        for (int c = tid; c < CMP_L * HKV * (CK + CV); c += 128) {
+            const int r = c / (HKV * (CK + CV)), rem = c % (HKV * (CK + CV));
+            const int h = rem / (CK + CV), cc = rem % (CK + CV);
+            const bool is_k = cc < CK;
+            const int D = is_k ? DK : DV, off = (is_k ? cc : cc - CK) * 8;
+            const bf16_t* src = is_k ? kc_src : vc_src;
+            const bf16_t* ring = is_k ? ring_k : ring_v;
+            const int p = t - CMP_L + 1 + r;
+            const bf16_t* s = p >= cs ? src + ((i64)(row - (t - p)) * HKV + h) * D + off
+                                      : ring + (((i64)b * CMP_L + p % CMP_L) * HKV + h) * D + off;
+            *(uint4*)((is_k ? stage_k : stage_v) + (((i64)m * CMP_L + r) * HKV + h) * D + off) =
+                *(const uint4*)s;
+        }
+    } else if (completes) {
+        // phi = mean
         const int* ct = cmp_table + (i64)b * maxp_cmp;
         for (int c = tid; c < HKV * (CK + CV); c += 128) {
             const int h = c / (CK + CV), cc = c % (CK + CV);
@@ -162,6 +196,26 @@ extern "C" __global__ void __launch_bounds__(128) decode_write(
             res.w = pack_bf16x2(a[6] * inv, a[7] * inv);
             *(uint4*)((is_k ? kc_pool : vc_pool) + dec_page_off(ct, ci, h, D) + off) = res;
         }
+    }
+}
+
+// phi = linear / mlp, after the phi GEMMs: staged output m ([M, HKV, D] bf16, K and V) goes to
+// compressed position pdst[m].y of sequence pdst[m].x (skipped when pdst[m].y < 0).
+extern "C" __global__ void __launch_bounds__(128) decode_phi_put(
+    const int2* __restrict__ pdst, const bf16_t* __restrict__ out_k, const bf16_t* __restrict__ out_v,
+    const int* __restrict__ cmp_table, int maxp_cmp, bf16_t* __restrict__ kc_pool,
+    bf16_t* __restrict__ vc_pool) {
+    const int m = blockIdx.x;
+    const int2 dst = pdst[m];
+    if (dst.y < 0) return;
+    const int* ct = cmp_table + (i64)dst.x * maxp_cmp;
+    constexpr int CK = DK / 8, CV = DV / 8;
+    for (int c = threadIdx.x; c < HKV * (CK + CV); c += 128) {
+        const int h = c / (CK + CV), cc = c % (CK + CV);
+        const bool is_k = cc < CK;
+        const int D = is_k ? DK : DV, off = (is_k ? cc : cc - CK) * 8;
+        *(uint4*)((is_k ? kc_pool : vc_pool) + dec_page_off(ct, dst.y, h, D) + off) =
+            *(const uint4*)((is_k ? out_k : out_v) + ((i64)m * HKV + h) * D + off);
     }
 }
 
