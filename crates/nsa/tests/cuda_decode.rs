@@ -109,8 +109,8 @@ fn run_case_in(
     );
 }
 
-/// The decode family compiles for sm_90a at the shapes the tests and the benchmark use (NVRTC
-/// only); registers and spills are printed.
+/// The decode family (and the phi GEMM a learned phi adds to a step) compiles for sm_90a at the
+/// shapes the tests and the benchmark use (NVRTC only); registers and spills are printed.
 #[test]
 fn decode_kernels_compile() {
     let shape = |dk: usize, dv: usize, hq: usize, hkv: usize| {
@@ -143,6 +143,10 @@ fn decode_kernels_compile() {
         let c = cuda::compile(Family::Decode, &s, "sm_90a", &["--ptxas-options=-v"])
             .unwrap_or_else(|e| panic!("{s:?}: {e}"));
         assert!(!c.cubin.is_empty());
+        // a learned phi's GEMM (kernels/phi.cu) runs in the steps too
+        let p = cuda::compile(Family::Phi, &s, "sm_90a", &[])
+            .unwrap_or_else(|e| panic!("phi {s:?}: {e}"));
+        assert!(!p.cubin.is_empty());
         let report: Vec<&str> = c
             .log
             .lines()
@@ -290,12 +294,167 @@ fn cache_full_and_unsupported_are_typed_errors() {
         decode::step(&ctx, &mut cache, &three, &phi),
         Err(NsaError::Decode(_))
     ));
-    // phi = linear is not on the GPU yet
+    // phi = linear: the cache takes it, but only with linear weights
     let lin = cfg(4, 2).phi(PhiKind::Linear).build().unwrap();
+    let mut cache = decode::GpuDecodeCache::new(&ctx, &lin, 1, 64, 64, 100, 128).unwrap();
+    let x = NsaInputs::random(&lin, &[40], 64, 64, false, s ^ 4);
     assert!(matches!(
-        decode::GpuDecodeCache::new(&ctx, &lin, 1, 64, 64, 100, 128),
+        decode::prefill(&ctx, &mut cache, &[0], &x, &phi),
         Err(NsaError::Unsupported(_))
     ));
+    let mlp = PhiParams::random(&cfg(4, 2).phi(PhiKind::Mlp).build().unwrap(), 64, 64, 32, s);
+    assert!(matches!(
+        cache.set_phi(&ctx, &mlp),
+        Err(NsaError::Unsupported(_))
+    ));
+    assert_eq!(cache.lens(), &[0]);
+    let w = PhiParams::random(&lin, 64, 64, 0, s);
+    decode::prefill(&ctx, &mut cache, &[0], &x, &w).unwrap();
+    assert_eq!(cache.lens(), &[40]);
+}
+
+/// A learned `phi` through the cache with the sequences at different positions: prompts of
+/// different lengths prefilled in chunks (the first through the forward, the others through
+/// the decode rows), then `steps` batched steps, in which the sequences complete their
+/// compression blocks at different steps (the device-side flags of the step's phi GEMMs). Every
+/// row is compared with the float64 reference forward on the whole sequences.
+#[allow(clippy::too_many_arguments)]
+fn run_staggered(
+    name: &str,
+    cfg: &NsaConfig,
+    prompts: &[usize],
+    steps: usize,
+    chunk: usize,
+    dk: usize,
+    dv: usize,
+    hidden: usize,
+) {
+    let ctx = CudaContext::new(0).expect("a CUDA device");
+    let sd = seed();
+    let seqlens: Vec<usize> = prompts.iter().map(|p| p + steps).collect();
+    let x = round_bf16(&NsaInputs::random(cfg, &seqlens, dk, dv, false, sd));
+    let phi = PhiParams::random(cfg, dk, dv, hidden, sd ^ 7);
+    let batch = prompts.len();
+    let longest = *seqlens.iter().max().unwrap();
+    let pool: usize = seqlens
+        .iter()
+        .map(|l| l.next_multiple_of(decode::PAGE))
+        .sum();
+    let mut cache = decode::GpuDecodeCache::new(&ctx, cfg, batch, dk, dv, longest, pool).unwrap();
+    cache.set_poison(true);
+    let (hq, hkv, n) = (cfg.heads, cfg.kv_heads, cfg.sel_count);
+    let mut got_o = vec![f32::NAN; x.num_tokens() * hq * dv];
+    let mut got_sel = vec![i32::MIN; x.num_tokens() * hkv * n];
+    let mut put = |rows: &[usize], part: &nsa::NsaOutput<f32>| {
+        for (i, &r) in rows.iter().enumerate() {
+            got_o[r * hq * dv..(r + 1) * hq * dv]
+                .copy_from_slice(&part.o[i * hq * dv..(i + 1) * hq * dv]);
+            got_sel[r * hkv * n..(r + 1) * hkv * n]
+                .copy_from_slice(&part.sel_idx[i * hkv * n..(i + 1) * hkv * n]);
+        }
+    };
+    let longest_prompt = *prompts.iter().max().unwrap();
+    for c0 in (0..longest_prompt).step_by(chunk) {
+        let (mut rows, mut cu, mut ids) = (Vec::new(), vec![0], Vec::new());
+        for (b, &p) in prompts.iter().enumerate() {
+            let r = x.seq_range(b);
+            if c0 < p {
+                rows.extend(r.start + c0..r.start + (c0 + chunk).min(p));
+                cu.push(rows.len());
+                ids.push(b);
+            }
+        }
+        let part = decode::prefill(&ctx, &mut cache, &ids, &x.gather(&rows, cu), &phi).unwrap();
+        put(&rows, &part);
+    }
+    assert_eq!(cache.lens(), prompts);
+    for i in 0..steps {
+        let rows: Vec<usize> = (0..batch)
+            .map(|b| x.seq_range(b).start + prompts[b] + i)
+            .collect();
+        let one_each = (0..=batch).collect();
+        let part = decode::step(&ctx, &mut cache, &x.gather(&rows, one_each), &phi).unwrap();
+        put(&rows, &part);
+    }
+    assert_eq!(cache.lens(), seqlens.as_slice());
+    let x64 = x.map(|v| v as f64);
+    let phi64 = phi.map(|v| v as f64);
+    let want = reference::forward(cfg, &x64, &phi64).unwrap();
+    assert!(
+        got_o.iter().all(|v| v.is_finite()),
+        "{name}: non-finite output (unwritten?)"
+    );
+    assert!(
+        got_sel.iter().all(|&j| j >= -1),
+        "{name}: unwritten selection"
+    );
+    let differing = check_selection(cfg, &x64, &phi64, &want.sel_idx, &got_sel);
+    let mut want_o = want.o.clone();
+    patch_reference(cfg, &x64, &mut want_o, &differing, &want.sel_idx);
+    let err = rel_rms(&got_o, &want_o);
+    // the rows of the steps alone, and those of each sequence's decoded prompt chunks
+    let (mut sg, mut sw, mut cg, mut cw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (b, &p) in prompts.iter().enumerate() {
+        let r = x.seq_range(b);
+        for i in r.start + chunk.min(p)..r.end {
+            let (g, w) = if i >= r.start + p {
+                (&mut sg, &mut sw)
+            } else {
+                (&mut cg, &mut cw)
+            };
+            g.extend_from_slice(&got_o[i * hq * dv..(i + 1) * hq * dv]);
+            w.extend_from_slice(&want_o[i * hq * dv..(i + 1) * hq * dv]);
+        }
+    }
+    let serr = rel_rms(&sg, &sw);
+    let cerr = if cg.is_empty() {
+        0.0
+    } else {
+        rel_rms(&cg, &cw)
+    };
+    println!(
+        "{name}: {:?} prompts {prompts:?} + {steps} steps, chunk {chunk}, HQ {hq} HKV {hkv} dk {dk} dv {dv} hidden {hidden}: rel RMS {err:.3e} (step rows {serr:.3e}, decoded prompt rows {cerr:.3e}), max abs {:.3e}",
+        cfg.phi,
+        max_abs(&got_o, &want_o)
+    );
+    assert!(err < OUT_TOL, "{name}: relative RMS {err} over {OUT_TOL}");
+    assert!(
+        serr < OUT_TOL,
+        "{name}: step rows relative RMS {serr} over {OUT_TOL}"
+    );
+    assert!(
+        cerr < OUT_TOL,
+        "{name}: prompt rows relative RMS {cerr} over {OUT_TOL}"
+    );
+}
+
+#[test]
+fn phi_linear_group4_staggered_steps() {
+    // G = 4, l = 32 / d = 16: the three sequences complete blocks at different steps
+    let c = cfg(8, 2).phi(PhiKind::Linear).build().unwrap();
+    run_staggered("linear-g4", &c, &[300, 237, 91], 70, 128, 128, 128, 0);
+}
+
+#[test]
+fn phi_mlp_group2_dk128_dv64_staggered_steps() {
+    // G = 2, dk != dv, l = 48 / d = 16, more than one chunk through the decode rows
+    let c = cfg(4, 2)
+        .phi(PhiKind::Mlp)
+        .cmp_block(48)
+        .cmp_stride(16)
+        .sel_block(96)
+        .sel_count(5)
+        .window(128)
+        .build()
+        .unwrap();
+    run_staggered("mlp-g2", &c, &[410, 170, 333, 60], 53, 100, 128, 64, 96);
+}
+
+#[test]
+fn phi_mean_staggered_steps() {
+    // the same driver with phi = mean (the write kernel's own path)
+    let c = cfg(16, 4).sel_count(6).build().unwrap();
+    run_staggered("mean-g4", &c, &[260, 199, 33], 45, 96, 64, 64, 0);
 }
 
 /// The facade's decode replay on the GPU equals its forward on the GPU (same bf16 kernels for
