@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The project's benchmarks on the GPU host, side by side with the peers. Run from the repository
 # root on the GPU machine with gpu-pack/ (scripts/pack_gpu.sh) and .whl/ (scripts/fetch_wheels.sh)
-# carried along. Each part fits one 10-minute call of the device tool; run them back to back on
-# the same machine:
-#   WHAT=peers bash scripts/bench_gpu_host.sh   dense SDPA (cuDNN, flash) + fla NSA, forward and backward
-#   WHAT=gpu   bash scripts/bench_gpu_host.sh   dense decode peers, then our forward / backward / decode sweeps
-#   WHAT=cpu   bash scripts/bench_gpu_host.sh   our CPU sweeps (16 threads) + torch CPU forward+backward at 16k/32k
-#   append `tests` to run the CUDA test suites first.
+# carried along. WHAT is a comma-separated list of parts (default fwd,bwd,decode); run them in
+# calls of the device tool that each stay under 10 minutes, back to back on the same machine:
+#   tests   the CUDA test suites (~2.5 min)
+#   peers   dense SDPA (cuDNN, flash) + fla NSA, forward and backward (~9 min)
+#   fwd     our forward sweep (~1 min)        bwd  our backward sweep (~2 min)
+#   decode  dense + fla decode peers, then our decode sweep (~4.5 min)
+#   cpu     our CPU sweeps (16 threads) + torch CPU forward+backward at 16k/32k (~9.5 min)
 # Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
 # (override with PEERS_GPU / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB).
 # Writes everything under $OUT/results/ and packs it as $OUT/results.tgz (the device tool brings
@@ -16,40 +17,45 @@ OUT=${OUT:-/tmp/nsa-out}
 R=$OUT/results
 mkdir -p "$R"
 P=${PACK:-gpu-pack}
-WHAT=${WHAT:-gpu}
+WHAT=,${WHAT:-fwd,bwd,decode},
+has() { [[ $WHAT == *,$1,* ]]; }
 newest() { ls bench/results/$1-*.json 2>/dev/null | sort | tail -1; }
 export NSA_KERNEL_CACHE=/tmp/nsa-kernels PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 lscpu | grep -E "Model name|^CPU\(s\)" >> "$R/gpu.txt"
-if [[ ${1:-} == tests ]]; then
+if has tests; then
   OUT=$R timeout 150 bash $P/run_gpu.sh tests > "$R/gpu-tests.log" 2>&1
   grep -E "test result|FAILED|panicked" "$R/gpu-tests.log" | head -20
 fi
-if [[ $WHAT == peers ]]; then
+if has peers; then
   timeout 560 python3 bench/peers.py --device cuda --op forward,backward --budget-s 540 \
     --out "$R/peers-gpu.json" > "$R/peers-gpu.log" 2>&1
   grep -E "forward|backward" "$R/peers-gpu.log" | tail -40
 fi
-if [[ $WHAT == gpu ]]; then
-  PEERS_GPU=${PEERS_GPU:-$(newest peers-gpu)}
+PEERS_GPU=${PEERS_GPU:-$( [[ -f $R/peers-gpu.json ]] && echo $R/peers-gpu.json || newest peers-gpu)}
+if has fwd; then
+  timeout 80 $P/bin/nsa bench --device cuda --name h100-fwd --out-dir "$R" \
+    --peers "$PEERS_GPU" > "$R/h100-fwd.log" 2>&1
+  tail -3 "$R/h100-fwd.log"
+fi
+if has bwd; then
+  timeout 120 $P/bin/nsa bench --device cuda --ops backward --name h100-bwd --out-dir "$R" \
+    --peers "$PEERS_GPU" > "$R/h100-bwd.log" 2>&1
+  tail -3 "$R/h100-bwd.log"
+fi
+if has decode; then
   # dense (and fla) decode peers first, so that `nsa bench` can merge them
   timeout 170 python3 bench/peers.py --device cuda --op decode --gqa-groups "" --budget-s 150 \
     --out "$R/peers-decode.json" > "$R/peers-decode.log" 2>&1
   grep -E "decode" "$R/peers-decode.log" | tail -24
   PEERS_DECODE=${PEERS_DECODE:-$R/peers-decode.json}
-  timeout 80 $P/bin/nsa bench --device cuda --name h100-fwd --out-dir "$R" \
-    --peers "$PEERS_GPU" > "$R/h100-fwd.log" 2>&1
-  tail -3 "$R/h100-fwd.log"
-  timeout 120 $P/bin/nsa bench --device cuda --ops backward --name h100-bwd --out-dir "$R" \
-    --peers "$PEERS_GPU" > "$R/h100-bwd.log" 2>&1
-  tail -3 "$R/h100-bwd.log"
   timeout 100 $P/bin/nsa bench --device cuda --ops decode --name h100-decode --out-dir "$R" \
     --peers "$PEERS_DECODE" > "$R/h100-decode.log" 2>&1
   tail -3 "$R/h100-decode.log"
 fi
-if [[ $WHAT == cpu ]]; then
+if has cpu; then
   PEERS_CPU_FWD=${PEERS_CPU_FWD:-$(newest peers-cpu-fwd)}
   PEERS_CPU_FB=${PEERS_CPU_FB:-$(newest peers-cpu-fb)}
   # torch CPU forward+backward at the lengths the earlier peer file lacks (one rep each)
