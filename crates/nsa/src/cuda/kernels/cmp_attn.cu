@@ -299,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     const int ncmp = cmp_visible(tmax);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2;
 
-    load_rows_sw128<CMP_ROWS, DK, 128>(Qs, q, nrows, [&](int r) {
+    load_tile_sw128<CMP_ROWS, DK, 128>(Qs, q, nrows, [&](int r) {
         return ((i64)(start + t0 + r / G) * HQ + g * G + r % G) * DK;
     });
     cp_async_commit();
@@ -323,9 +323,9 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     zero_acc(o);
     auto issue = [&](int c0) {
         const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & 1;
-        load_rows_sw128<KT, DK, 128>(KVs + stage * STAGE_BYTES, kc + krow(c0), nk,
+        load_tile_sw128<KT, DK, 128>(KVs + stage * STAGE_BYTES, kc + krow(c0), nk,
                                      [&](int r) { return (i64)r * HKV * DK; });
-        load_rows_sw128<KT, DV, 128>(KVs + stage * STAGE_BYTES + K_BYTES, vc + vrow(c0), nk,
+        load_tile_sw128<KT, DV, 128>(KVs + stage * STAGE_BYTES + K_BYTES, vc + vrow(c0), nk,
                                      [&](int r) { return (i64)r * HKV * DV; });
         cp_async_commit();
     };

@@ -54,6 +54,30 @@ __device__ __forceinline__ void load_rows_sw128(unsigned char* dst, const bf16_t
     }
 }
 
+// load_rows_sw128 with each thread keeping one chunk column and stepping over rows (when the
+// thread count is a multiple of the chunks per row): the unrolled copies' addresses differ by
+// compile-time constants, no per-chunk index arithmetic, at the price of more live registers
+// (cmp_attn: 8.2 instead of 10.2 ms at 64k; cmp_topn keeps the loop above: its 157 registers
+// allow 3 CTAs per SM, 194 only 2).
+template <int ROWS, int D, int NTHREADS, class RowOff>
+__device__ __forceinline__ void load_tile_sw128(unsigned char* dst, const bf16_t* base, int nrows,
+                                                RowOff row_off) {
+    constexpr int CHUNKS = D / 8;
+    if constexpr (NTHREADS % CHUNKS == 0 && ROWS % (NTHREADS / CHUNKS) == 0) {
+        constexpr int RPI = NTHREADS / CHUNKS;   // rows per iteration
+        const int k = threadIdx.x % CHUNKS, r0 = threadIdx.x / CHUNKS;
+#pragma unroll
+        for (int it = 0; it < ROWS / RPI; ++it) {
+            const int r = r0 + it * RPI;
+            const bool ok = r < nrows;
+            const bf16_t* src = ok ? base + row_off(r) + k * 8 : base;
+            cp_async16(dst + sw128_off<ROWS>(r, k), src, ok ? 16 : 0);
+        }
+    } else {
+        load_rows_sw128<ROWS, D, NTHREADS>(dst, base, nrows, row_off);
+    }
+}
+
 // The first 1024-byte aligned address at or after p.
 __device__ __forceinline__ unsigned char* align1024(unsigned char* p) {
     const u32 a = smem_addr(p);
@@ -181,9 +205,9 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_selftest(const bf16_t* _
     unsigned char* Qs = align1024(smem_raw);
     unsigned char* Ks = Qs + ROWS * DK * 2;
     unsigned char* Vs = Ks + 64 * DK * 2;
-    load_rows_sw128<ROWS, DK, 128>(Qs, q, ROWS, [](int r) { return (i64)r * DK; });
-    load_rows_sw128<64, DK, 128>(Ks, k, 64, [](int r) { return (i64)r * DK; });
-    load_rows_sw128<64, DV, 128>(Vs, v, 64, [](int r) { return (i64)r * DV; });
+    load_tile_sw128<ROWS, DK, 128>(Qs, q, ROWS, [](int r) { return (i64)r * DK; });
+    load_tile_sw128<64, DK, 128>(Ks, k, 64, [](int r) { return (i64)r * DK; });
+    load_tile_sw128<64, DV, 128>(Vs, v, 64, [](int r) { return (i64)r * DV; });
     cp_async_commit();
     cp_async_wait_all();
     fence_proxy_async();
