@@ -12,6 +12,9 @@
 //   P^T = g * exp2(S^T * scale - lse), dS^T = P^T (dP^T - dg)   (registers, as on mma.sync)
 //   dV  += P^T dO                             RS (P^T as A fragments), dO read MN-major
 //   dK  += dS^T Q                             RS, Q read MN-major
+// dV / dK of step i stay in flight into step i + 1 (waited for after its S^T / dP^T are issued;
+// then a barrier and step i + 2's row loads into step i's buffer); -DBW_WG_NO_DEFER waits at the
+// end of each step instead.
 // The accumulator layout per warp is the mma.sync C layout, so bw_store_kv writes dK / dV
 // unchanged. Every sum runs in the same order on every run (no atomics): bitwise repeatable.
 
@@ -96,11 +99,14 @@ __device__ __forceinline__ void bw_wg_load_kv(unsigned char* sm, const bf16_t* _
 }
 
 // One row step on wgmma: S^T and dP^T issued together, P computed while dP^T runs, dV issued as
-// soon as P is packed, dK after dS. Returns with every wgmma of the step complete.
-template <class Ok>
+// soon as P is packed, dK after dS. DEFER = false: returns with every wgmma of the step
+// complete. DEFER = true: after issuing S^T / dP^T it waits for the previous step's dV / dK
+// (wg_wait<2>) and calls mid() (a barrier, then the next rows' loads into that step's buffer);
+// returns with this step's dV / dK still in flight (the caller waits after the last step).
+template <bool DEFER, class Ok, class Mid>
 __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos, const float* rlse,
                                                 const float* rdg, const float* rgate, const int* rt, Ok ok,
-                                                float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
+                                                Mid mid, float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
     const int key0 = warp * 16;
     float st[4][4], dpt[4][4];
@@ -119,6 +125,10 @@ __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos,
         dg_r[j] = rdg[row];
         gate_r[j] = rgate[row];
         t_r[j] = rt[row];
+    }
+    if (DEFER) {
+        wg_wait<2>();   // the previous step's dV / dK (older groups complete first)
+        mid();
     }
     wg_wait<1>();
     wg_pin(st);
@@ -150,9 +160,11 @@ __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos,
     wg_fence();
     bw_wg_acc<DK>(dk, da, qs);
     wg_commit();
-    wg_wait<0>();
-    wg_pin(dk);
-    wg_pin(dv);
+    if (!DEFER) {
+        wg_wait<0>();
+        wg_pin(dk);
+        wg_pin(dv);
+    }
 }
 
 // bw_dkdv_rows on wgmma: the K/V tile (bw_wg_load_kv, committed before) at `sm`, the same
@@ -195,6 +207,29 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
     };
     const u32 ks = smem_addr(sm), vs = ks + 64 * DK * 2;
     if (nrows_total > 0) stage(0, 0);
+#ifndef BW_WG_NO_DEFER
+    // (default; -DBW_WG_NO_DEFER: the v7 order, every step's products waited for at its end)
+    // step i + 1's rows load after step i's S^T / dP^T are issued and step i - 1's dV / dK
+    // (which read that buffer) are complete in every warp; dK of step i overlaps step i + 1
+    for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += BW_RT) {
+        const int b = i & 1;
+        cp_async_wait_all();
+        fence_proxy_async();   // this thread's cp.async writes, before the wgmmas read them
+        __syncthreads();       // step i's rows and metadata are visible
+        const float* m = meta(b);
+        bw_wg_dkdv_step<true>(
+            ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + BW_RT, m + 2 * BW_RT, (const int*)(m + 3 * BW_RT),
+            ok,
+            [&]() {
+                __syncthreads();   // every warp's step i - 1 products are done: buffer b ^ 1 is free
+                if (rho0 + BW_RT < nrows_total) stage(rho0 + BW_RT, b ^ 1);
+            },
+            dk, dv);
+    }
+    wg_wait<0>();
+    wg_pin(dk);
+    wg_pin(dv);
+#else
     for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += BW_RT) {
         const int b = i & 1;
         if (rho0 + BW_RT < nrows_total) {
@@ -206,10 +241,11 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
         fence_proxy_async();   // this thread's cp.async writes, before the wgmmas read them
         __syncthreads();       // step i's rows and metadata are visible
         const float* m = meta(b);
-        bw_wg_dkdv_step(ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + BW_RT, m + 2 * BW_RT,
-                        (const int*)(m + 3 * BW_RT), ok, dk, dv);
+        bw_wg_dkdv_step<false>(ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + BW_RT, m + 2 * BW_RT,
+                               (const int*)(m + 3 * BW_RT), ok, []() {}, dk, dv);
         __syncthreads();   // buffer b is free for step i + 2
     }
+#endif
 }
 
 // ---- row-major dQ pass on wgmma (cmp_bwd_dq_saved, win_bwd_dq_saved) ----
