@@ -133,8 +133,24 @@ pub fn machine_name(threads: usize) -> String {
 pub fn read_records(path: &Path) -> nsa::Result<Vec<BenchRecord>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| nsa::NsaError::Io(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| nsa::NsaError::Format(format!("{}: {e}", path.display())))
+    let mut records: Vec<BenchRecord> = serde_json::from_str(&text)
+        .map_err(|e| nsa::NsaError::Format(format!("{}: {e}", path.display())))?;
+    records.iter_mut().for_each(demote_dense_equivalent_tflops);
+    Ok(records)
+}
+
+/// Peer files of 2026-11-23 count a sparse peer's (fla-nsa) `tflops` as dense causal flops over
+/// its time ("dense-equivalent", said in its note). Next to our effective rates that column would
+/// read as a real flop rate, so such a value moves to `dense_equiv_tflops` and `tflops` is unset.
+fn demote_dense_equivalent_tflops(r: &mut BenchRecord) {
+    let note = r.extra.get("note").and_then(Value::as_str).unwrap_or("");
+    let dense_equiv = note.contains("dense-equivalent")
+        || r.notes.iter().any(|n| n.contains("dense-equivalent"));
+    if dense_equiv {
+        if let Some(t) = r.tflops.take() {
+            r.extra.insert("dense_equiv_tflops".into(), Value::from(t));
+        }
+    }
 }
 
 /// Fills `speedup` of every record that has a dense baseline (`impl == baseline`) of the same
@@ -305,6 +321,28 @@ mod tests {
         assert_eq!(back["impl"], "torch-cpu");
         assert_eq!(back["T"], 2048);
         assert_eq!(back["device"], "cpu");
+    }
+
+    #[test]
+    fn dense_equivalent_peer_rates_leave_the_tflops_column() {
+        let dir = std::env::temp_dir().join(format!("nsa-peers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("peers.json");
+        std::fs::write(
+            &path,
+            r#"[{"date":"d","machine":"m","op":"forward","impl":"fla-nsa","batch":1,"T":65536,
+            "heads":64,"kv_heads":4,"dk":128,"dv":128,"ms":57.3,"tflops":1228.8,
+            "note":"fla parallel_nsa; tflops counts dense causal flops (dense-equivalent)"},
+            {"date":"d","machine":"m","op":"forward","impl":"torch-sdpa-cudnn","batch":1,"T":65536,
+            "heads":64,"kv_heads":4,"dk":128,"dv":128,"ms":111.6,"tflops":630.4}]"#,
+        )
+        .unwrap();
+        let recs = read_records(&path).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(recs[0].tflops, None);
+        assert_eq!(recs[0].extra["dense_equiv_tflops"], Value::from(1228.8));
+        assert_eq!(recs[1].tflops, Some(630.4));
+        assert!(!recs[1].extra.contains_key("dense_equiv_tflops"));
     }
 
     #[test]
