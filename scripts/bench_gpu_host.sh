@@ -3,7 +3,7 @@
 # root on the GPU machine with gpu-pack/ (scripts/pack_gpu.sh) and .whl/ (scripts/fetch_wheels.sh)
 # carried along. WHAT is a comma-separated list of parts (default fwd,bwd,decode); run them in
 # calls of the device tool that each stay under 10 minutes, back to back on the same machine:
-#   tests   the CUDA test suites (~2.5 min)
+#   tests   the CUDA test suites (~3.5 min)
 #   peers   dense SDPA (cuDNN, flash) + fla NSA, forward and backward (~9 min)
 #   fwd     our forward sweep (~1 min)        bwd  our backward sweep (~2 min)
 #   decode  dense + fla decode peers, then our decode sweep (~4.5 min)
@@ -26,7 +26,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 lscpu | grep -E "Model name|^CPU\(s\)" >> "$R/gpu.txt"
 if has tests; then
-  OUT=$R timeout 150 bash $P/run_gpu.sh tests > "$R/gpu-tests.log" 2>&1
+  OUT=$R timeout 240 bash $P/run_gpu.sh tests > "$R/gpu-tests.log" 2>&1
   grep -E "test result|FAILED|panicked" "$R/gpu-tests.log" | head -20
 fi
 if has peers; then
