@@ -92,8 +92,8 @@ __device__ __forceinline__ void bw_wg_frags(u32 (&a)[BW_RT / 16][4], const float
 // tiles at `sm` (1024-aligned); one commit group.
 __device__ __forceinline__ void bw_wg_load_kv(unsigned char* sm, const bf16_t* __restrict__ k,
                                               const bf16_t* __restrict__ v, i64 first_row, int g, int nk) {
-    load_rows_sw128<64, DK, 128>(sm, k + (first_row * HKV + g) * DK, nk, [&](int r) { return (i64)r * HKV * DK; });
-    load_rows_sw128<64, DV, 128>(sm + 64 * DK * 2, v + (first_row * HKV + g) * DV, nk,
+    load_tile_sw128<64, DK, 128>(sm, k + (first_row * HKV + g) * DK, nk, [&](int r) { return (i64)r * HKV * DK; });
+    load_tile_sw128<64, DV, 128>(sm + 64 * DK * 2, v + (first_row * HKV + g) * DV, nk,
                                  [&](int r) { return (i64)r * HKV * DV; });
     cp_async_commit();
 }
@@ -186,8 +186,8 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
             const int rho = rho0 + r;
             return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
         };
-        load_rows_sw128<BW_RT, DK, 128>(Qb(b), q, nrows, [&](int r) { return qrow(r) * DK; });
-        load_rows_sw128<BW_RT, DV, 128>(dOb(b), dO, nrows, [&](int r) { return qrow(r) * DV; });
+        load_tile_sw128<BW_RT, DK, 128>(Qb(b), q, nrows, [&](int r) { return qrow(r) * DK; });
+        load_tile_sw128<BW_RT, DV, 128>(dOb(b), dO, nrows, [&](int r) { return qrow(r) * DV; });
         cp_async_commit();
         if (tid < BW_RT) {
             float* m = meta(b);
@@ -280,8 +280,8 @@ __device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_
                                                const bf16_t* __restrict__ v, int g, Next next, Mask mask, Fn fn) {
     auto Kb = [&](int b) { return kvbuf + b * BW_WG_KV_BYTES; };
     auto load = [&](const BwTile& t, int b) {
-        load_rows_sw128<64, DK, 128>(Kb(b), k + (t.row * HKV + g) * DK, t.nk, [&](int r) { return (i64)r * HKV * DK; });
-        load_rows_sw128<64, DV, 128>(Kb(b) + 64 * DK * 2, v + (t.row * HKV + g) * DV, t.nk,
+        load_tile_sw128<64, DK, 128>(Kb(b), k + (t.row * HKV + g) * DK, t.nk, [&](int r) { return (i64)r * HKV * DK; });
+        load_tile_sw128<64, DV, 128>(Kb(b) + 64 * DK * 2, v + (t.row * HKV + g) * DV, t.nk,
                                      [&](int r) { return (i64)r * HKV * DV; });
         cp_async_commit();
     };

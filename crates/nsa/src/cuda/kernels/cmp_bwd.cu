@@ -96,8 +96,8 @@ __device__ __forceinline__ void cmp_bwd_dq_wg(const bf16_t* __restrict__ q, cons
     const int row0 = warp * 16;
 
     auto qoff = [&](int r) { return ((i64)(start + t0 + r / G) * HQ + g * G + r % G); };
-    load_rows_sw128<BQ_ROWS, DK, 128>(sm, q, nrows, [&](int r) { return qoff(r) * DK; });
-    load_rows_sw128<BQ_ROWS, DV, 128>(sm + BQ_ROWS * DK * 2, dO, nrows, [&](int r) { return qoff(r) * DV; });
+    load_tile_sw128<BQ_ROWS, DK, 128>(sm, q, nrows, [&](int r) { return qoff(r) * DK; });
+    load_tile_sw128<BQ_ROWS, DV, 128>(sm + BQ_ROWS * DK * 2, dO, nrows, [&](int r) { return qoff(r) * DV; });
     cp_async_commit();
 
     int vis[2];
