@@ -226,13 +226,14 @@ fn footprint(shape: &Shape) -> Footprint {
     }
 }
 
-/// Checks what the kernels support, `phi = mean` included (decode, backward); every refusal
-/// is a typed `Unsupported`.
+/// The shape limits plus `phi = mean`: what [`DeviceInputs::random`] (the benchmarks' inputs,
+/// which carry no phi weights) supports. The forward, backward and decode take any phi
+/// ([`check_shapes`] + the phi weights); every refusal is a typed `Unsupported`.
 pub fn check_supported(cfg: &NsaConfig, dk: usize, dv: usize) -> Result<()> {
     check_shapes(cfg, dk, dv)?;
     if cfg.phi != PhiKind::Mean {
         return Err(NsaError::Unsupported(format!(
-            "this CUDA path implements phi = mean only, got {:?}",
+            "random device inputs carry no phi weights: phi = mean only, got {:?}",
             cfg.phi
         )));
     }
@@ -1011,7 +1012,7 @@ mod tests {
     }
 
     #[test]
-    fn decode_and_backward_need_mean_phi() {
+    fn random_inputs_need_mean_phi_other_paths_take_any() {
         let mut cfg = paper(16, 2);
         assert!(check_supported(&cfg, 64, 64).is_ok());
         for phi in [PhiKind::Linear, PhiKind::Mlp] {
