@@ -144,8 +144,8 @@ pub fn read_records(path: &Path) -> nsa::Result<Vec<BenchRecord>> {
 /// read as a real flop rate, so such a value moves to `dense_equiv_tflops` and `tflops` is unset.
 fn demote_dense_equivalent_tflops(r: &mut BenchRecord) {
     let note = r.extra.get("note").and_then(Value::as_str).unwrap_or("");
-    let dense_equiv = note.contains("dense-equivalent")
-        || r.notes.iter().any(|n| n.contains("dense-equivalent"));
+    let dense_equiv =
+        note.contains("dense-equivalent") || r.notes.iter().any(|n| n.contains("dense-equivalent"));
     if dense_equiv {
         if let Some(t) = r.tflops.take() {
             r.extra.insert("dense_equiv_tflops".into(), Value::from(t));
