@@ -5,8 +5,8 @@
 # calls of the device tool that each stay under 10 minutes, back to back on the same machine:
 #   tests   the CUDA test suites (~3.5 min)
 #   peers   dense SDPA (cuDNN, flash) + fla NSA, forward and backward (~9 min)
-#   fwd     our forward sweep (~1 min)        bwd  our backward sweep (~2 min)
-#   decode  dense + fla decode peers, then our decode sweep (~4.5 min)
+#   fwd     our forward sweep (~1 min)        bwd  our backward sweep, dk 128 and 192 (~4 min)
+#   decode  dense + fla decode peers, then our decode sweep, dk 128 and 192 (~5 min)
 #   cpu     our CPU sweeps (16 threads) + torch CPU forward+backward at 16k/32k (~9.5 min)
 # Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
 # (override with PEERS_GPU / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB).
@@ -41,7 +41,7 @@ if has fwd; then
   tail -3 "$R/h100-fwd.log"
 fi
 if has bwd; then
-  timeout 120 $P/bin/nsa bench --device cuda --ops backward --name h100-bwd --out-dir "$R" \
+  timeout 240 $P/bin/nsa bench --device cuda --ops backward --name h100-bwd --out-dir "$R" \
     --peers "$PEERS_GPU" > "$R/h100-bwd.log" 2>&1
   tail -3 "$R/h100-bwd.log"
 fi
@@ -51,7 +51,7 @@ if has decode; then
     --out "$R/peers-decode.json" > "$R/peers-decode.log" 2>&1
   grep -E "decode" "$R/peers-decode.log" | tail -24
   PEERS_DECODE=${PEERS_DECODE:-$R/peers-decode.json}
-  timeout 100 $P/bin/nsa bench --device cuda --ops decode --name h100-decode --out-dir "$R" \
+  timeout 150 $P/bin/nsa bench --device cuda --ops decode --name h100-decode --out-dir "$R" \
     --peers "$PEERS_DECODE" > "$R/h100-decode.log" 2>&1
   tail -3 "$R/h100-decode.log"
 fi

@@ -32,7 +32,7 @@ pub struct CudaBenchArgs {
     /// Group sizes swept at `g_sweep_length` with HQ = 64, dk = dv = 128 (HKV = 64 / G).
     pub g_sweep: Vec<usize>,
     pub g_sweep_length: usize,
-    /// Decode contexts and batch sizes (HQ 64, HKV 4, dk = dv = 128).
+    /// Decode contexts and batch sizes (every shape of `shapes`).
     pub decode_lengths: Vec<usize>,
     pub decode_batches: Vec<usize>,
     /// Timed repetitions (median) and untimed warm-ups.
@@ -141,13 +141,30 @@ pub fn run_cuda(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
     Ok(out)
 }
 
-/// The paper's head configuration of the backward and decode sweeps.
-const PAPER_SHAPE: CudaShape = CudaShape {
-    heads: 64,
-    kv_heads: 4,
-    dk: 128,
-    dv: 128,
-};
+/// `dk:dv` (or one `d` for both) -> the HQ 64 / HKV 4 shape of the sweeps.
+pub fn parse_head_dims(s: &str) -> nsa::Result<CudaShape> {
+    let bad =
+        || nsa::NsaError::Unsupported(format!("--head-dims `{s}` (expected dk:dv, e.g. 192:128)"));
+    let (dk, dv) = match s.split_once(':') {
+        Some((a, b)) => (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        ),
+        None => {
+            let d = s.trim().parse().map_err(|_| bad())?;
+            (d, d)
+        }
+    };
+    if dk == 0 || dv == 0 {
+        return Err(bad());
+    }
+    Ok(CudaShape {
+        heads: 64,
+        kv_heads: 4,
+        dk,
+        dv,
+    })
+}
 
 /// A value rounded to 4 decimals for the JSON.
 fn num(v: f64) -> Value {
@@ -189,7 +206,7 @@ fn config_for(args: &CudaBenchArgs, s: CudaShape) -> nsa::Result<NsaConfig> {
     Ok(cfg)
 }
 
-/// The backward sweep (paper shape, batch 1, `lengths`): one `backward` record (the backward
+/// The backward sweep (every shape of `shapes`, batch 1, `lengths`): one `backward` record (the backward
 /// kernels alone, per-kernel medians and peak memory of forward+backward as extras) and one
 /// `forward_backward` record (forward median + backward median of the same run) per length.
 /// Default mode: the forward saves the branch statistics; `recompute`: the low-memory mode.
@@ -207,71 +224,72 @@ pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> 
     };
     let ctx = CudaContext::new(args.device_ordinal)?;
     let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
-    let s = PAPER_SHAPE;
-    let cfg = config_for(args, s)?;
     let mut out = Vec::new();
-    for &t in &args.lengths {
-        let b = time_backward(
-            &ctx,
-            &cfg,
-            &[t],
-            s.dk,
-            s.dv,
-            args.warmup,
-            args.reps,
-            t as u64,
-            mode,
-        )?;
-        let k = b.times;
-        eprintln!(
-            "cuda backward ({}) T={t}: {:.3} ms (forward {:.3} ms), peak {:.2} GiB",
-            mode.name(),
-            k.total,
-            b.forward_ms,
-            b.peak_bytes as f64 / (1u64 << 30) as f64
-        );
-        let peak = num(b.peak_bytes as f64 / (1u64 << 30) as f64);
-        let mut r = record(&machine, "backward", 1, t, s, k.total as f64);
-        r.notes = vec![format!(
-            "deterministic (no float atomics), {how}, median of {}",
-            args.reps
-        )];
-        r.extra
-            .insert("bwd_mode".into(), Value::String(mode.name().into()));
-        for (name, v) in [
-            ("cmp_dq_ms", k.cmp_dq),
-            ("cmp_dkdv_ms", k.cmp_dkdv),
-            ("cmp_mean_ms", k.cmp_mean),
-            ("win_dq_ms", k.win_dq),
-            ("win_dkdv_ms", k.win_dkdv),
-            ("sel_index_ms", k.sel_index),
-            ("sel_dq_ms", k.sel_dq),
-            ("sel_dkdv_ms", k.sel_dkdv),
-        ] {
-            r.extra.insert(name.into(), num(v as f64));
+    for &s in &args.shapes {
+        let cfg = config_for(args, s)?;
+        for &t in &args.lengths {
+            let b = time_backward(
+                &ctx,
+                &cfg,
+                &[t],
+                s.dk,
+                s.dv,
+                args.warmup,
+                args.reps,
+                t as u64,
+                mode,
+            )?;
+            let k = b.times;
+            eprintln!(
+                "cuda backward ({}) T={t}: {:.3} ms (forward {:.3} ms), peak {:.2} GiB",
+                mode.name(),
+                k.total,
+                b.forward_ms,
+                b.peak_bytes as f64 / (1u64 << 30) as f64
+            );
+            let peak = num(b.peak_bytes as f64 / (1u64 << 30) as f64);
+            let mut r = record(&machine, "backward", 1, t, s, k.total as f64);
+            r.notes = vec![format!(
+                "deterministic (no float atomics), {how}, median of {}",
+                args.reps
+            )];
+            r.extra
+                .insert("bwd_mode".into(), Value::String(mode.name().into()));
+            for (name, v) in [
+                ("cmp_dq_ms", k.cmp_dq),
+                ("cmp_dkdv_ms", k.cmp_dkdv),
+                ("cmp_mean_ms", k.cmp_mean),
+                ("win_dq_ms", k.win_dq),
+                ("win_dkdv_ms", k.win_dkdv),
+                ("sel_index_ms", k.sel_index),
+                ("sel_dq_ms", k.sel_dq),
+                ("sel_dkdv_ms", k.sel_dkdv),
+            ] {
+                r.extra.insert(name.into(), num(v as f64));
+            }
+            r.extra.insert("peak_mem_gib".into(), peak.clone());
+            out.push(r);
+            let mut fb = record(
+                &machine,
+                "forward_backward",
+                1,
+                t,
+                s,
+                (b.forward_ms + k.total) as f64,
+            );
+            fb.notes = vec![format!(
+                "forward median + backward median of the same run ({how})"
+            )];
+            fb.extra
+                .insert("bwd_mode".into(), Value::String(mode.name().into()));
+            fb.extra.insert("peak_mem_gib".into(), peak);
+            out.push(fb);
         }
-        r.extra.insert("peak_mem_gib".into(), peak.clone());
-        out.push(r);
-        let mut fb = record(
-            &machine,
-            "forward_backward",
-            1,
-            t,
-            s,
-            (b.forward_ms + k.total) as f64,
-        );
-        fb.notes = vec![format!(
-            "forward median + backward median of the same run ({how})"
-        )];
-        fb.extra
-            .insert("bwd_mode".into(), Value::String(mode.name().into()));
-        fb.extra.insert("peak_mem_gib".into(), peak);
-        out.push(fb);
     }
     Ok(out)
 }
 
-/// The decode sweep (paper shape, `decode_lengths` x `decode_batches`): one `decode` record per
+/// The decode sweep (`shapes` x `decode_lengths` x `decode_batches`): one `decode` record per
 /// point, `ms` per step from CUDA-graph replays (host-launched steps when the capture fails),
 /// with the bytes a step moves and the achieved share of the measured copy bandwidth.
 pub fn run_cuda_decode(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
@@ -279,47 +297,67 @@ pub fn run_cuda_decode(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
     let ctx = CudaContext::new(args.device_ordinal)?;
     let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
     let copy = copy_bandwidth(&ctx, 1 << 30, 10)?;
-    let s = PAPER_SHAPE;
-    let cfg = config_for(args, s)?;
     let mut out = Vec::new();
-    for &len in &args.decode_lengths {
-        for &b in &args.decode_batches {
-            let st = time_steps(
-                &ctx,
-                &cfg,
-                b,
-                len,
-                s.dk,
-                s.dv,
-                args.reps.max(10),
-                10,
-                len as u64 ^ b as u64,
-            )?;
-            let us = st.graph_us.unwrap_or(st.eager_us);
-            let moved = st.bytes.kv + st.bytes.other;
-            let gbps = moved / (us * 1e-6) / 1e9;
-            eprintln!("cuda decode ctx={len} B={b}: {us:.1} us/step, {gbps:.0} GB/s");
-            let mut r = record(&machine, "decode", b, len, s, us / 1e3);
-            r.notes = vec![
+    for &s in &args.shapes {
+        let cfg = config_for(args, s)?;
+        for &len in &args.decode_lengths {
+            for &b in &args.decode_batches {
+                let st = time_steps(
+                    &ctx,
+                    &cfg,
+                    b,
+                    len,
+                    s.dk,
+                    s.dv,
+                    args.reps.max(10),
+                    10,
+                    len as u64 ^ b as u64,
+                )?;
+                let us = st.graph_us.unwrap_or(st.eager_us);
+                let moved = st.bytes.kv + st.bytes.other;
+                let gbps = moved / (us * 1e-6) / 1e9;
+                eprintln!("cuda decode ctx={len} B={b}: {us:.1} us/step, {gbps:.0} GB/s");
+                let mut r = record(&machine, "decode", b, len, s, us / 1e3);
+                r.notes = vec![
                 "per step; kv_mb = K/V the branches read, bound_mb = (T/d + n*l' + w) tokens per group".into(),
             ];
-            for (name, v) in [
-                ("eager_ms", st.eager_us / 1e3),
-                ("kv_mb", st.bytes.kv / 1e6),
-                ("bound_mb", st.bytes.bound / 1e6),
-                ("other_mb", st.bytes.other / 1e6),
-                ("dense_kv_mb", st.bytes.dense / 1e6),
-                ("gbps", gbps),
-                ("copy_gbps", copy / 1e9),
-                ("pct_copy_bw", 100.0 * gbps * 1e9 / copy),
-                ("tokens_per_s", b as f64 / (us * 1e-6)),
-            ] {
-                r.extra.insert(name.into(), num(v));
+                for (name, v) in [
+                    ("eager_ms", st.eager_us / 1e3),
+                    ("kv_mb", st.bytes.kv / 1e6),
+                    ("bound_mb", st.bytes.bound / 1e6),
+                    ("other_mb", st.bytes.other / 1e6),
+                    ("dense_kv_mb", st.bytes.dense / 1e6),
+                    ("gbps", gbps),
+                    ("copy_gbps", copy / 1e9),
+                    ("pct_copy_bw", 100.0 * gbps * 1e9 / copy),
+                    ("tokens_per_s", b as f64 / (us * 1e-6)),
+                ] {
+                    r.extra.insert(name.into(), num(v));
+                }
+                r.extra
+                    .insert("cuda_graph".into(), Value::Bool(st.graph_us.is_some()));
+                out.push(r);
             }
-            r.extra
-                .insert("cuda_graph".into(), Value::Bool(st.graph_us.is_some()));
-            out.push(r);
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_dims_parse_to_the_paper_heads() {
+        let s = parse_head_dims("192:128").unwrap();
+        assert_eq!((s.heads, s.kv_heads, s.dk, s.dv), (64, 4, 192, 128));
+        let s = parse_head_dims(" 64 ").unwrap();
+        assert_eq!((s.dk, s.dv), (64, 64));
+        for bad in ["", "x:1", "128:", "0:128", "128:128:1"] {
+            assert!(
+                matches!(parse_head_dims(bad), Err(nsa::NsaError::Unsupported(_))),
+                "{bad}"
+            );
+        }
+    }
 }

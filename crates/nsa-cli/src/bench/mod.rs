@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// the default (statistics saved by the forward).
     #[arg(long)]
     pub recompute: bool,
+    /// CUDA: head dimensions `dk:dv` of the HQ 64 / HKV 4 sweeps (comma separated; default
+    /// `128:128,192:128`).
+    #[arg(long, value_delimiter = ',')]
+    pub head_dims: Option<Vec<String>>,
 }
 
 impl BenchArgs {
@@ -170,6 +174,12 @@ fn run_cuda_forward(args: &BenchArgs) -> nsa::Result<()> {
         cargs.reps = r;
     }
     cargs.recompute = args.recompute;
+    if let Some(dims) = &args.head_dims {
+        cargs.shapes = dims
+            .iter()
+            .map(|d| cuda::parse_head_dims(d))
+            .collect::<nsa::Result<_>>()?;
+    }
     if args.quick {
         cargs.lengths = vec![8192];
         cargs.decode_lengths = vec![8192];
