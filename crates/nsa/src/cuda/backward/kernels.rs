@@ -53,7 +53,11 @@ impl BwdFamily {
                 include_str!("../kernels/bwd_wgmma.cu"),
                 include_str!("../kernels/win_bwd.cu")
             ),
-            BwdFamily::Sel => include_str!("../kernels/sel_bwd.cu"),
+            BwdFamily::Sel => concat!(
+                include_str!("../kernels/wgmma.cu"),
+                include_str!("../kernels/bwd_wgmma.cu"),
+                include_str!("../kernels/sel_bwd.cu")
+            ),
             BwdFamily::Phi => include_str!("../kernels/phi_bwd.cu"),
         }
     }

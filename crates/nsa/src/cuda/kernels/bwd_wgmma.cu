@@ -1,6 +1,6 @@
-// Hopper wgmma (sm_90a) path of the key-major dK/dV kernels (cmp_bwd_dkdv, win_bwd_dkdv).
-// Prepended after wgmma.cu (whose helpers it uses) to the compressed and window backward
-// families by cuda/backward/kernels.rs. Used when BW_WG is 1: sm_90a, dk and dv each 64 or 128,
+// Hopper wgmma (sm_90a) path of the key-major dK/dV kernels (cmp_bwd_dkdv, win_bwd_dkdv,
+// sel_bwd_dkdv). Prepended after wgmma.cu (whose helpers it uses) to the compressed, window and
+// selection backward families by cuda/backward/kernels.rs. Used when BW_WG is 1: sm_90a, dk and dv each 64 or 128,
 // and not built with -DBWD_NO_WGMMA (then the mma.sync path of bwd_common.cu runs, as on sm_80).
 //
 // One CTA = one warpgroup (4 warps) and the same 64 keys / row steps of BW_RT query rows as the

@@ -13,7 +13,9 @@
 //   sel_index_fill        one warp per (chunk, g) walks its tokens in order: a stable fill
 // sel_bwd_dkdv     key-major: one CTA = one segment of one list: the block's K/V tile against
 //                  the G heads of each token in the segment; a one-segment list writes dK/dV of
-//                  the block directly, longer ones write partial sums ...
+//                  the block directly, longer ones write partial sums ... Its products run on
+//                  wgmma where bwd_wgmma.cu enables it (BW_WG: sm_90a, not -DBWD_NO_WGMMA),
+//                  else on mma.sync (bwd_common.cu's bw_dkdv_rows).
 // sel_dkdv_reduce  ... which this kernel adds up in segment order.
 // Every order of summation is fixed by the data, so the gradients are bitwise reproducible.
 
@@ -240,19 +242,28 @@ extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv(
     const int start = bl.x, len = bl.y, j = bl.z;
     const int lbeg = base[p] + k * seg_len;
     const int npos = min(seg_len, total[p] - k * seg_len);
+#if BW_WG
+    unsigned char* sm = align1024(smem);   // swizzled tiles (BW_KV_SMEM leaves room, see bwd_wgmma.cu)
+#endif
     for (int kt0 = 0; kt0 < SEL_L; kt0 += KT) {
         const int kfirst = j * SEL_L + kt0;
         const int nk = min(KT, min(SEL_L - kt0, len - kfirst));
         if (nk <= 0) break;
         __syncthreads();   // previous key tile done
-        bw_load_kv(smem, ks, vs, (i64)(start + kfirst), g, nk);
         float dk[DK / 8][4], dv[DV / 8][4];
         bw_zero<DK>(dk);
         bw_zero<DV>(dv);
-        bw_dkdv_rows(
-            smem, q, dO, lse, dg, gate, g, npos * G, [&](int pos) { return list[lbeg + pos]; },
-            [&](int tok) { return tok - start; }, [&](int key, int t) { return key < nk && kfirst + key <= t; },
-            dk, dv);
+        auto tok_of = [&](int pos) { return list[lbeg + pos]; };
+        auto t_of = [&](int tok) { return tok - start; };
+        auto ok = [&](int key, int t) { return key < nk && kfirst + key <= t; };
+#if BW_WG
+        // wgmma key-major steps (returns with every wgmma complete)
+        bw_wg_load_kv(sm, ks, vs, (i64)(start + kfirst), g, nk);
+        bw_wg_dkdv_rows(sm, q, dO, lse, dg, gate, g, npos * G, tok_of, t_of, ok, dk, dv);
+#else
+        bw_load_kv(smem, ks, vs, (i64)(start + kfirst), g, nk);
+        bw_dkdv_rows(smem, q, dO, lse, dg, gate, g, npos * G, tok_of, t_of, ok, dk, dv);
+#endif
         cp_async_wait_all();
         if (nseg == 1) {
             bw_store_kv(
