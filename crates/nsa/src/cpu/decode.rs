@@ -4,6 +4,35 @@
 //! compression block completes), then its query reads the cache through the same tile kernels
 //! as the forward: one `[G, D]` matrix per KV group against the visible compressed tokens, the
 //! runs of selected blocks and the window. Same contract as [`crate::reference::decode`].
+//!
+//! ```
+//! use nsa::{cache::DecodeCache, cpu, NsaConfig, NsaInputs, PhiParams};
+//!
+//! let cfg = NsaConfig::builder().heads(4).kv_heads(2).cmp_block(8).cmp_stride(4)
+//!     .sel_block(16).sel_count(3).window(32).build()?;
+//! let phi = PhiParams::mean();
+//! // Two sequences of 101 and 38 tokens (dk = dv = 16): all but the last token are the prompt,
+//! // the last one is decoded in one batched step.
+//! let x = NsaInputs::random(&cfg, &[101, 38], 16, 16, false, 1);
+//! let prompt = |b: usize, len: usize| {
+//!     let first = x.cu_seqlens[b];
+//!     x.gather(&(first..first + len).collect::<Vec<_>>(), vec![0, len])
+//! };
+//! let mut cache = DecodeCache::<f32>::new(&cfg, 2, 16, 16)?;
+//! cpu::decode::prefill(&cfg, &mut cache, 0, &prompt(0, 100), &phi)?;
+//! cpu::decode::prefill(&cfg, &mut cache, 1, &prompt(1, 37), &phi)?;
+//! let last_tokens = x.gather(&[100, 138], vec![0, 1, 2]);
+//! let rows = cpu::decode::step(&cfg, &mut cache, &last_tokens, &phi)?; // o [2, HQ, dv]
+//!
+//! // Each step row equals the last row of a forward over its whole sequence.
+//! let row = 4 * 16; // HQ * dv
+//! for b in 0..2 {
+//!     let full = cpu::forward(&cfg, &x.sequence(b), &phi)?;
+//!     let last = &full.o[full.o.len() - row..];
+//!     assert!(nsa::testing::rel_rms(&rows.o[b * row..(b + 1) * row], last) < 1e-5);
+//! }
+//! # Ok::<(), nsa::NsaError>(())
+//! ```
 
 use super::attend::Seg;
 use super::phi::PhiF32;
