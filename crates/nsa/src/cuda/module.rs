@@ -186,13 +186,29 @@ fn disk_cache_path(key: u64) -> Option<PathBuf> {
     Some(base.join(format!("{key:016x}.cubin")))
 }
 
-/// Hash of everything that determines the CUBIN.
-pub fn cache_key(family: Family, opts: &[String]) -> u64 {
+/// The whole source NVRTC compiles for `family`: the shared prelude, then the family's file(s).
+fn family_source(family: Family) -> String {
+    format!(
+        "{COMMON}\n// ---- family {:?} ----\n{}",
+        family,
+        family.source()
+    )
+}
+
+/// Hash of everything that determines a CUBIN: the whole source and the options (the
+/// architecture and the baked defines among them).
+fn source_key(src: &str, opts: &[String]) -> u64 {
     let mut h = DefaultHasher::new();
-    COMMON.hash(&mut h);
-    family.source().hash(&mut h);
+    src.hash(&mut h);
     opts.hash(&mut h);
     h.finish()
+}
+
+/// The disk-cache key [`compile`] uses for `family` with `opts` (the host tests check what it
+/// depends on).
+#[cfg(test)]
+pub fn cache_key(family: Family, opts: &[String]) -> u64 {
+    source_key(&family_source(family), opts)
 }
 
 /// Compiles one family to a CUBIN for `arch` (e.g. `sm_90a`), through the disk cache.
@@ -200,9 +216,30 @@ pub fn cache_key(family: Family, opts: &[String]) -> u64 {
 pub fn compile(family: Family, shape: &Shape, arch: &str, extra: &[&str]) -> Result<Compiled> {
     let mut opts = options(shape, arch);
     opts.extend(extra.iter().map(|s| s.to_string()));
-    let key = cache_key(family, &opts);
-    let path = disk_cache_path(key);
-    if extra.is_empty() {
+    let kernel = family.kernel();
+    compile_source(
+        kernel,
+        &format!("{kernel}.cu"),
+        &family_source(family),
+        &opts,
+        !extra.is_empty(),
+    )
+}
+
+/// Compiles the whole CUDA source `src` with `opts` to a CUBIN through the disk cache (keyed by
+/// [`source_key`]); `fresh` skips reading the cache (callers that pass extra options such as
+/// `--ptxas-options=-v` want NVRTC's log). `program` names the source in NVRTC's messages,
+/// `kernel` the failing kernel in a `KernelCompile` error. Shared by the forward families and
+/// the backward's (`backward/kernels.rs`).
+pub(crate) fn compile_source(
+    kernel: &str,
+    program: &str,
+    src: &str,
+    opts: &[String],
+    fresh: bool,
+) -> Result<Compiled> {
+    let path = disk_cache_path(source_key(src, opts));
+    if !fresh {
         if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
             return Ok(Compiled {
                 cubin: bytes,
@@ -210,7 +247,7 @@ pub fn compile(family: Family, shape: &Shape, arch: &str, extra: &[&str]) -> Res
             });
         }
     }
-    let compiled = compile_uncached(family, &opts)?;
+    let compiled = compile_uncached(kernel, program, src, opts)?;
     if let Some(p) = path {
         // best effort: a read-only home only costs a recompilation next time
         if let Some(dir) = p.parent() {
@@ -224,31 +261,28 @@ pub fn compile(family: Family, shape: &Shape, arch: &str, extra: &[&str]) -> Res
     Ok(compiled)
 }
 
-fn nvrtc_err(family: Family, what: &str, e: impl std::fmt::Debug) -> NsaError {
+fn nvrtc_err(kernel: &str, what: &str, e: impl std::fmt::Debug) -> NsaError {
     NsaError::KernelCompile {
-        kernel: family.kernel().to_string(),
+        kernel: kernel.to_string(),
         log: format!("{what}: {e:?}"),
     }
 }
 
-fn compile_uncached(family: Family, opts: &[String]) -> Result<Compiled> {
+fn compile_uncached(kernel: &str, program: &str, src: &str, opts: &[String]) -> Result<Compiled> {
+    // SAFETY: only probes whether the library can be loaded.
     if !unsafe { nvrtc_sys::is_culib_present() } {
         return Err(NsaError::CudaUnavailable(
             "the NVRTC library (libnvrtc) was not found".into(),
         ));
     }
-    let src = format!(
-        "{COMMON}\n// ---- family {:?} ----\n{}",
-        family,
-        family.source()
-    );
-    let csrc = CString::new(src).map_err(|e| nvrtc_err(family, "source", e))?;
-    let name = CString::new(format!("{}.cu", family.kernel())).expect("no NUL in names");
+    let csrc = CString::new(src).map_err(|e| nvrtc_err(kernel, "source", e))?;
+    let name = CString::new(program).map_err(|e| nvrtc_err(kernel, "program name", e))?;
     let prog = nvrtc_result::create_program(&csrc, Some(&name))
-        .map_err(|e| nvrtc_err(family, "create", e))?;
+        .map_err(|e| nvrtc_err(kernel, "create", e))?;
     // SAFETY: `prog` comes from create_program and is destroyed exactly once below; the source
     // and name CStrings outlive it.
     let res = unsafe { nvrtc_result::compile_program(prog, opts) };
+    // SAFETY: as above.
     let log = unsafe { nvrtc_result::get_program_log(prog) }
         .map(|v| {
             let bytes: Vec<u8> = v.iter().map(|&c| c as u8).collect();
@@ -259,7 +293,7 @@ fn compile_uncached(family: Family, opts: &[String]) -> Result<Compiled> {
         .unwrap_or_default();
     let out = match res {
         Err(e) => Err(NsaError::KernelCompile {
-            kernel: family.kernel().to_string(),
+            kernel: kernel.to_string(),
             log: format!("{e:?} with options {opts:?}\n{log}"),
         }),
         Ok(()) => {
@@ -275,7 +309,7 @@ fn compile_uncached(family: Family, opts: &[String]) -> Result<Compiled> {
                     })
             };
             r.map(|_| Compiled { cubin, log })
-                .map_err(|e| nvrtc_err(family, "get cubin", e))
+                .map_err(|e| nvrtc_err(kernel, "get cubin", e))
         }
     };
     // SAFETY: created above, not destroyed before.

@@ -1,18 +1,13 @@
 //! NVRTC compilation of the backward kernel families. Each family is compiled as
 //! `common.cu` + `bwd_common.cu` + its own file, with the same `-D` shape options as the forward
-//! (`module::options`), straight to a CUBIN, cached on disk by a hash of source and options (the
-//! same cache folder as the forward: `NSA_KERNEL_CACHE` or `~/.cache/nsa-kernels`).
+//! (`module::options`), straight to a CUBIN through the forward's compiler and disk cache
+//! (`module::compile_source`: `NSA_KERNEL_CACHE` or `~/.cache/nsa-kernels`).
 
 use crate::cuda::module::{self, Shape};
 use crate::cuda::{driver_err, CudaContext};
 use crate::error::{NsaError, Result};
 use cudarc::driver::CudaFunction;
-use cudarc::nvrtc::{result as nvrtc_result, sys as nvrtc_sys};
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
-use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
 
 const COMMON: &str = include_str!("../kernels/common.cu");
 const BWD_COMMON: &str = include_str!("../kernels/bwd_common.cu");
@@ -99,26 +94,7 @@ impl BwdFamily {
 }
 
 /// Result of one compilation: the CUBIN and NVRTC's log.
-pub struct BwdCompiled {
-    pub cubin: Vec<u8>,
-    pub log: String,
-}
-
-fn cache_path(key: u64) -> Option<PathBuf> {
-    let base = std::env::var_os("NSA_KERNEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/nsa-kernels"))
-        })?;
-    Some(base.join(format!("bwd-{key:016x}.cubin")))
-}
-
-fn err(family: BwdFamily, log: String) -> NsaError {
-    NsaError::KernelCompile {
-        kernel: family.file().to_string(),
-        log,
-    }
-}
+pub type BwdCompiled = module::Compiled;
 
 /// Compiles one backward family for `arch` (needs only NVRTC, no GPU). `extra` options (e.g.
 /// `--ptxas-options=-v`) bypass the disk cache so the log is fresh.
@@ -135,71 +111,7 @@ pub fn compile_bwd(
         family.file(),
         family.source()
     );
-    let mut h = DefaultHasher::new();
-    src.hash(&mut h);
-    opts.hash(&mut h);
-    let path = cache_path(h.finish());
-    if extra.is_empty() {
-        if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
-            return Ok(BwdCompiled {
-                cubin: bytes,
-                log: String::new(),
-            });
-        }
-    }
-    // SAFETY: only probes whether the library can be loaded.
-    if !unsafe { nvrtc_sys::is_culib_present() } {
-        return Err(NsaError::CudaUnavailable(
-            "the NVRTC library (libnvrtc) was not found".into(),
-        ));
-    }
-    let csrc = CString::new(src).map_err(|e| err(family, format!("source: {e}")))?;
-    let name = CString::new(family.file()).expect("no NUL in names");
-    let prog = nvrtc_result::create_program(&csrc, Some(&name))
-        .map_err(|e| err(family, format!("create: {e:?}")))?;
-    // SAFETY: `prog` comes from create_program and is destroyed once below; the CStrings outlive it.
-    let res = unsafe { nvrtc_result::compile_program(prog, &opts) };
-    // SAFETY: as above.
-    let log = unsafe { nvrtc_result::get_program_log(prog) }
-        .map(|v| {
-            let bytes: Vec<u8> = v.iter().map(|&c| c as u8).collect();
-            CStr::from_bytes_until_nul(&bytes)
-                .map(|c| c.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        })
-        .unwrap_or_default();
-    let out = match res {
-        Err(e) => Err(err(family, format!("{e:?} with options {opts:?}\n{log}"))),
-        Ok(()) => {
-            let mut size = 0usize;
-            let mut cubin = Vec::new();
-            // SAFETY: `prog` compiled; the buffer has the size NVRTC reported.
-            let r = unsafe {
-                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
-                    .result()
-                    .and_then(|_| {
-                        cubin.resize(size, 0u8);
-                        nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _).result()
-                    })
-            };
-            r.map(|_| BwdCompiled { cubin, log })
-                .map_err(|e| err(family, format!("get cubin: {e:?}")))
-        }
-    };
-    // SAFETY: created above, not destroyed before.
-    let _ = unsafe { nvrtc_result::destroy_program(prog) };
-    let out = out?;
-    if let Some(p) = path {
-        // best effort: a read-only home only costs a recompilation next time
-        if let Some(dir) = p.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &out.cubin).is_ok() {
-            let _ = std::fs::rename(&tmp, &p);
-        }
-    }
-    Ok(out)
+    module::compile_source(family.file(), family.file(), &src, &opts, !extra.is_empty())
 }
 
 /// The loaded backward kernels of one shape, by name.
