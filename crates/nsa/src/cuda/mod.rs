@@ -157,15 +157,20 @@ impl CudaContext {
             .map_err(driver_err)?;
         let f = module.load_function(name).map_err(driver_err)?;
         if smem > 0 {
-            f.set_attribute(
-                driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(driver_err)?;
+            raise_smem_limit(&f, smem)?;
         }
         map.insert(key, f.clone());
         Ok(f)
     }
+}
+
+/// Lets kernel `f` use up to `bytes` of dynamic shared memory (past the default 48 KB).
+pub(crate) fn raise_smem_limit(f: &CudaFunction, bytes: usize) -> Result<()> {
+    f.set_attribute(
+        driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(driver_err)
 }
 
 /// Threads and dynamic shared memory of each kernel for a shape (mirrors the `.cu` layouts).

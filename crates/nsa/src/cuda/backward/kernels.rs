@@ -4,7 +4,7 @@
 //! (`module::compile_source`: `NSA_KERNEL_CACHE` or `~/.cache/nsa-kernels`).
 
 use crate::cuda::module::{self, Shape};
-use crate::cuda::{driver_err, CudaContext};
+use crate::cuda::{driver_err, raise_smem_limit, CudaContext};
 use crate::error::{NsaError, Result};
 use cudarc::driver::CudaFunction;
 use std::collections::HashMap;
@@ -133,11 +133,7 @@ impl BwdKernels {
             for &name in fam.kernels() {
                 let f = m.load_function(name).map_err(driver_err)?;
                 if let Some(&(_, bytes)) = smem.iter().find(|(n, _)| *n == name) {
-                    f.set_attribute(
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                    .map_err(driver_err)?;
+                    raise_smem_limit(&f, bytes)?;
                 }
                 fns.insert(name, f);
             }
