@@ -76,12 +76,55 @@ pub fn window_start(t: usize, window: usize) -> usize {
     (t + 1).saturating_sub(window)
 }
 
+/// Keys the query at `t` attends in each branch: `[compressed tokens, selected tokens, window
+/// tokens]`. The selected count assumes the query's own block is among the `n` chosen (it is
+/// forced whenever `local_blocks >= 1`): all `t + 1` tokens while at most `n` blocks are
+/// admissible, else `n - 1` full blocks plus the own block's `t % l' + 1` tokens. This is the
+/// work the benchmarks' flop counts use.
+pub fn keys_per_branch(t: usize, cfg: &NsaConfig) -> [usize; 3] {
+    let sel = if sel_admissible(t, cfg.sel_block) <= cfg.sel_count {
+        t + 1
+    } else {
+        (cfg.sel_count - 1) * cfg.sel_block + t % cfg.sel_block + 1
+    };
+    [
+        cmp_visible(t, cfg.cmp_block, cfg.cmp_stride),
+        sel,
+        cfg.window.min(t + 1),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn paper() -> NsaConfig {
         NsaConfig::default()
+    }
+
+    #[test]
+    fn keys_per_branch_counts_the_keys_each_branch_reads() {
+        let cfg = NsaConfig::builder()
+            .heads(2)
+            .kv_heads(1)
+            .cmp_block(8)
+            .cmp_stride(4)
+            .sel_block(16)
+            .sel_count(3)
+            .window(20)
+            .build()
+            .unwrap();
+        for t in 0..200 {
+            // the n highest admissible blocks (the own block, forced, among them)
+            let adm = sel_admissible(t, cfg.sel_block);
+            let chosen = adm.saturating_sub(cfg.sel_count)..adm;
+            let sel: usize = chosen
+                .map(|j| (t + 1).min((j + 1) * cfg.sel_block) - j * cfg.sel_block)
+                .sum();
+            let cmp = (0..).take_while(|i| i * 4 + 8 <= t + 1).count();
+            let win = (window_start(t, cfg.window)..=t).count();
+            assert_eq!(keys_per_branch(t, &cfg), [cmp, sel, win], "t = {t}");
+        }
     }
 
     #[test]

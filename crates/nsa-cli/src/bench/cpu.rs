@@ -111,13 +111,7 @@ impl Default for CpuBenchArgs {
 
 /// NSA's attention work per query head at position `t`: compressed + selected + window keys.
 pub fn nsa_keys(cfg: &NsaConfig, t: usize) -> usize {
-    let c = blocks::cmp_visible(t, cfg.cmp_block, cfg.cmp_stride);
-    let s = if blocks::sel_admissible(t, cfg.sel_block) <= cfg.sel_count {
-        t + 1
-    } else {
-        (cfg.sel_count - 1) * cfg.sel_block + t % cfg.sel_block + 1
-    };
-    c + s + cfg.window.min(t + 1)
+    blocks::keys_per_branch(t, cfg).iter().sum()
 }
 
 /// NSA forward flops (module docs).

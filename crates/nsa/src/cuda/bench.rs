@@ -29,19 +29,10 @@ pub fn kernel_work(cfg: &NsaConfig, seqlens: &[usize], dk: usize, dv: usize) -> 
     for &len in seqlens {
         n_tok += len as f64;
         for t in 0..len {
-            let ncmp = blocks::cmp_visible(t, cfg.cmp_block, cfg.cmp_stride) as f64;
+            let [ncmp, sel_tokens, win] = blocks::keys_per_branch(t, cfg).map(|k| k as f64);
             w.cmp_flops += hq * ncmp * (2.0 * dkf + 2.0 * dvf);
             w.topn_flops += hq * ncmp * 2.0 * dkf;
-            let nblk = blocks::sel_admissible(t, cfg.sel_block).min(cfg.sel_count);
-            // the selected tokens s <= t: full blocks except the own one
-            let own = t / cfg.sel_block;
-            let sel_tokens = if nblk == 0 {
-                0
-            } else {
-                (nblk - 1) * cfg.sel_block + (t - own * cfg.sel_block + 1)
-            } as f64;
             w.sel_flops += hq * sel_tokens * 2.0 * (dkf + dvf);
-            let win = (t + 1).min(cfg.window) as f64;
             w.win_flops += hq * win * 2.0 * (dkf + dvf);
         }
     }

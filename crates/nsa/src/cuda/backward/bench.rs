@@ -32,16 +32,9 @@ pub fn bwd_work(cfg: &NsaConfig, seqlens: &[usize], dk: usize, dv: usize) -> Bwd
     for &len in seqlens {
         n += len as f64;
         for t in 0..len {
-            w.pairs[0] += hq * blocks::cmp_visible(t, cfg.cmp_block, cfg.cmp_stride) as f64;
-            let nblk = blocks::sel_admissible(t, cfg.sel_block).min(cfg.sel_count);
-            let own = t / cfg.sel_block;
-            let sel = if nblk == 0 {
-                0
-            } else {
-                (nblk - 1) * cfg.sel_block + (t - own * cfg.sel_block + 1)
-            };
-            w.pairs[1] += hq * sel as f64;
-            w.pairs[2] += hq * (t + 1).min(cfg.window) as f64;
+            for (p, keys) in w.pairs.iter_mut().zip(blocks::keys_per_branch(t, cfg)) {
+                *p += hq * keys as f64;
+            }
         }
     }
     for b in 0..3 {
