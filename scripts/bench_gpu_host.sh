@@ -5,11 +5,17 @@
 # calls of the device tool that each stay under 10 minutes, back to back on the same machine:
 #   tests   the CUDA test suites (~3.5 min)
 #   peers   dense SDPA (cuDNN, flash) + fla NSA, forward and backward (~9 min)
-#   fwd     our forward sweep (~1 min)        bwd  our backward sweep, dk 128 and 192 (~4 min)
-#   decode  dense + fla decode peers, then our decode sweep, dk 128 and 192 (~5 min)
+#   peers-bwd  the backward peers the `peers` part runs out of time for: dk 192 / dv 128 at every
+#           length, and the dense G sweep (HKV = 64 / G) at 64k (~5 min)
+#   fwd     our forward sweep (~1 min)
+#   bwd     our backward sweep, dk 128 and 192, then the G sweep at 64k (~5 min)
+#   peers-decode  dense + fla decode peers (~3 min)
+#   decode  our decode sweep, dk 128 and 192 (~2 min)
 #   cpu     our CPU sweeps (16 threads) + torch CPU forward+backward at 16k/32k (~9.5 min)
 # Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
-# (override with PEERS_GPU / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB).
+# (override with PEERS_GPU / PEERS_GPU_BWD / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB). Peer
+# forward+backward times are the sums of their forward and backward medians (`nsa bench` adds
+# them, as for ours).
 # Writes everything under $OUT/results/ and packs it as $OUT/results.tgz (the device tool brings
 # back at most 8 files).
 set -uo pipefail
@@ -19,7 +25,7 @@ mkdir -p "$R"
 P=${PACK:-gpu-pack}
 WHAT=,${WHAT:-fwd,bwd,decode},
 has() { [[ $WHAT == *,$1,* ]]; }
-newest() { ls bench/results/$1-*.json 2>/dev/null | sort | tail -1; }
+newest() { ls bench/results/$1-20[0-9][0-9]-*.json 2>/dev/null | sort | tail -1; }
 export NSA_KERNEL_CACHE=/tmp/nsa-kernels PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -35,24 +41,42 @@ if has peers; then
   grep -E "forward|backward" "$R/peers-gpu.log" | tail -40
 fi
 PEERS_GPU=${PEERS_GPU:-$( [[ -f $R/peers-gpu.json ]] && echo $R/peers-gpu.json || newest peers-gpu)}
+if has peers-bwd; then
+  timeout 320 python3 bench/peers.py --device cuda --op backward --head-dims 192:128 \
+    --gqa-groups "" --impls torch-sdpa-cudnn,fla-nsa --budget-s 200 \
+    --out "$R/peers-gpu-bwd.json" > "$R/peers-gpu-bwd.log" 2>&1
+  timeout 110 python3 bench/peers.py --device cuda --op backward --head-dims 128:128 \
+    --lengths "" --gqa-groups 1,2,4,8 --impls torch-sdpa-cudnn,torch-sdpa-flash --budget-s 90 --no-check \
+    --out "$R/peers-gpu-bwd-g.json" > "$R/peers-gpu-bwd-g.log" 2>&1
+  grep -E "backward" "$R/peers-gpu-bwd.log" "$R/peers-gpu-bwd-g.log" | tail -30
+fi
+PEERS_GPU_BWD=${PEERS_GPU_BWD:-$( [[ -f $R/peers-gpu-bwd.json ]] && echo $R/peers-gpu-bwd.json || newest peers-gpu-bwd)}
+PEERS_GPU_BWD_G=${PEERS_GPU_BWD_G:-$( [[ -f $R/peers-gpu-bwd-g.json ]] && echo $R/peers-gpu-bwd-g.json || newest peers-gpu-bwd-g)}
+# `--peers` for each peer file that exists
+peer_args() { for f in "$@"; do [[ -n $f && -f $f ]] && printf -- '--peers\n%s\n' "$f"; done; }
 if has fwd; then
+  mapfile -t PA < <(peer_args "$PEERS_GPU")
   timeout 80 $P/bin/nsa bench --device cuda --name h100-fwd --out-dir "$R" \
-    --peers "$PEERS_GPU" > "$R/h100-fwd.log" 2>&1
+    "${PA[@]}" > "$R/h100-fwd.log" 2>&1
   tail -3 "$R/h100-fwd.log"
 fi
 if has bwd; then
-  timeout 240 $P/bin/nsa bench --device cuda --ops backward --name h100-bwd --out-dir "$R" \
-    --peers "$PEERS_GPU" > "$R/h100-bwd.log" 2>&1
+  mapfile -t PA < <(peer_args "$PEERS_GPU" "$PEERS_GPU_BWD" "$PEERS_GPU_BWD_G")
+  timeout 330 $P/bin/nsa bench --device cuda --ops backward --name h100-bwd --out-dir "$R" \
+    "${PA[@]}" > "$R/h100-bwd.log" 2>&1
   tail -3 "$R/h100-bwd.log"
 fi
-if has decode; then
-  # dense (and fla) decode peers first, so that `nsa bench` can merge them
+if has peers-decode; then
+  # dense (and fla) decode peers, merged by `nsa bench` in the decode part
   timeout 170 python3 bench/peers.py --device cuda --op decode --gqa-groups "" --budget-s 150 \
     --out "$R/peers-decode.json" > "$R/peers-decode.log" 2>&1
   grep -E "decode" "$R/peers-decode.log" | tail -24
-  PEERS_DECODE=${PEERS_DECODE:-$R/peers-decode.json}
+fi
+if has decode; then
+  PEERS_DECODE=${PEERS_DECODE:-$( [[ -f $R/peers-decode.json ]] && echo $R/peers-decode.json || newest peers-decode)}
+  mapfile -t PA < <(peer_args "$PEERS_DECODE")
   timeout 150 $P/bin/nsa bench --device cuda --ops decode --name h100-decode --out-dir "$R" \
-    --peers "$PEERS_DECODE" > "$R/h100-decode.log" 2>&1
+    "${PA[@]}" > "$R/h100-decode.log" 2>&1
   tail -3 "$R/h100-decode.log"
 fi
 if has cpu; then

@@ -79,10 +79,9 @@ impl Default for CudaBenchArgs {
     }
 }
 
-/// Runs the sweep; one `forward` record per (shape, length), `impl` = `nsa-cuda`.
-pub fn run_cuda(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
-    let ctx = CudaContext::new(args.device_ordinal)?;
-    let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
+/// The (length, shape) points of the forward and backward sweeps: every shape at every length,
+/// then the G sweep (HQ 64, HKV 64 / G, dk = dv = 128) at `g_sweep_length`.
+fn sweep_points(args: &CudaBenchArgs) -> Vec<(usize, CudaShape)> {
     let mut runs: Vec<(usize, CudaShape)> = Vec::new();
     for s in &args.shapes {
         for &t in &args.lengths {
@@ -100,8 +99,15 @@ pub fn run_cuda(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
             },
         ));
     }
+    runs
+}
+
+/// Runs the sweep; one `forward` record per (shape, length), `impl` = `nsa-cuda`.
+pub fn run_cuda(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
+    let ctx = CudaContext::new(args.device_ordinal)?;
+    let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
     let mut out = Vec::new();
-    for (t, s) in runs {
+    for (t, s) in sweep_points(args) {
         let cfg = config_for(args, s)?;
         let k = bench::time_forward(
             &ctx,
@@ -206,7 +212,8 @@ fn config_for(args: &CudaBenchArgs, s: CudaShape) -> nsa::Result<NsaConfig> {
     Ok(cfg)
 }
 
-/// The backward sweep (every shape of `shapes`, batch 1, `lengths`): one `backward` record (the backward
+/// The backward sweep (the forward's points: every shape of `shapes` at every length, batch 1,
+/// then the G sweep): one `backward` record (the backward
 /// kernels alone, per-kernel medians and peak memory of forward+backward as extras) and one
 /// `forward_backward` record (forward median + backward median of the same run) per length.
 /// Default mode: the forward saves the branch statistics; `recompute`: the low-memory mode.
@@ -225,66 +232,68 @@ pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> 
     let ctx = CudaContext::new(args.device_ordinal)?;
     let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
     let mut out = Vec::new();
-    for &s in &args.shapes {
+    for (t, s) in sweep_points(args) {
         let cfg = config_for(args, s)?;
-        for &t in &args.lengths {
-            let b = time_backward(
-                &ctx,
-                &cfg,
-                &[t],
-                s.dk,
-                s.dv,
-                args.warmup,
-                args.reps,
-                t as u64,
-                mode,
-            )?;
-            let k = b.times;
-            eprintln!(
-                "cuda backward ({}) T={t}: {:.3} ms (forward {:.3} ms), peak {:.2} GiB",
-                mode.name(),
-                k.total,
-                b.forward_ms,
-                b.peak_bytes as f64 / (1u64 << 30) as f64
-            );
-            let peak = num(b.peak_bytes as f64 / (1u64 << 30) as f64);
-            let mut r = record(&machine, "backward", 1, t, s, k.total as f64);
-            r.notes = vec![format!(
-                "deterministic (no float atomics), {how}, median of {}",
-                args.reps
-            )];
-            r.extra
-                .insert("bwd_mode".into(), Value::String(mode.name().into()));
-            for (name, v) in [
-                ("cmp_dq_ms", k.cmp_dq),
-                ("cmp_dkdv_ms", k.cmp_dkdv),
-                ("cmp_mean_ms", k.cmp_mean),
-                ("win_dq_ms", k.win_dq),
-                ("win_dkdv_ms", k.win_dkdv),
-                ("sel_index_ms", k.sel_index),
-                ("sel_dq_ms", k.sel_dq),
-                ("sel_dkdv_ms", k.sel_dkdv),
-            ] {
-                r.extra.insert(name.into(), num(v as f64));
-            }
-            r.extra.insert("peak_mem_gib".into(), peak.clone());
-            out.push(r);
-            let mut fb = record(
-                &machine,
-                "forward_backward",
-                1,
-                t,
-                s,
-                (b.forward_ms + k.total) as f64,
-            );
-            fb.notes = vec![format!(
-                "forward median + backward median of the same run ({how})"
-            )];
-            fb.extra
-                .insert("bwd_mode".into(), Value::String(mode.name().into()));
-            fb.extra.insert("peak_mem_gib".into(), peak);
-            out.push(fb);
+        let b = time_backward(
+            &ctx,
+            &cfg,
+            &[t],
+            s.dk,
+            s.dv,
+            args.warmup,
+            args.reps,
+            t as u64,
+            mode,
+        )?;
+        let k = b.times;
+        eprintln!(
+            "cuda backward ({}) T={t} HQ={} HKV={} dk={} dv={}: {:.3} ms (forward {:.3} ms), peak {:.2} GiB",
+            mode.name(),
+            s.heads,
+            s.kv_heads,
+            s.dk,
+            s.dv,
+            k.total,
+            b.forward_ms,
+            b.peak_bytes as f64 / (1u64 << 30) as f64
+        );
+        let peak = num(b.peak_bytes as f64 / (1u64 << 30) as f64);
+        let mut r = record(&machine, "backward", 1, t, s, k.total as f64);
+        r.notes = vec![format!(
+            "deterministic (no float atomics), {how}, median of {}",
+            args.reps
+        )];
+        r.extra
+            .insert("bwd_mode".into(), Value::String(mode.name().into()));
+        for (name, v) in [
+            ("cmp_dq_ms", k.cmp_dq),
+            ("cmp_dkdv_ms", k.cmp_dkdv),
+            ("cmp_mean_ms", k.cmp_mean),
+            ("win_dq_ms", k.win_dq),
+            ("win_dkdv_ms", k.win_dkdv),
+            ("sel_index_ms", k.sel_index),
+            ("sel_dq_ms", k.sel_dq),
+            ("sel_dkdv_ms", k.sel_dkdv),
+        ] {
+            r.extra.insert(name.into(), num(v as f64));
         }
+        r.extra.insert("peak_mem_gib".into(), peak.clone());
+        out.push(r);
+        let mut fb = record(
+            &machine,
+            "forward_backward",
+            1,
+            t,
+            s,
+            (b.forward_ms + k.total) as f64,
+        );
+        fb.notes = vec![format!(
+            "forward median + backward median of the same run ({how})"
+        )];
+        fb.extra
+            .insert("bwd_mode".into(), Value::String(mode.name().into()));
+        fb.extra.insert("peak_mem_gib".into(), peak);
+        out.push(fb);
     }
     Ok(out)
 }

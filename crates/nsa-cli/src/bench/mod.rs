@@ -135,6 +135,8 @@ pub fn run(args: &BenchArgs) -> nsa::Result<()> {
     for p in &args.peers {
         peers.extend(read_records(p)?);
     }
+    let summed = records::summed_forward_backward(&peers);
+    peers.extend(summed);
     let mut records = match args.threads {
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -199,16 +201,15 @@ fn run_cuda_forward(args: &BenchArgs) -> nsa::Result<()> {
             }
         });
     }
-    let wanted: Vec<&str> = records.iter().map(|r| r.op.as_str()).collect();
+    let wanted: Vec<String> = records.iter().map(|r| r.op.clone()).collect();
     let mut peers = Vec::new();
     for p in &args.peers {
-        peers.extend(
-            read_records(p)?
-                .into_iter()
-                .filter(|r| wanted.contains(&r.op.as_str())),
-        );
+        peers.extend(read_records(p)?);
     }
-    records.extend(peers);
+    // a peer file may hold forward and backward but no forward+backward: summed as for ours
+    let summed = records::summed_forward_backward(&peers);
+    peers.extend(summed);
+    records.extend(peers.into_iter().filter(|r| wanted.contains(&r.op)));
     fill_speedups(&mut records, "torch-sdpa-cudnn");
     let date = today();
     let name = args

@@ -153,6 +153,56 @@ fn demote_dense_equivalent_tflops(r: &mut BenchRecord) {
     }
 }
 
+/// `forward_backward` records for the implementations of `records` that have a `forward` and a
+/// `backward` record of the same shape but no measured `forward_backward` one: the sum of the two
+/// medians, as for our own forward+backward, said in the record's notes. Measured
+/// `forward_backward` records are left as they are and never duplicated.
+pub fn summed_forward_backward(records: &[BenchRecord]) -> Vec<BenchRecord> {
+    let shape = |r: &BenchRecord| {
+        (
+            r.impl_.clone(),
+            r.batch,
+            r.t,
+            r.heads,
+            r.kv_heads,
+            r.dk,
+            r.dv,
+        )
+    };
+    let measured: Vec<_> = records
+        .iter()
+        .filter(|r| r.op == "forward_backward")
+        .map(shape)
+        .collect();
+    let mut out: Vec<BenchRecord> = Vec::new();
+    for f in records.iter().filter(|r| r.op == "forward") {
+        let key = shape(f);
+        if measured.contains(&key) || out.iter().any(|o| shape(o) == key) {
+            continue;
+        }
+        let Some(b) = records
+            .iter()
+            .find(|r| r.op == "backward" && shape(r) == key)
+        else {
+            continue;
+        };
+        let mut fb = f.clone();
+        fb.op = "forward_backward".into();
+        fb.ms = f.ms + b.ms;
+        fb.tflops = None;
+        fb.gflops = None;
+        fb.flops = None;
+        fb.speedup = None;
+        fb.extra.remove("dense_equiv_tflops");
+        fb.notes = vec![format!(
+            "forward median ({:.3} ms) + backward median ({:.3} ms), measured separately",
+            f.ms, b.ms
+        )];
+        out.push(fb);
+    }
+    out
+}
+
 /// Fills `speedup` of every record that has a dense baseline (`impl == baseline`) of the same
 /// shape: `baseline ms / ms`.
 pub fn fill_speedups(records: &mut [BenchRecord], baseline: &str) {
@@ -358,6 +408,31 @@ mod tests {
         let md = markdown("t", &v, "nsa");
         assert!(md.contains("| 3.00x |"), "{md}");
         assert!(md.contains("| torch-cpu | 2.00x |"), "{md}");
+    }
+
+    #[test]
+    fn forward_backward_is_summed_only_where_not_measured() {
+        let mut f = rec("torch-sdpa-cudnn", 10.0);
+        let mut b = f.clone();
+        b.op = "backward".into();
+        b.ms = 25.0;
+        let lone = rec("fla-nsa", 7.0); // no backward: nothing to sum
+        let mut fm = rec("torch-sdpa-flash", 12.0);
+        let mut bm = fm.clone();
+        bm.op = "backward".into();
+        let mut measured = fm.clone();
+        measured.op = "forward_backward".into();
+        fm.t = 2048;
+        bm.ms = 30.0;
+        measured.ms = 41.0;
+        f.tflops = Some(1.0);
+        let sums = summed_forward_backward(&[f, b, lone, fm, bm, measured]);
+        assert_eq!(sums.len(), 1, "{sums:?}");
+        assert_eq!(sums[0].impl_, "torch-sdpa-cudnn");
+        assert_eq!(sums[0].op, "forward_backward");
+        assert_eq!(sums[0].ms, 35.0);
+        assert_eq!(sums[0].tflops, None);
+        assert!(sums[0].notes[0].contains("measured separately"));
     }
 
     #[test]
