@@ -7,7 +7,7 @@
 
 use nsa::cuda::backward::{self as bwd, BwdFamily, BwdMode};
 use nsa::cuda::{self, Shape};
-use nsa::reference::{attend, compress, phi::Phi, row, select};
+use nsa::reference::{compress, phi::Phi, row};
 use nsa::testing::{max_abs, rel_rms};
 use nsa::{NsaConfig, NsaError, NsaGrads, NsaInputs, PhiKind, PhiParams, PhiWeights};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -102,21 +102,29 @@ fn random_do(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// reference::backward with the selection taken from `sel` (`[N, HKV, n]`, the GPU's): the same
-/// loop over rows as the reference, with the selected branch of each (token, group) whose choice
-/// differs re-attended over the given blocks. Returns the gradients and the number of rows
-/// whose selection differed.
+/// reference::backward with the selection taken from `sel` (`[N, HKV, n]`, the GPU's), and the
+/// number of (token, group) rows where `sel` differs from the reference's own top-n.
 fn reference_with_selection(
     cfg: &NsaConfig,
     x: &NsaInputs<f64>,
     d_o: &[f64],
     sel: &[i32],
 ) -> (NsaGrads<f64>, usize) {
-    let (g, differing, _) = reference_with_selection_phi(cfg, x, &PhiParams::mean(), d_o, sel);
+    let phi = PhiParams::mean();
+    let own = nsa::reference::forward(cfg, x, &phi).unwrap();
+    let n = cfg.sel_count;
+    let differing = own
+        .sel_idx
+        .chunks(n)
+        .zip(sel.chunks(n))
+        .filter(|(a, b)| a != b)
+        .count();
+    let g = nsa::reference::backward_with_selection(cfg, x, &phi, d_o, sel).unwrap();
     (g, differing)
 }
 
-/// [`reference_with_selection`] with the `phi` parameters `phi` (their gradients in `dphi`).
+/// [`reference_with_selection`] with the `phi` parameters `phi` (their gradients in `dphi`), as
+/// the reference's own row loop (it also needs each sequence's compressed K/V gradients).
 /// Also returns, per phi parameter gradient, the sum over the (compressed token, KV head)
 /// contributions of their squares: the scale of a gradient that is a sum of those contributions
 /// before any cancellation between them.
@@ -196,24 +204,8 @@ fn reference_with_selection_phi(
                         .filter(|&&j| j >= 0)
                         .map(|&j| j as usize)
                         .collect();
-                    if gpu == rw.sel[g] {
-                        continue;
-                    }
-                    differing += 1;
-                    let keys = select::selected_keys(cfg, t, &gpu);
-                    let head_kv = attend::HeadKv {
-                        k: kv.slc_k,
-                        v: kv.slc_v,
-                        hkv,
-                        h: g,
-                        dk,
-                        dv,
-                    };
-                    for h in g * dims.group..(g + 1) * dims.group {
-                        let q = &q_row[h * dk..(h + 1) * dk];
-                        rw.heads[h].att[1] = attend::attend(q, dims.scale, &head_kv, &keys);
-                        rw.heads[h].keys[1] = keys.clone();
-                    }
+                    differing += (gpu != rw.sel[g]) as usize;
+                    row::use_selection(cfg, &dims, t, q_row, &kv, &mut rw, g, &gpu);
                 }
                 row::row_backward(
                     &dims,

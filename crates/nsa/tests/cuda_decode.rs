@@ -77,8 +77,14 @@ fn run_case_in(
         "{name}: unwritten selection"
     );
     let differing = check_selection(cfg, &x64, &PhiParams::mean(), &want.sel_idx, &got.sel_idx);
-    let mut want_o = want.o.clone();
-    patch_reference(cfg, &x64, &mut want_o, &differing, &want.sel_idx);
+    let want_o = reference_output(
+        cfg,
+        &x64,
+        &PhiParams::mean(),
+        &want,
+        &differing,
+        &got.sel_idx,
+    );
     let err = rel_rms(&got.o, &want_o);
     // rows produced by the decode kernels: positions >= the first prompt chunk
     let first = prefill.min(chunk);
@@ -389,8 +395,7 @@ fn run_staggered(
         "{name}: unwritten selection"
     );
     let differing = check_selection(cfg, &x64, &phi64, &want.sel_idx, &got_sel);
-    let mut want_o = want.o.clone();
-    patch_reference(cfg, &x64, &mut want_o, &differing, &want.sel_idx);
+    let want_o = reference_output(cfg, &x64, &phi64, &want, &differing, &got_sel);
     let err = rel_rms(&got_o, &want_o);
     // the rows of the steps alone, and those of each sequence's decoded prompt chunks
     let (mut sg, mut sw, mut cg, mut cw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

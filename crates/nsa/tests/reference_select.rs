@@ -4,7 +4,9 @@
 
 mod reference_util;
 
-use nsa::reference::{forward, selection_scores};
+use nsa::reference::{
+    backward, backward_with_selection, forward, forward_with_selection, selection_scores,
+};
 use nsa::testing::check_selection_tie_aware;
 use nsa::{NsaConfig, NsaInputs, PhiKind, PhiParams};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -232,4 +234,120 @@ fn scores_of_a_varlen_batch_are_per_sequence() {
             }
         }
     }
+}
+
+/// The reference with a given selection: its own selection gives back `forward` / `backward`
+/// bit for bit; a changed free block changes exactly the selected branch of that (token, group),
+/// whose output is then attention over the given blocks' tokens (checked with a softmax written
+/// here); malformed selections are typed errors.
+#[test]
+fn a_given_selection_replaces_the_top_n() {
+    let cfg = small_cfg(4, 2, PhiKind::Linear); // l' = 8, n = 3: block 0 and own block forced
+    let (dk, dv) = (3, 2);
+    let mut x = inputs(&cfg, &[29, 17], dk, dv, 11);
+    set_gates(&mut x, [0.3, 1.0, 0.6]);
+    let phi = phi(&cfg, dk, dv, 12);
+    let own = forward(&cfg, &x, &phi).unwrap();
+    let same = forward_with_selection(&cfg, &x, &phi, &own.sel_idx).unwrap();
+    assert_eq!(same.o, own.o);
+    assert_eq!(same.sel_idx, own.sel_idx);
+    let mut rng = StdRng::seed_from_u64(13);
+    let d_o: Vec<f64> = (0..own.o.len()).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let g_own = backward(&cfg, &x, &phi, &d_o).unwrap();
+    let g_same = backward_with_selection(&cfg, &x, &phi, &d_o, &own.sel_idx).unwrap();
+    assert_eq!(g_same.dq, g_own.dq);
+    assert_eq!(g_same.dk_slc, g_own.dk_slc);
+    assert_eq!(g_same.dphi, g_own.dphi);
+
+    // token 28 of the first sequence sees blocks 0..=3; forced {0, 3}, one free of {1, 2}
+    let (i, t, g, n) = (28usize, 28usize, 1usize, cfg.sel_count);
+    let (hq, hkv, group) = (cfg.heads, cfg.kv_heads, cfg.group_size());
+    let at = (i * hkv + g) * n;
+    let mine = &own.sel_idx[at..at + n];
+    assert_eq!((mine[0], mine[2]), (0, 3), "forced blocks: {mine:?}");
+    let other = if mine[1] == 1 { 2 } else { 1 };
+    let mut sel = own.sel_idx.clone();
+    sel[at + 1] = other;
+    let changed = forward_with_selection(&cfg, &x, &phi, &sel).unwrap();
+    assert_eq!(changed.sel_idx, sel);
+    for r in 0..x.num_tokens() * hq {
+        let touched = r / hq == i && (r % hq) / group == g;
+        let (a, b) = (
+            &changed.o[r * dv..(r + 1) * dv],
+            &own.o[r * dv..(r + 1) * dv],
+        );
+        assert_eq!(a != b, touched, "row {r}: {a:?} vs {b:?}");
+    }
+    // with the selected gate at 1, the change is exactly o_slc(new) - o_slc(old)
+    let scale = cfg.softmax_scale(dk);
+    let attend_blocks = |h: usize, blocks: &[i32]| -> Vec<f64> {
+        let keys: Vec<usize> = blocks
+            .iter()
+            .flat_map(|&b| (b as usize * 8..(b as usize + 1) * 8).filter(|&s| s <= t))
+            .collect();
+        let q = &x.q[(i * hq + h) * dk..(i * hq + h + 1) * dk];
+        let logits: Vec<f64> = keys
+            .iter()
+            .map(|&s| {
+                let k = &x.k_slc[(s * hkv + g) * dk..(s * hkv + g + 1) * dk];
+                scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>()
+            })
+            .collect();
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+        let z: f64 = w.iter().sum();
+        (0..dv)
+            .map(|c| {
+                keys.iter()
+                    .zip(&w)
+                    .map(|(&s, wi)| wi / z * x.v_slc[(s * hkv + g) * dv + c])
+                    .sum()
+            })
+            .collect()
+    };
+    for h in g * group..(g + 1) * group {
+        let (new, old) = (attend_blocks(h, &sel[at..at + n]), attend_blocks(h, mine));
+        for c in 0..dv {
+            let r = (i * hq + h) * dv + c;
+            let want = new[c] - old[c];
+            let got = changed.o[r] - own.o[r];
+            assert!(
+                (got - want).abs() < 1e-12,
+                "head {h} dim {c}: {got} vs {want}"
+            );
+        }
+    }
+    let g_changed = backward_with_selection(&cfg, &x, &phi, &d_o, &sel).unwrap();
+    for r in 0..x.num_tokens() * hq {
+        let touched = r / hq == i && (r % hq) / group == g;
+        let (a, b) = (
+            &g_changed.dq[r * dk..(r + 1) * dk],
+            &g_own.dq[r * dk..(r + 1) * dk],
+        );
+        assert_eq!(a != b, touched, "dq row {r}");
+    }
+    // the swapped-in block's keys now get gradient from token 28
+    let new_block = other as usize * 8..(other as usize + 1) * 8;
+    let moved = new_block.clone().any(|s| {
+        let k = (s * hkv + g) * dk;
+        g_changed.dk_slc[k..k + dk] != g_own.dk_slc[k..k + dk]
+    });
+    assert!(moved, "dk_slc of block {other} unchanged");
+
+    // malformed selections
+    let bad = |sel: &[i32]| forward_with_selection(&cfg, &x, &phi, sel).unwrap_err();
+    assert!(matches!(
+        bad(&sel[1..]),
+        nsa::NsaError::ShapeMismatch { .. }
+    ));
+    let mut unsorted = sel.clone();
+    unsorted.swap(at, at + 1);
+    assert!(matches!(bad(&unsorted), nsa::NsaError::Unsupported(_)));
+    let mut ahead = sel.clone();
+    ahead[at + 2] = 4; // block 4 starts after position 28
+    assert!(matches!(bad(&ahead), nsa::NsaError::Unsupported(_)));
+    let mut gap = sel.clone();
+    gap[at + 1] = -1; // padding before a block
+    assert!(matches!(bad(&gap), nsa::NsaError::Unsupported(_)));
+    assert!(backward_with_selection(&cfg, &x, &phi, &d_o, &gap).is_err());
 }

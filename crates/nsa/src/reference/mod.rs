@@ -72,12 +72,77 @@ fn rows<'a, T>(v: &'a [T], r: &std::ops::Range<usize>, per: usize) -> &'a [T] {
     &v[r.start * per..r.end * per]
 }
 
+/// Checks a given selection `[N, HKV, n]` (the layout of [`NsaOutput::sel_idx`]): per (token,
+/// group) ascending distinct blocks admissible at the token's position, padded with `-1` at the
+/// end.
+fn check_selection(cfg: &NsaConfig, x: &NsaInputs<f64>, sel: &[i32]) -> Result<()> {
+    let (hkv, n) = (cfg.kv_heads, cfg.sel_count);
+    if sel.len() != x.num_tokens() * hkv * n {
+        return Err(NsaError::ShapeMismatch {
+            name: "sel_idx".into(),
+            expected: vec![x.num_tokens(), hkv, n],
+            got: vec![sel.len()],
+        });
+    }
+    for b in 0..x.num_seqs() {
+        let r = x.seq_range(b);
+        for t in 0..r.len() {
+            let admissible = blocks::sel_admissible(t, cfg.sel_block) as i64;
+            for g in 0..hkv {
+                let at = ((r.start + t) * hkv + g) * n;
+                let list = &sel[at..at + n];
+                let used = list.iter().take_while(|&&j| j >= 0).count();
+                let ascending = list[..used].windows(2).all(|w| w[0] < w[1]);
+                let in_range = list[..used].iter().all(|&j| (j as i64) < admissible);
+                if !ascending || !in_range || list[used..].iter().any(|&j| j != -1) {
+                    return Err(NsaError::Unsupported(format!(
+                        "sel_idx of token {} (position {t}), group {g}: {list:?} is not ascending \
+                         distinct blocks below {admissible} padded with -1",
+                        r.start + t
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The branches of packed token `i` (position `t`): [`row::row_forward`], then, with `given`
+/// (a checked `[N, HKV, n]` selection), each group's selected branch over the given blocks.
+fn branches(
+    cfg: &NsaConfig,
+    dims: &Dims,
+    t: usize,
+    i: usize,
+    q_row: &[f64],
+    kv: &SeqKv<'_>,
+    given: Option<&[i32]>,
+) -> Row {
+    let mut row = row::row_forward(cfg, dims, t, q_row, kv);
+    if let Some(sel) = given {
+        let n = cfg.sel_count;
+        for g in 0..dims.hkv {
+            let at = (i * dims.hkv + g) * n;
+            let chosen: Vec<usize> = sel[at..at + n]
+                .iter()
+                .take_while(|&&j| j >= 0)
+                .map(|&j| j as usize)
+                .collect();
+            row::use_selection(cfg, dims, t, q_row, kv, &mut row, g, &chosen);
+        }
+    }
+    row
+}
+
 /// Runs `f(t, i, row, kv)` for every token of every sequence: `t` is the token's position in
-/// its sequence, `i` its packed index, `row` its branches, `kv` what they read.
+/// its sequence, `i` its packed index, `row` its branches, `kv` what they read. With `given`
+/// (a checked `[N, HKV, n]` selection) the selected branch attends to those blocks instead of
+/// the row's own top-n.
 fn for_each_row(
     cfg: &NsaConfig,
     x: &NsaInputs<f64>,
     phi: &PhiParams<f64>,
+    given: Option<&[i32]>,
     mut f: impl FnMut(usize, usize, &Row, &SeqKv<'_>),
 ) {
     let dims = Dims::new(cfg, x.dk, x.dv);
@@ -98,7 +163,7 @@ fn for_each_row(
         for t in 0..r.len() {
             let i = r.start + t;
             let q_row = &x.q[i * dims.hq * dims.dk..(i + 1) * dims.hq * dims.dk];
-            let row = row::row_forward(cfg, &dims, t, q_row, &kv);
+            let row = branches(cfg, &dims, t, i, q_row, &kv, given);
             f(t, i, &row, &kv);
         }
     }
@@ -120,11 +185,35 @@ pub fn forward(
     phi: &PhiParams<f64>,
 ) -> Result<NsaOutput<f64>> {
     check(cfg, x, phi)?;
+    forward_rows(cfg, x, phi, None)
+}
+
+/// [`forward`] with the top-n taken from `sel` (`[N, HKV, n]`, ascending, padded with `-1`, as
+/// [`NsaOutput::sel_idx`]) instead of computed: the oracle for a fast path whose selection
+/// differs from the reference's by near-ties (bf16 scores), or for a caller-chosen selection.
+/// The returned `sel_idx` is `sel`.
+pub fn forward_with_selection(
+    cfg: &NsaConfig,
+    x: &NsaInputs<f64>,
+    phi: &PhiParams<f64>,
+    sel: &[i32],
+) -> Result<NsaOutput<f64>> {
+    check(cfg, x, phi)?;
+    check_selection(cfg, x, sel)?;
+    forward_rows(cfg, x, phi, Some(sel))
+}
+
+fn forward_rows(
+    cfg: &NsaConfig,
+    x: &NsaInputs<f64>,
+    phi: &PhiParams<f64>,
+    given: Option<&[i32]>,
+) -> Result<NsaOutput<f64>> {
     let dims = Dims::new(cfg, x.dk, x.dv);
     let n = x.num_tokens();
     let mut o = vec![0.0; n * dims.hq * dims.dv];
     let mut sel_idx = vec![-1i32; n * dims.hkv * cfg.sel_count];
-    for_each_row(cfg, x, phi, |_t, i, row, _kv| {
+    for_each_row(cfg, x, phi, given, |_t, i, row, _kv| {
         let out = row::row_output(&dims, row, gates_of(x, dims.hq, i));
         o[i * dims.hq * dims.dv..(i + 1) * dims.hq * dims.dv].copy_from_slice(&out);
         for (g, chosen) in row.sel.iter().enumerate() {
@@ -150,7 +239,7 @@ pub fn selection_scores(
         .unwrap_or(0);
     let hkv = cfg.kv_heads;
     let mut p = vec![f64::NEG_INFINITY; x.num_tokens() * hkv * max_blocks];
-    for_each_row(cfg, x, phi, |_t, i, row, _kv| {
+    for_each_row(cfg, x, phi, None, |_t, i, row, _kv| {
         for (g, s) in row.scores.iter().enumerate() {
             let at = (i * hkv + g) * max_blocks;
             p[at..at + s.len()].copy_from_slice(s);
@@ -170,6 +259,29 @@ pub fn backward(
     d_o: &[f64],
 ) -> Result<NsaGrads<f64>> {
     check(cfg, x, phi)?;
+    backward_rows(cfg, x, phi, d_o, None)
+}
+
+/// [`backward`] with the top-n taken from `sel` (see [`forward_with_selection`]).
+pub fn backward_with_selection(
+    cfg: &NsaConfig,
+    x: &NsaInputs<f64>,
+    phi: &PhiParams<f64>,
+    d_o: &[f64],
+    sel: &[i32],
+) -> Result<NsaGrads<f64>> {
+    check(cfg, x, phi)?;
+    check_selection(cfg, x, sel)?;
+    backward_rows(cfg, x, phi, d_o, Some(sel))
+}
+
+fn backward_rows(
+    cfg: &NsaConfig,
+    x: &NsaInputs<f64>,
+    phi: &PhiParams<f64>,
+    d_o: &[f64],
+    given: Option<&[i32]>,
+) -> Result<NsaGrads<f64>> {
     let dims = Dims::new(cfg, x.dk, x.dv);
     let n = x.num_tokens();
     if d_o.len() != n * dims.hq * dims.dv {
@@ -228,7 +340,7 @@ pub fn backward(
             for t in 0..len {
                 let i = r.start + t;
                 let q_row = &x.q[i * hq * dk..(i + 1) * hq * dk];
-                let row = row::row_forward(cfg, &dims, t, q_row, &kv);
+                let row = branches(cfg, &dims, t, i, q_row, &kv, given);
                 row::row_backward(
                     &dims,
                     q_row,

@@ -139,6 +139,33 @@ pub fn row_forward(cfg: &NsaConfig, dims: &Dims, t: usize, q_row: &[f64], kv: &S
     Row { heads, sel, scores }
 }
 
+/// Replaces the selection of KV group `g` in `row` (position `t`) by the blocks `chosen`
+/// (ascending) and re-attends the group's heads over their tokens: the same function with the
+/// top-n taken as given, e.g. a fast path's choice where it differs by a near-tie. Does nothing
+/// when `chosen` is the row's own selection.
+pub fn use_selection(
+    cfg: &NsaConfig,
+    dims: &Dims,
+    t: usize,
+    q_row: &[f64],
+    kv: &SeqKv<'_>,
+    row: &mut Row,
+    g: usize,
+    chosen: &[usize],
+) {
+    if row.sel[g] == chosen {
+        return;
+    }
+    let keys = select::selected_keys(cfg, t, chosen);
+    let head_kv = kv.head(dims, 1, g);
+    for h in g * dims.group..(g + 1) * dims.group {
+        let q = &q_row[h * dims.dk..(h + 1) * dims.dk];
+        row.heads[h].att[1] = attend(q, dims.scale, &head_kv, &keys);
+        row.heads[h].keys[1] = keys.clone();
+    }
+    row.sel[g] = chosen.to_vec();
+}
+
 /// Gates of one query token: `gates[b][h]` for branch `b` and head `h`.
 pub type RowGates<'a> = [&'a [f64]; BRANCHES];
 

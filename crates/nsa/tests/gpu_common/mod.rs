@@ -1,8 +1,8 @@
 //! Helpers shared by the GPU test suites (cuda_forward, cuda_decode): seeds, bf16 / f16 rounding,
-//! the near-tie selection check and the reference patch for near-tie rows.
+//! the near-tie selection check and the reference output over the GPU's selection.
 #![allow(dead_code)]
 
-use nsa::reference::{self, attend::HeadKv};
+use nsa::reference;
 use nsa::testing::{check_selection_tie_aware, selection_differences};
 use nsa::{NsaConfig, NsaInputs, PhiParams};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -69,51 +69,22 @@ pub fn check_selection(
         .collect()
 }
 
-/// Rewrites the reference output of the rows whose selection differs (near-ties only) with the
-/// selected attention over the GPU's choice, so the output check compares the same function.
-pub fn patch_reference(
+/// The reference output to compare a GPU output with: `want` (the reference's own forward) when
+/// the GPU chose the same blocks everywhere, else the reference over the GPU's selection `got_sel`
+/// (`check_selection` has established that every difference is a near-tie), so the output check
+/// compares the same function.
+pub fn reference_output(
     cfg: &NsaConfig,
     x: &NsaInputs<f64>,
-    want_o: &mut [f64],
+    phi: &PhiParams<f64>,
+    want: &nsa::NsaOutput<f64>,
     differing: &[(usize, usize, Vec<usize>)],
-    ref_sel: &[i32],
-) {
-    let (hq, hkv, dk, dv, g_sz) = (cfg.heads, cfg.kv_heads, x.dk, x.dv, cfg.group_size());
-    let scale = cfg.softmax_scale(dk);
-    for (i, g, sel) in differing {
-        let b = x
-            .cu_seqlens
-            .windows(2)
-            .position(|w| w[0] <= *i && *i < w[1])
-            .unwrap();
-        let start = x.cu_seqlens[b];
-        let end = x.cu_seqlens[b + 1];
-        let t = i - start;
-        let kv = HeadKv {
-            k: &x.k_slc[start * hkv * dk..end * hkv * dk],
-            v: &x.v_slc[start * hkv * dv..end * hkv * dv],
-            hkv,
-            h: *g,
-            dk,
-            dv,
-        };
-        let at = (i * hkv + g) * cfg.sel_count;
-        let old_sel: Vec<usize> = ref_sel[at..at + cfg.sel_count]
-            .iter()
-            .filter(|&&j| j >= 0)
-            .map(|&j| j as usize)
-            .collect();
-        let keys_new = reference::select::selected_keys(cfg, t, sel);
-        let keys_old = reference::select::selected_keys(cfg, t, &old_sel);
-        for hh in 0..g_sz {
-            let h = g * g_sz + hh;
-            let q = &x.q[(i * hq + h) * dk..(i * hq + h + 1) * dk];
-            let new = reference::attend::attend(q, scale, &kv, &keys_new);
-            let old = reference::attend::attend(q, scale, &kv, &keys_old);
-            let gs = x.g_slc[i * hq + h];
-            for c in 0..dv {
-                want_o[(i * hq + h) * dv + c] += gs * (new.o[c] - old.o[c]);
-            }
-        }
+    got_sel: &[i32],
+) -> Vec<f64> {
+    if differing.is_empty() {
+        return want.o.clone();
     }
+    reference::forward_with_selection(cfg, x, phi, got_sel)
+        .expect("the GPU selection is well formed")
+        .o
 }
