@@ -314,9 +314,17 @@ fn cache_full_and_unsupported_are_typed_errors() {
         Err(NsaError::Unsupported(_))
     ));
     assert_eq!(cache.lens(), &[0]);
+    // no weights uploaded yet: a step on the held weights is refused, the cache unchanged
+    let one = NsaInputs::random(&lin, &[1], 64, 64, false, s ^ 5);
+    assert!(matches!(
+        decode::step_held_phi(&ctx, &mut cache, &one),
+        Err(NsaError::Decode(_))
+    ));
     let w = PhiParams::random(&lin, 64, 64, 0, s);
     decode::prefill(&ctx, &mut cache, &[0], &x, &w).unwrap();
     assert_eq!(cache.lens(), &[40]);
+    decode::step_held_phi(&ctx, &mut cache, &one).unwrap();
+    assert_eq!(cache.lens(), &[41]);
 }
 
 /// A learned `phi` through the cache with the sequences at different positions: prompts of
@@ -379,7 +387,14 @@ fn run_staggered(
             .map(|b| x.seq_range(b).start + prompts[b] + i)
             .collect();
         let one_each = (0..=batch).collect();
-        let part = decode::step(&ctx, &mut cache, &x.gather(&rows, one_each), &phi).unwrap();
+        let xs = x.gather(&rows, one_each);
+        // every other step with the weights the cache holds (no host comparison)
+        let part = if i % 2 == 1 {
+            decode::step_held_phi(&ctx, &mut cache, &xs)
+        } else {
+            decode::step(&ctx, &mut cache, &xs, &phi)
+        }
+        .unwrap();
         put(&rows, &part);
     }
     assert_eq!(cache.lens(), seqlens.as_slice());

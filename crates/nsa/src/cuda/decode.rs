@@ -1128,10 +1128,12 @@ impl GpuDecodeCache {
         &self,
         x: &NsaInputs<f32>,
         cfg: &NsaConfig,
-        phi: &PhiParams<f32>,
+        phi: Option<&PhiParams<f32>>,
     ) -> Result<()> {
         x.validate(cfg)?;
-        phi.validate(cfg, x.dk, x.dv)?;
+        if let Some(phi) = phi {
+            phi.validate(cfg, x.dk, x.dv)?;
+        }
         check_shapes(cfg, x.dk, x.dv)?;
         if x.dk != self.dk || x.dv != self.dv {
             return Err(NsaError::Decode(format!(
@@ -1365,7 +1367,7 @@ pub fn prefill(
     phi: &PhiParams<f32>,
 ) -> Result<NsaOutput<f32>> {
     let cfg = cache.cfg.clone();
-    cache.check_inputs(x, &cfg, phi)?;
+    cache.check_inputs(x, &cfg, Some(phi))?;
     cache.set_phi(ctx, phi)?;
     if seq_ids.len() != x.num_seqs() {
         return Err(NsaError::Decode(format!(
@@ -1501,15 +1503,36 @@ pub fn prefill(
 /// One decode step of every sequence: `x` holds one token per cached sequence (`cu_seqlens =
 /// [0, 1, .., B]`); token `b` is appended to sequence `b` and the rows `o` `[B, HQ, dv]`,
 /// `sel_idx` `[B, HKV, n]` are returned. Errors as [`prefill`]'s.
+///
+/// With `phi` linear or mlp this compares `phi` with the weights the cache holds (and uploads
+/// them if they changed): O(l·D²) host work per call. A decode loop with fixed weights can skip
+/// it with [`step_held_phi`].
 pub fn step(
     ctx: &CudaContext,
     cache: &mut GpuDecodeCache,
     x: &NsaInputs<f32>,
     phi: &PhiParams<f32>,
 ) -> Result<NsaOutput<f32>> {
-    let cfg = cache.cfg.clone();
-    cache.check_inputs(x, &cfg, phi)?;
     cache.set_phi(ctx, phi)?;
+    step_held_phi(ctx, cache, x)
+}
+
+/// [`step`] with the `phi` weights the cache already holds (uploaded by [`prefill`], [`step`] or
+/// [`GpuDecodeCache::set_phi`]), without looking at any host copy of them. Errors as
+/// [`step`]'s, and `Decode` when `phi` is linear or mlp and no weights were uploaded yet.
+pub fn step_held_phi(
+    ctx: &CudaContext,
+    cache: &mut GpuDecodeCache,
+    x: &NsaInputs<f32>,
+) -> Result<NsaOutput<f32>> {
+    let cfg = cache.cfg.clone();
+    cache.check_inputs(x, &cfg, None)?;
+    if cfg.phi != PhiKind::Mean && cache.phi.is_none() {
+        return Err(NsaError::Decode(
+            "phi is learned but the cache holds no weights yet (call prefill or set_phi first)"
+                .into(),
+        ));
+    }
     let batch = cache.batch;
     let one_each: Vec<usize> = (0..=batch).collect();
     if x.cu_seqlens != one_each {
