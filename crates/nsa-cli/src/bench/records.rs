@@ -158,16 +158,10 @@ fn demote_dense_equivalent_tflops(r: &mut BenchRecord) {
 /// medians, as for our own forward+backward, said in the record's notes. Measured
 /// `forward_backward` records are left as they are and never duplicated.
 pub fn summed_forward_backward(records: &[BenchRecord]) -> Vec<BenchRecord> {
+    // the implementation and the shape, without the op
     let shape = |r: &BenchRecord| {
-        (
-            r.impl_.clone(),
-            r.batch,
-            r.t,
-            r.heads,
-            r.kv_heads,
-            r.dk,
-            r.dv,
-        )
+        let (_, b, t, hq, hkv, dk, dv) = r.key();
+        (r.impl_.clone(), b, t, hq, hkv, dk, dv)
     };
     let measured: Vec<_> = records
         .iter()
