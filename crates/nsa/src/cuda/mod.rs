@@ -61,6 +61,16 @@ const NULL_PTR: u64 = 0;
 
 /// Family, kernel name and compile options of a loaded kernel.
 type FunctionKey = (Family, String, Vec<String>);
+/// Family and compile options of a loaded module (one CUBIN holds all of a family's kernels).
+type ModuleKey = (Family, Vec<String>);
+
+/// The modules and kernels loaded so far.
+#[derive(Default)]
+struct Loaded {
+    modules: HashMap<ModuleKey, Arc<driver::CudaModule>>,
+    /// Each kernel with the dynamic shared memory limit raised for it so far.
+    functions: HashMap<FunctionKey, (CudaFunction, usize)>,
+}
 
 /// A GPU, its stream and the kernels compiled for it so far.
 pub struct CudaContext {
@@ -68,7 +78,7 @@ pub struct CudaContext {
     stream: Arc<CudaStream>,
     arch: String,
     max_smem: usize,
-    functions: Mutex<HashMap<FunctionKey, CudaFunction>>,
+    loaded: Mutex<Loaded>,
 }
 
 impl CudaContext {
@@ -115,7 +125,7 @@ impl CudaContext {
             stream,
             arch,
             max_smem,
-            functions: Mutex::new(HashMap::new()),
+            loaded: Mutex::new(Loaded::default()),
         })
     }
 
@@ -133,8 +143,9 @@ impl CudaContext {
         self.named_function(family, family.kernel(), shape, smem)
     }
 
-    /// Kernel `name` of `family` compiled for `shape` (compiled and loaded on first use), with
-    /// its dynamic shared memory limit raised to `smem` bytes.
+    /// Kernel `name` of `family` compiled for `shape` (the family's module compiled and loaded on
+    /// first use, once for all its kernels), with its dynamic shared memory limit raised to at
+    /// least `smem` bytes.
     fn named_function(
         &self,
         family: Family,
@@ -142,24 +153,37 @@ impl CudaContext {
         shape: &Shape,
         smem: usize,
     ) -> Result<CudaFunction> {
-        let key = (family, name.to_string(), module::options(shape, &self.arch));
-        let mut map = self
-            .functions
+        let opts = module::options(shape, &self.arch);
+        let key = (family, name.to_string(), opts.clone());
+        let mut loaded = self
+            .loaded
             .lock()
             .map_err(|_| NsaError::Cuda("kernel cache poisoned".into()))?;
-        if let Some(f) = map.get(&key) {
+        if let Some((f, limit)) = loaded.functions.get_mut(&key) {
+            if smem > *limit {
+                raise_smem_limit(f, smem)?;
+                *limit = smem;
+            }
             return Ok(f.clone());
         }
-        let compiled = module::compile(family, shape, &self.arch, &[])?;
-        let module = self
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
-            .map_err(driver_err)?;
+        // a family's kernels share one module: compiled and loaded once
+        let module = match loaded.modules.get(&(family, opts.clone())) {
+            Some(m) => m.clone(),
+            None => {
+                let compiled = module::compile(family, shape, &self.arch, &[])?;
+                let m = self
+                    .ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
+                    .map_err(driver_err)?;
+                loaded.modules.insert((family, opts), m.clone());
+                m
+            }
+        };
         let f = module.load_function(name).map_err(driver_err)?;
         if smem > 0 {
             raise_smem_limit(&f, smem)?;
         }
-        map.insert(key, f.clone());
+        loaded.functions.insert(key, (f.clone(), smem));
         Ok(f)
     }
 }
