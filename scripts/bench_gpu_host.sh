@@ -41,16 +41,23 @@ if has peers; then
   grep -E "forward|backward" "$R/peers-gpu.log" | tail -40
 fi
 PEERS_GPU=${PEERS_GPU:-$( [[ -f $R/peers-gpu.json ]] && echo $R/peers-gpu.json || newest peers-gpu)}
+# (PEERS_BWD_LENGTHS / PEERS_BWD_NAME split the 192/128 lengths over calls; PEERS_BWD_G=0 skips
+# the G sweep; PEERS_EXTRA: more peer files for the backward part, space-separated)
+PB_NAME=${PEERS_BWD_NAME:-peers-gpu-bwd}
 if has peers-bwd; then
   timeout 320 python3 bench/peers.py --device cuda --op backward --head-dims 192:128 \
-    --gqa-groups "" --impls torch-sdpa-cudnn,fla-nsa --budget-s 200 \
-    --out "$R/peers-gpu-bwd.json" > "$R/peers-gpu-bwd.log" 2>&1
-  timeout 110 python3 bench/peers.py --device cuda --op backward --head-dims 128:128 \
-    --lengths "" --gqa-groups 1,2,4,8 --impls torch-sdpa-cudnn,torch-sdpa-flash --budget-s 90 --no-check \
-    --out "$R/peers-gpu-bwd-g.json" > "$R/peers-gpu-bwd-g.log" 2>&1
-  grep -E "backward" "$R/peers-gpu-bwd.log" "$R/peers-gpu-bwd-g.log" | tail -30
+    --lengths "${PEERS_BWD_LENGTHS:-8192,16384,32768,65536,131072}" \
+    --gqa-groups "" --impls torch-sdpa-cudnn,fla-nsa --budget-s 200 --no-check \
+    --out "$R/$PB_NAME.json" > "$R/$PB_NAME.log" 2>&1
+  grep -E "backward" "$R/$PB_NAME.log" | tail -12
+  if [[ ${PEERS_BWD_G:-1} == 1 ]]; then
+    timeout 110 python3 bench/peers.py --device cuda --op backward --head-dims 128:128 \
+      --lengths "" --gqa-groups 1,2,4,8 --impls torch-sdpa-cudnn,torch-sdpa-flash --budget-s 90 --no-check \
+      --out "$R/peers-gpu-bwd-g.json" > "$R/peers-gpu-bwd-g.log" 2>&1
+    grep -E "backward" "$R/peers-gpu-bwd-g.log" | tail -8
+  fi
 fi
-PEERS_GPU_BWD=${PEERS_GPU_BWD:-$( [[ -f $R/peers-gpu-bwd.json ]] && echo $R/peers-gpu-bwd.json || newest peers-gpu-bwd)}
+PEERS_GPU_BWD=${PEERS_GPU_BWD:-$( [[ -f $R/$PB_NAME.json ]] && echo $R/$PB_NAME.json || newest peers-gpu-bwd)}
 PEERS_GPU_BWD_G=${PEERS_GPU_BWD_G:-$( [[ -f $R/peers-gpu-bwd-g.json ]] && echo $R/peers-gpu-bwd-g.json || newest peers-gpu-bwd-g)}
 # `--peers` for each peer file that exists
 peer_args() { for f in "$@"; do [[ -n $f && -f $f ]] && printf -- '--peers\n%s\n' "$f"; done; }
@@ -61,7 +68,8 @@ if has fwd; then
   tail -3 "$R/h100-fwd.log"
 fi
 if has bwd; then
-  mapfile -t PA < <(peer_args "$PEERS_GPU" "$PEERS_GPU_BWD" "$PEERS_GPU_BWD_G")
+  # shellcheck disable=SC2086
+  mapfile -t PA < <(peer_args "$PEERS_GPU" "$PEERS_GPU_BWD" "$PEERS_GPU_BWD_G" ${PEERS_EXTRA:-})
   timeout 330 $P/bin/nsa bench --device cuda --ops backward --name h100-bwd --out-dir "$R" \
     "${PA[@]}" > "$R/h100-bwd.log" 2>&1
   tail -3 "$R/h100-bwd.log"
