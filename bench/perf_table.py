@@ -73,6 +73,16 @@ def gpu_tables():
         cb = pick(bwd, op="backward", impl="torch-sdpa-cudnn", T=t, **shape)
         lb = pick(bwd, op="backward", impl="fla-nsa", T=t, **shape)
         out.append(f"| {t // 1024}k | {ms(nf)} | {ms(cf)} | {ms(ff)} | {ms(lf)} | {ms(nb)} | {ms(cb)} | {ms(lb)} | {ratio(nf, cf)} |")
+    out.append("\nGPU, GQA group size G at T=64k (HQ=64, HKV=64/G, dk=dv=128), ms (median):\n")
+    out.append("| G | NSA fwd | cuDNN fwd | NSA bwd | cuDNN bwd | NSA fwd speedup vs cuDNN | NSA bwd speedup vs cuDNN |")
+    out.append("|---|---|---|---|---|---|---|")
+    for g in (1, 2, 4, 8, 16):
+        key = dict(batch=1, T=65536, heads=64, kv_heads=64 // g, dk=128, dv=128)
+        nf = pick(fwd, op="forward", impl="nsa-cuda", **key)
+        cf = pick(fwd, op="forward", impl="torch-sdpa-cudnn", **key)
+        nb = pick(bwd, op="backward", impl="nsa-cuda", **key)
+        cb = pick(bwd, op="backward", impl="torch-sdpa-cudnn", **key)
+        out.append(f"| {g} | {ms(nf)} | {ms(cf)} | {ms(nb)} | {ms(cb)} | {ratio(nf, cf)} | {ratio(nb, cb)} |")
     if f3:
         out.append(f"\nGPU decode step, HQ=64, HKV=4, D=128, bf16, us (median, CUDA graphs); from {', '.join(f3)}:\n")
         out.append("| context | batch | NSA | cuDNN dense | flash dense | fla-nsa | NSA speedup vs cuDNN | NSA % of copy bandwidth |")
