@@ -202,7 +202,7 @@ fn win_uses_wgmma(shape: &Shape, arch: &str) -> bool {
     });
     arch == "sm_90a"
         && !off
-        && shape.dk % 64 == 0
+        && shape.dk.is_multiple_of(64)
         && shape.dk <= 256
         && (shape.dv == 64 || shape.dv == 128)
 }
