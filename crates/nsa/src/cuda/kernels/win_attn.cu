@@ -103,25 +103,73 @@ extern "C" __global__ void __launch_bounds__(128) win_attn(
 
 #else  // WIN_USE_WGMMA
 
-// One key tile (keys k0 .. k0 + 63) for the warpgroup's WMT m64 row tiles: S = Q K^T (wgmma,
+// D (m64 x n16, f32) (+)= A (64 x 16, smem descriptor) * B (16 x n16, smem descriptor, K-major):
+// the scores of a narrow last tile (at most 16 keys). Register layout as wg_ss_n64 (d[j][..]:
+// columns 8j + gc, + 1).
+template <int SCALE_D>
+__device__ __forceinline__ void win_ss_n16(float (&d)[2][4], unsigned long long da, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32." ELEM_PTX "." ELEM_PTX " "
+        "{%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+        : "l"(da), "l"(db), "n"(SCALE_D));
+}
+
+// S (64 rows x NK keys) = rows mt*64 .. +63 of the swizzled Q tile times the first NK rows of
+// the swizzled [KT x DK] K tile (NK = 64: wg_qk; NK = 16: m64n16 wgmmas on the same descriptors).
+template <int NK>
+__device__ __forceinline__ void win_qk(float (&s)[NK / 8][4], u32 qa, u32 ka, int mt) {
+    if constexpr (NK == KT) {
+        wg_qk<WIN_ROWS>(s, qa, ka, mt);
+    } else {
+        static_assert(NK == 16, "narrow tiles are 16 keys");
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; ++kk) {
+            const u32 a = qa + (kk >> 2) * (WIN_ROWS * 128) + mt * 64 * 128 + (kk & 3) * 32;
+            const u32 b = ka + (kk >> 2) * (KT * 128) + (kk & 3) * 32;
+            if (kk == 0)
+                win_ss_n16<0>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
+            else
+                win_ss_n16<1>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
+        }
+    }
+}
+
+// O (64 x DV) += P (64 x NK keys, registers) times the first NK rows of the swizzled V tile.
+template <int NK>
+__device__ __forceinline__ void win_pv(float (&o)[DV / 8][4], const u32 (&p)[NK / 16][4], u32 va) {
+#pragma unroll
+    for (int kc = 0; kc < NK / 16; ++kc) {
+        const unsigned long long b = wg_desc(va + kc * 16 * 128, 64 * 128, 1024);
+#if DV == 128
+        wg_rs_n128<1, 1>(o, p[kc], b);
+#elif DV == 64
+        wg_rs_n64<1, 1>(o, p[kc], b);
+#endif
+    }
+}
+
+// One key tile (keys k0 .. k0 + NK - 1) for the warpgroup's WMT m64 row tiles: S = Q K^T (wgmma,
 // smem operands), the masked online softmax, O += P V (wgmma, P from registers); the same
 // schedule as cmp_attn's wg_attn_tile (S0 and S1 issued together, the softmax of tile 0 while
 // S1 computes, P0 V while the softmax of tile 1 runs). The mask is the window's two-sided one:
 // row i (position t) sees key k0 + key iff 0 <= t - k0 - key < WIN, with rel[i] = t - k0; it is
 // applied only when `need_mask` (CTA-uniform: the tile is not inside every row's window).
 // Zero-filled keys past the sequence lie past every valid row's t, so the mask drops them.
+template <int NK>
 __device__ __forceinline__ void win_wg_tile(u32 qa, u32 ka, u32 va, bool need_mask,
                                             const int (&rel)[2 * WMT], RowStats<WMT>& st,
                                             float (&o)[WMT][DV / 8][4]) {
     const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
-    float s[WMT][KT / 8][4];
+    float s[WMT][NK / 8][4];
     wg_fence();
 #pragma unroll
     for (int mt = 0; mt < WMT; ++mt) {
-        wg_qk<WIN_ROWS>(s[mt], qa, ka, mt);
+        win_qk<NK>(s[mt], qa, ka, mt);
         wg_commit();
     }
-    u32 p[WMT][KT / 16][4];
+    u32 p[WMT][NK / 16][4];
 #pragma unroll
     for (int mt = 0; mt < WMT; ++mt) {
         if (mt == 0)
@@ -133,7 +181,7 @@ __device__ __forceinline__ void win_wg_tile(u32 qa, u32 ka, u32 va, bool need_ma
         mx[0] = mx[1] = NEG_INF;
         if (need_mask) {
 #pragma unroll
-            for (int nt = 0; nt < KT / 8; ++nt)
+            for (int nt = 0; nt < NK / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = nt * 8 + gc + (e & 1);
@@ -141,7 +189,7 @@ __device__ __forceinline__ void win_wg_tile(u32 qa, u32 ka, u32 va, bool need_ma
                 }
         }
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; ++nt)
+        for (int nt = 0; nt < NK / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
 #pragma unroll
@@ -156,7 +204,7 @@ __device__ __forceinline__ void win_wg_tile(u32 qa, u32 ka, u32 va, bool need_ma
             rs[h] = 0.f;
         }
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; ++nt)
+        for (int nt = 0; nt < NK / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float pv = exp2f(fmaf(s[mt][nt][e], SCALE_LOG2, -mu[e >> 1]));
@@ -173,14 +221,14 @@ __device__ __forceinline__ void win_wg_tile(u32 qa, u32 ka, u32 va, bool need_ma
             o[mt][nt][3] *= alpha[1];
         }
 #pragma unroll
-        for (int kc = 0; kc < KT / 16; ++kc) {
+        for (int kc = 0; kc < NK / 16; ++kc) {
             p[mt][kc][0] = pack_bf16x2(s[mt][2 * kc][0], s[mt][2 * kc][1]);
             p[mt][kc][1] = pack_bf16x2(s[mt][2 * kc][2], s[mt][2 * kc][3]);
             p[mt][kc][2] = pack_bf16x2(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
             p[mt][kc][3] = pack_bf16x2(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
         }
         wg_fence();
-        wg_pv(o[mt], p[mt], va);
+        win_pv<NK>(o[mt], p[mt], va);
         wg_commit();
     }
     wg_wait<0>();
@@ -276,7 +324,15 @@ extern "C" __global__ void __launch_bounds__(128) win_attn(
         // before the first row's position (then it is also a full tile)
         const bool need_mask = k0 < tmax - WIN + 1 || k0 + KT - 1 > t0;
         const u32 ka = smem_addr(KVs + (j & 1) * STAGE_BYTES);
-        win_wg_tile(smem_addr(Qs), ka, ka + K_BYTES, need_mask, rel, st, o);
+#ifndef WIN_NO_NARROW
+        // a last tile of at most 16 keys (G = 8, 16, 32, 64 at w = 512: 519 keys per 8 positions
+        // at G = 16 leave 7) runs as m64n16 scores and one k16 step of P V (-DWIN_NO_NARROW: a
+        // full 64-key tile)
+        if (j == ntiles - 1 && kend - k0 <= 16)
+            win_wg_tile<16>(smem_addr(Qs), ka, ka + K_BYTES, true, rel, st, o);
+        else
+#endif
+            win_wg_tile<KT>(smem_addr(Qs), ka, ka + K_BYTES, need_mask, rel, st, o);
         __syncthreads();   // every wgmma of this stage completed before it is refilled
     }
     cp_async_wait_all();
