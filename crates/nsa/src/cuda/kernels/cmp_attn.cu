@@ -386,8 +386,9 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
 // in m-tile mt are exactly the 16 heads of position mt * 4 + w, which is also the position that
 // warp w merges (merge: p = warp, warp + 4). The per-row block scores never go through shared
 // memory (no Ds stores, no group-sum loop, one barrier less per tile, none after a merge).
-// -DTOPN_NO_SHFL restores the shared-memory sum (comparisons).
-#if TOPN_USE_WGMMA && G == 16 && !defined(TOPN_NO_SHFL)
+// Opt-in (-DTOPN_SHFL through NSA_CUDA_DEFINES): on the H100 it measured no faster than the
+// shared-memory sum (bench/NOTES-cuda.md, v12), which stays the default.
+#if TOPN_USE_WGMMA && G == 16 && defined(TOPN_SHFL)
 #define TOPN_SHFL_SUM 1
 #else
 #define TOPN_SHFL_SUM 0

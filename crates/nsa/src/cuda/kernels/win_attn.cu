@@ -277,17 +277,6 @@ extern "C" __global__ void __launch_bounds__(128) win_attn(
         valid[i] = rr[i] < nrows;
         tt[i] = t0 + rr[i] / G;
     }
-#ifndef WIN_NO_PREFETCH
-    // the epilogue reads these output rows back (+= g_win * o_win): start pulling them into L2
-    // now, so that the read-modify-write after the last tile hits L2 instead of waiting on HBM
-    // (the 4 lanes of a row take one quarter of it each; -DWIN_NO_PREFETCH: no hint)
-#pragma unroll
-    for (int i = 0; i < 2 * WMT; ++i)
-        if (valid[i]) {
-            const float* row = out + ((i64)(start + tt[i]) * HQ + g * G + rr[i] % G) * DV;
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(row + (lane & 3) * (DV / 4)));
-        }
-#endif
     RowStats<WMT> st;
     rowstats_init(st);
     float o[WMT][DV / 8][4];
