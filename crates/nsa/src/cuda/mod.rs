@@ -216,7 +216,22 @@ fn cmp_double_buffered() -> bool {
         .is_ok_and(|d| d.split_whitespace().any(|x| x == "-DCMP_SINGLE_BUFFER"))
 }
 
-fn footprint(shape: &Shape) -> Footprint {
+/// `win_attn` runs on wgmma (win_attn.cu's `WIN_USE_WGMMA`): sm_90a, dk a multiple of 64 up to
+/// 256, dv 64 or 128, unless `NSA_CUDA_DEFINES` holds `-DCMP_NO_WGMMA` or `-DWIN_NO_WGMMA`. The
+/// kernel traps when launched with less shared memory than its layout needs.
+fn win_uses_wgmma(shape: &Shape, arch: &str) -> bool {
+    let off = std::env::var("NSA_CUDA_DEFINES").is_ok_and(|d| {
+        d.split_whitespace()
+            .any(|x| x == "-DCMP_NO_WGMMA" || x == "-DWIN_NO_WGMMA")
+    });
+    arch == "sm_90a"
+        && !off
+        && shape.dk.is_multiple_of(64)
+        && shape.dk <= 256
+        && (shape.dv == 64 || shape.dv == 128)
+}
+
+fn footprint(shape: &Shape, arch: &str) -> Footprint {
     let g = shape.hq / shape.hkv;
     let (qs, ks, vs) = (shape.dk + 8, shape.dk + 8, shape.dv + 8);
     // MT_WIDE in common.cu: m16 row tiles per warp
@@ -250,7 +265,12 @@ fn footprint(shape: &Shape) -> Footprint {
             + 16,
         sel_threads: sel_warps * 32,
         sel_positions: p_sel,
-        win_smem: tiles(rows),
+        // wgmma: 1 KB alignment slack, the swizzled Q tile, two unpadded K/V stages (WIN_WG_SMEM)
+        win_smem: if win_uses_wgmma(shape, arch) {
+            1024 + (rows * shape.dk + 2 * 64 * (shape.dk + shape.dv)) * 2
+        } else {
+            tiles(rows)
+        },
         positions_64: p_rows,
     }
 }
@@ -475,7 +495,7 @@ impl DeviceInputs {
             });
         }
         let shape = shape_of(cfg, dk, dv).with_elem(elem);
-        let fp = footprint(&shape);
+        let fp = footprint(&shape, &ctx.arch);
         let need = fp
             .cmp_smem
             .max(fp.topn_smem)

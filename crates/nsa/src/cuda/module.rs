@@ -57,7 +57,11 @@ impl Family {
                 include_str!("kernels/cmp_attn.cu")
             ),
             Family::SelAttn => include_str!("kernels/sel_attn.cu"),
-            Family::WinAttn => include_str!("kernels/win_attn.cu"),
+            // the same wgmma helpers: win_attn.cu runs on them where cmp_attn does
+            Family::WinAttn => concat!(
+                include_str!("kernels/wgmma.cu"),
+                include_str!("kernels/win_attn.cu")
+            ),
             Family::Fill => include_str!("kernels/fill.cu"),
             Family::Phi => include_str!("kernels/phi.cu"),
             Family::Decode => include_str!("kernels/decode_attn.cu"),

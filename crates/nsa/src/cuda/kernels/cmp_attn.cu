@@ -382,6 +382,18 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
 #define TOPN_USE_WGMMA 0
 #endif
 
+// The group sum (Eq. 10) in registers at G = 16 with the wgmma row layout: the 16 rows of warp w
+// in m-tile mt are exactly the 16 heads of position mt * 4 + w, which is also the position that
+// warp w merges (merge: p = warp, warp + 4). The per-row block scores never go through shared
+// memory (no Ds stores, no group-sum loop, one barrier less per tile, none after a merge).
+// Opt-in (-DTOPN_SHFL through NSA_CUDA_DEFINES): on the H100 it measured no faster than the
+// shared-memory sum (bench/NOTES-cuda.md, v12), which stays the default.
+#if TOPN_USE_WGMMA && G == 16 && defined(TOPN_SHFL)
+#define TOPN_SHFL_SUM 1
+#else
+#define TOPN_SHFL_SUM 0
+#endif
+
 // Pass 2 (kernel `cmp_topn`): selection scores and the streaming top-n, from the row
 // log-sum-exp of pass 1; writes sel_idx.
 extern "C" __global__ void __launch_bounds__(128) cmp_topn(
@@ -598,6 +610,27 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
                     for (int mt = 0; mt < CMT; ++mt) mma_f16(d[mt][nt], a[mt], b0, b1);
                 }
             }
+#if TOPN_SHFL_SUM
+#ifndef EXP_NO_SCORE
+            // this thread holds heads gr and gr + 8 of position mt * 4 + warp; the butterfly over
+            // the 8 lanes of equal gc adds the rest (a fixed order: every run gives the same bits)
+#pragma unroll
+            for (int mt = 0; mt < CMT; ++mt) {
+                const int p = mt * 4 + warp;
+#pragma unroll
+                for (int nt = 0; nt < JW / 8; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        float v = d[mt][nt][c] + d[mt][nt][2 + c];
+                        v += __shfl_xor_sync(0xffffffff, v, 4);
+                        v += __shfl_xor_sync(0xffffffff, v, 8);
+                        v += __shfl_xor_sync(0xffffffff, v, 16);
+                        const int jj = nt * 8 + gc + c;
+                        if (gr == 0 && jj < nj && p < npos) score[p * RING + ((j_lo + jj) % RING)] += v;
+                    }
+            }
+#endif
+#else
 #pragma unroll
             for (int mt = 0; mt < CMT; ++mt)
 #pragma unroll
@@ -606,7 +639,9 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
                     *(float2*)(Ds + r * DS_STRIDE + nt * 8 + gc) = make_float2(d[mt][nt][0], d[mt][nt][1]);
                     *(float2*)(Ds + (r + 8) * DS_STRIDE + nt * 8 + gc) = make_float2(d[mt][nt][2], d[mt][nt][3]);
                 }
+#endif
         }
+        // TOPN_SHFL_SUM: also orders this warp's score updates before its merge below
         __syncthreads();
 #if TOPN_USE_WGMMA
         // every wgmma of this tile completed (each thread waited before the barrier): refill K
@@ -617,6 +652,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
         }
 #endif
 #ifndef EXP_NO_SCORE
+#if !TOPN_SHFL_SUM
         // group sum (Eq. 10) into the per-position score ring, heads in a fixed order
         for (int e = tid; e < npos * nj; e += 128) {
             const int p = e / nj, jj = e % nj;
@@ -625,6 +661,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
             score[p * RING + ((j_lo + jj) % RING)] += sum;
         }
         __syncthreads();
+#endif
         // blocks whose last overlapping compressed block is < c1 are complete
         const int j_fin = min((c1 * CMP_D) / SEL_L, nsel_max);
 #ifndef EXP_NO_MERGE
@@ -633,7 +670,13 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
         if (j_fin > j_done && (c0 / KT) % MERGE_EVERY == MERGE_EVERY - 1) {
             merge(j_done, j_fin);
             j_done = j_fin;
+#if TOPN_SHFL_SUM
+            // the positions this warp merged are written only by this warp (the next tile's
+            // first barrier orders the rest)
+            __syncwarp();
+#else
             __syncthreads();
+#endif
         }
 #endif
 #endif
