@@ -21,17 +21,33 @@
 #define CMT MT_WIDE
 #define CMP_ROWS (64 * CMT)     // 4 warps x 16*CMT rows
 #define P_CMP (CMP_ROWS / G)    // positions per CTA
-#define RING 128                // score slots per position (selection blocks j live at j % RING)
-#define TOPW 32                 // width of the running top list (NSEL <= 32)
 // Selection blocks touched by one tile of 64 compressed blocks (conservative) and the padded
 // width of the per-tile score matrix (n-tiles of 8).
 #define JSPAN ((63 * CMP_D + CMP_L - 1) / SEL_L + 2)
 #define JW (((JSPAN + 7) / 8) * 8)
 #define DS_STRIDE (JW + 4)      // floats per row of the per-row block scores
-// Blocks a tile can complete, and how many tiles may pass between merges: the pending blocks
-// (at most JSPAN + MERGE_EVERY * PER_TILE) must fit the ring without two sharing a slot.
+// Blocks a tile can complete.
 #define PER_TILE ((64 * CMP_D + SEL_L - 1) / SEL_L + 1)
-#define MERGE_EVERY_RAW ((RING - JSPAN) / PER_TILE - 1)
+// How the running top-n lists are merged. Few positions per CTA (large G): one warp per
+// position, its 32 lanes testing 32 candidate blocks at once (most fail one ballot against the
+// n-th best), lists of TOPW = 32 entries, merges every MERGE_EVERY tiles. Many positions per
+// CTA (P_CMP >= 32, small G): one thread per position, which tests the tile's new blocks one by
+// one against its own n-th best and inserts the rare winner into its sorted list of NSEL;
+// it merges after every tile, so the score ring only needs JSPAN + PER_TILE slots (the shared
+// memory of 128 positions then allows two CTAs per SM). -DTOPN_WARP_MERGE forces the first.
+#if P_CMP >= 32 && !defined(TOPN_WARP_MERGE)
+#define LANE_MERGE 1
+#define RING (((JSPAN + PER_TILE + 15) / 16) * 16)
+#define TOP_STRIDE (NSEL + 1)   // odd: the lanes' lists fall in different banks
+#else
+#define LANE_MERGE 0
+#define RING 128                // score slots per position (selection blocks j live at j % RING)
+#define TOP_STRIDE 32           // TOPW: width of the running top list (NSEL <= 32)
+#endif
+#define RING_STRIDE (RING + 1)  // odd: a thread per position reads its ring without conflicts
+// How many tiles may pass between merges: the pending blocks (at most JSPAN + MERGE_EVERY *
+// PER_TILE) must fit the ring without two sharing a slot.
+#define MERGE_EVERY_RAW (LANE_MERGE ? 1 : (RING - JSPAN) / PER_TILE - 1)
 #define MERGE_EVERY (MERGE_EVERY_RAW < 1 ? 1 : MERGE_EVERY_RAW)
 #define WT_STRIDE (KT + 8)      // f16 per row of the transposed overlap matrix
 #define INT_MAX_ 0x7fffffff
@@ -411,9 +427,9 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
     float* Ds = (float*)(Ks + KT * KS_STRIDE);          // [CMP_ROWS][DS_STRIDE] per-row block scores
 #endif
     float* score = Ds + CMP_ROWS * DS_STRIDE;
-    float* topv = score + P_CMP * RING;
-    int* topi = (int*)(topv + P_CMP * TOPW);
-    bf16_t* Wt = (bf16_t*)(topi + P_CMP * TOPW);        // [JW][WT_STRIDE] f16 bits
+    float* topv = score + P_CMP * RING_STRIDE;         // [P_CMP][TOP_STRIDE] running top lists
+    int* topi = (int*)(topv + P_CMP * TOP_STRIDE);
+    bf16_t* Wt = (bf16_t*)(topi + P_CMP * TOP_STRIDE);   // [JW][WT_STRIDE] f16 bits
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z, cstart = it.w;
@@ -453,27 +469,61 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
         lse[h] = valid[h] ? lse_in[(i64)(start + tt[h]) * HQ + g * G + rr[h] % G] : POS_INF;
 
     // ---- pass 2: selection scores and streaming top-n ----
-    for (int e = tid; e < P_CMP * RING; e += 128) score[e] = 0.f;
-    for (int e = tid; e < P_CMP * TOPW; e += 128) {
+    for (int e = tid; e < P_CMP * RING_STRIDE; e += 128) score[e] = 0.f;
+    for (int e = tid; e < P_CMP * TOP_STRIDE; e += 128) {
         topv[e] = NEG_INF;
         topi[e] = INT_MAX_;
     }
     const int nsel_max = tmax / SEL_L + 1;   // admissible blocks of the last position
     int j_done = 0;                          // blocks [0, j_done) are merged into the top lists
 
+#if LANE_MERGE
+    // merges candidate blocks [j_begin, j_end) into the top lists; one thread per position: its
+    // list (best first) lives at topv/topi[p * TOP_STRIDE ..], its n-th best in registers
+    float th_v = NEG_INF;
+    int th_i = INT_MAX_;
+    auto merge = [&](int j_begin, int j_end) {
+        const int p = tid;
+        if (p >= npos) return;
+        const int t = t0 + p, own = t / SEL_L;
+        float* ring = score + p * RING_STRIDE;
+        float* lv = topv + p * TOP_STRIDE;
+        int* li = topi + p * TOP_STRIDE;
+        for (int j = j_begin; j < j_end; ++j) {
+            float* slot = ring + (j % RING);
+            const float sv = *slot;
+            *slot = 0.f;
+            if (j * SEL_L > t) continue;   // not admissible (the later positions' blocks)
+            const bool forced = j < NINIT || (j <= own && j > own - NLOCAL);
+            const float v = forced ? POS_INF : sv;
+            if (!better(v, j, th_v, th_i)) continue;
+            // insertion: shift the worse entries down by one (the last one drops out)
+            int k = NSEL - 1;
+            while (k > 0 && better(v, j, lv[k - 1], li[k - 1])) {
+                lv[k] = lv[k - 1];
+                li[k] = li[k - 1];
+                --k;
+            }
+            lv[k] = v;
+            li[k] = j;
+            th_v = lv[NSEL - 1];
+            th_i = li[NSEL - 1];
+        }
+    };
+#else
     // merges candidate blocks [j_begin, j_end) into the top lists; one warp per position
     auto merge = [&](int j_begin, int j_end) {
         for (int p = warp; p < npos; p += 4) {
             const int t = t0 + p, own = t / SEL_L;
-            float cv = topv[p * TOPW + lane];
-            int ci = topi[p * TOPW + lane];
+            float cv = topv[p * TOP_STRIDE + lane];
+            int ci = topi[p * TOP_STRIDE + lane];
             bool changed = false;
             for (int jb = j_begin; jb < j_end; jb += 32) {
                 const int j = jb + lane;
                 float v = NEG_INF;
                 int i = INT_MAX_;
                 if (j < j_end) {
-                    float* slot = score + p * RING + (j % RING);
+                    float* slot = score + p * RING_STRIDE + (j % RING);
                     const float sv = *slot;
                     *slot = 0.f;
                     const bool adm = j * SEL_L <= t;
@@ -506,11 +556,12 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
                 }
             }
             if (changed) {
-                topv[p * TOPW + lane] = cv;
-                topi[p * TOPW + lane] = ci;
+                topv[p * TOP_STRIDE + lane] = cv;
+                topi[p * TOP_STRIDE + lane] = ci;
             }
         }
     };
+#endif
 
 #if (KT * CMP_D) % SEL_L == 0
     // Every tile starts on a selection-block boundary (c0 * d is a multiple of l'), so W is the
@@ -626,7 +677,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
                         v += __shfl_xor_sync(0xffffffff, v, 8);
                         v += __shfl_xor_sync(0xffffffff, v, 16);
                         const int jj = nt * 8 + gc + c;
-                        if (gr == 0 && jj < nj && p < npos) score[p * RING + ((j_lo + jj) % RING)] += v;
+                        if (gr == 0 && jj < nj && p < npos) score[p * RING_STRIDE + ((j_lo + jj) % RING)] += v;
                     }
             }
 #endif
@@ -658,7 +709,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
             const int p = e / nj, jj = e % nj;
             float sum = 0.f;
             for (int hh = 0; hh < G; ++hh) sum += Ds[(p * G + hh) * DS_STRIDE + jj];
-            score[p * RING + ((j_lo + jj) % RING)] += sum;
+            score[p * RING_STRIDE + ((j_lo + jj) % RING)] += sum;
         }
         __syncthreads();
 #endif
@@ -683,12 +734,16 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
     }
 #endif
     merge(j_done, nsel_max);
+#if LANE_MERGE
+    __syncthreads();   // the lists were written by thread p, the output reads them by warp
+#else
     __syncwarp();
+#endif
 
     // ---- output: the n best, ascending block order, padded with -1 ----
     for (int p = warp; p < npos; p += 4) {
-        const float v = topv[p * TOPW + lane];
-        const int i = topi[p * TOPW + lane];
+        const float v = lane < NSEL ? topv[p * TOP_STRIDE + lane] : NEG_INF;
+        const int i = lane < NSEL ? topi[p * TOP_STRIDE + lane] : INT_MAX_;
         int key = (lane < NSEL && v != NEG_INF) ? i : INT_MAX_;
         key = warp_sort_asc_int(key);
         if (lane < NSEL)
