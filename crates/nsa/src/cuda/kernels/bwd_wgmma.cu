@@ -328,8 +328,43 @@ __device__ __forceinline__ void bw_wg_nt64(float (&s)[8][4], u32 a0, u32 b0) {
     }
 }
 
+// Q / dO of the CTA's 64 rows as wgmma A fragments in registers (BW_DQ_RS): S = Q K^T and dP =
+// dO V^T then read only their B operand (the K / V tile) from shared memory, 2 KB per 32 K MAC
+// instead of 4 KB. qf[kk] = the m16n8k16 A fragment of the warp's rows and columns 16kk .. +15,
+// read from the swizzled [64 x D] tile at `t`.
+template <int D>
+__device__ __forceinline__ void bw_wg_frags_of(u32 (&f)[D / 16][4], const unsigned char* t) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+    const int r = warp * 16 + gr;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        f[kk][0] = *(const u32*)(t + sw128_off<64>(r, 2 * kk) + gc * 2);
+        f[kk][1] = *(const u32*)(t + sw128_off<64>(r + 8, 2 * kk) + gc * 2);
+        f[kk][2] = *(const u32*)(t + sw128_off<64>(r, 2 * kk + 1) + gc * 2);
+        f[kk][3] = *(const u32*)(t + sw128_off<64>(r + 8, 2 * kk + 1) + gc * 2);
+    }
+}
+
+// S (64 x 64) = A B^T over D with A in registers (fragments of bw_wg_frags_of), B the swizzled
+// [64 x D] tile at `b0` (K-major). Issues D / 16 wgmmas (caller fences / commits).
+template <int D>
+__device__ __forceinline__ void bw_wg_nt64_rs(float (&s)[8][4], const u32 (&a)[D / 16][4], u32 b0) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const u32 b = b0 + (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+        if (kk == 0)
+            wg_rs_n64<0, 0>(s, a[kk], wg_desc(b, 16, 1024));
+        else
+            wg_rs_n64<1, 0>(s, a[kk], wg_desc(b, 16, 1024));
+    }
+}
+
 // bw_pipeline with swizzled tiles: walks the tiles of next(tile), double-buffered (2 stages),
-// calling fn(lo, hi, ks, vs) with the shared addresses of the tile's K and V.
+// calling fn(lo, hi, ks, vs, mid) with the shared addresses of the tile's K and V.
+// Default: fn returns with its wgmmas complete and mid() does nothing; the next tile loads before
+// fn. BW_DQ_DEFER: the next tile's load is mid() (a barrier, then the load into the other
+// buffer), which fn calls once the previous tile's products (still in flight when it was
+// entered) are complete; the caller waits (wg_wait<0>) after the walk.
 template <class Next, class Mask, class Fn>
 __device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_t* __restrict__ k,
                                                const bf16_t* __restrict__ v, int g, Next next, Mask mask, Fn fn) {
@@ -345,6 +380,25 @@ __device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_
     __syncthreads();   // earlier users of the buffers are done
     if (have) load(cur, 0);
     int b = 0;
+#ifdef BW_DQ_DEFER
+    while (have) {
+        cp_async_wait_all();
+        fence_proxy_async();
+        __syncthreads();   // tile cur is visible in buffer b
+        int lo[2], hi[2];
+        mask(cur, lo, hi);
+        const u32 ks = smem_addr(Kb(b));
+        bool more = false;
+        fn(lo, hi, ks, ks + 64 * DK * 2, [&]() {
+            __syncthreads();   // every warp's products of the previous tile (buffer b ^ 1) are done
+            more = next(nxt);
+            if (more) load(nxt, b ^ 1);
+        });
+        cur = nxt;
+        have = more;
+        b ^= 1;
+    }
+#else
     while (have) {
         const bool more = next(nxt);
         if (more) {
@@ -358,25 +412,41 @@ __device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_
         int lo[2], hi[2];
         mask(cur, lo, hi);
         const u32 ks = smem_addr(Kb(b));
-        fn(lo, hi, ks, ks + 64 * DK * 2);
+        fn(lo, hi, ks, ks + 64 * DK * 2, []() {});
         __syncthreads();
         cur = nxt;
         have = more;
         b ^= 1;
     }
+#endif
 }
 
-// dQ of one key tile on wgmma (bw_dq_tile's math); returns with its wgmmas complete.
-__device__ __forceinline__ void bw_wg_dq_tile(u32 qs, u32 dos, u32 ks, u32 vs, const int (&lo)[2],
+// dQ of one key tile on wgmma (bw_dq_tile's math). Q / dO: the swizzled tiles at qs / dos, or
+// (BW_DQ_RS) the fragments qf / df. Returns with its wgmmas complete, or (BW_DQ_DEFER) with dQ
+// in flight, after calling mid() once the previous tile's dQ is complete.
+template <class Mid>
+__device__ __forceinline__ void bw_wg_dq_tile(u32 qs, u32 dos, const u32 (&qf)[DK / 16][4],
+                                              const u32 (&df)[DV / 16][4], u32 ks, u32 vs, const int (&lo)[2],
                                               const int (&hi)[2], const float (&lse)[2], const float (&dg)[2],
-                                              const float (&gt)[2], float (&dq)[DK / 8][4]) {
+                                              const float (&gt)[2], float (&dq)[DK / 8][4], Mid mid) {
     const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
     float s[8][4], dp[8][4];
     wg_fence();
+#ifdef BW_DQ_RS
+    bw_wg_nt64_rs<DK>(s, qf, ks);
+    wg_commit();
+    bw_wg_nt64_rs<DV>(dp, df, vs);
+    wg_commit();
+#else
     bw_wg_nt64<DK>(s, qs, ks);
     wg_commit();
     bw_wg_nt64<DV>(dp, dos, vs);
     wg_commit();
+#endif
+#ifdef BW_DQ_DEFER
+    wg_wait<2>();   // the previous tile's dQ (older groups complete first)
+    mid();
+#endif
     wg_wait<1>();
     wg_pin(s);
 #pragma unroll
@@ -402,8 +472,10 @@ __device__ __forceinline__ void bw_wg_dq_tile(u32 qs, u32 dos, u32 ks, u32 vs, c
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) bw_wg_rs(dq, a[kc], wg_desc(ks + kc * 16 * 128, 64 * 128, 1024));
     wg_commit();
+#ifndef BW_DQ_DEFER
     wg_wait<0>();
     wg_pin(dq);
+#endif
 }
 
 // The saved-statistics dQ pass of a row-major CTA on wgmma: Q / dO (loads committed by the
@@ -425,9 +497,24 @@ __device__ __forceinline__ void bw_wg_rows_dq(unsigned char* sm, const i64 (&qro
     const u32 qs = smem_addr(sm), dos = qs + 64 * DK * 2;
     float dq[DK / 8][4];
     bw_zero<DK>(dq);
-    for_tiles([&](const int (&lo)[2], const int (&hi)[2], u32 ks, u32 vs) {
-        bw_wg_dq_tile(qs, dos, ks, vs, lo, hi, lse, dg, gt, dq);
+    u32 qf[DK / 16][4], df[DV / 16][4];
+#ifdef BW_DQ_RS
+    bool first = true;
+#endif
+    for_tiles([&](const int (&lo)[2], const int (&hi)[2], u32 ks, u32 vs, auto mid) {
+#ifdef BW_DQ_RS
+        if (first) {   // the walk's first wait + barrier covered the Q / dO loads (committed first)
+            bw_wg_frags_of<DK>(qf, sm);
+            bw_wg_frags_of<DV>(df, sm + 64 * DK * 2);
+            first = false;
+        }
+#endif
+        bw_wg_dq_tile(qs, dos, qf, df, ks, vs, lo, hi, lse, dg, gt, dq, mid);
     });
+#ifdef BW_DQ_DEFER
+    wg_wait<0>();
+    wg_pin(dq);
+#endif
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         if (!valid[i]) continue;
