@@ -3,12 +3,12 @@
 // selection backward families by cuda/backward/kernels.rs. Used when BW_WG is 1: sm_90a, dk and dv each 64 or 128,
 // and not built with -DBWD_NO_WGMMA (then the mma.sync path of bwd_common.cu runs, as on sm_80).
 //
-// One CTA = one warpgroup (4 warps) and the same 64 keys / row steps of BW_RT query rows as the
-// mma.sync path, so the host side (work lists, launch, the padded BW_KV_SMEM footprint) is
-// unchanged; the unpadded swizzled tiles need 1 KB less than the padded ones plus < 1 KB of
-// alignment. Per row step, with warp w owning keys 16w .. 16w + 15 (the wgmma accumulator rows):
-//   S^T  (64 keys x RT rows) = K Q^T          SS, K-major A (K tile) and B (Q rows), m64n32k16
-//   dP^T (64 keys x RT rows) = V dO^T         SS, K-major, m64n32k16
+// One CTA = one warpgroup (4 warps) and the same 64 keys and work lists as the mma.sync path
+// (host side unchanged but for the footprint: BW_WG_KV_SMEM, two buffers of BW_WG_RT = 64 query
+// rows, which `smem_of` in cuda/backward.rs mirrors). Per row step of RT rows, with warp w owning
+// keys 16w .. 16w + 15 (the wgmma accumulator rows):
+//   S^T  (64 keys x RT rows) = K Q^T          SS, K-major A (K tile) and B (Q rows), m64n{RT}k16
+//   dP^T (64 keys x RT rows) = V dO^T         SS, K-major, m64n{RT}k16
 //   P^T = g * exp2(S^T * scale - lse), dS^T = P^T (dP^T - dg)   (registers, as on mma.sync)
 //   dV  += P^T dO                             RS (P^T as A fragments), dO read MN-major
 //   dK  += dS^T Q                             RS, Q read MN-major
