@@ -497,7 +497,7 @@ __device__ __forceinline__ void bw_wg_rows_dq(unsigned char* sm, const i64 (&qro
     const u32 qs = smem_addr(sm), dos = qs + 64 * DK * 2;
     float dq[DK / 8][4];
     bw_zero<DK>(dq);
-    u32 qf[DK / 16][4], df[DV / 16][4];
+    u32 qf[DK / 16][4] = {}, df[DV / 16][4] = {};   // defined on every path (see v12 in the notes)
 #ifdef BW_DQ_RS
     bool first = true;
 #endif
