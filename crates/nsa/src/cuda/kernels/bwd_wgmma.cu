@@ -207,12 +207,6 @@ __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos,
     wg_fence();
     bw_wg_acc<DK>(dk, da, qs);
     wg_commit();
-#ifdef BW_WG_DV_WAIT
-    if (DEFER) {
-        wg_wait<1>();   // dV complete (its P fragments die here); only dK stays in flight
-        wg_pin(dv);
-    }
-#endif
     if (!DEFER) {
         wg_wait<0>();
         wg_pin(dk);
