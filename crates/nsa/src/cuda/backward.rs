@@ -59,11 +59,21 @@ struct BwdSmem {
     /// sel_bwd_dq
     rows_sel: usize,
     sel_threads: usize,
-    /// key-major kernels (`BW_KV_SMEM`: K/V tile, two buffers of 32 rows of q and do).
+    /// key-major kernels: mma.sync `BW_KV_SMEM` (K/V tile, two buffers of 32 rows of q and do),
+    /// on sm_90a with dk, dv in {64, 128} the larger wgmma `BW_WG_KV_SMEM` (64-row buffers).
     kv: usize,
 }
 
-fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize) -> BwdSmem {
+/// Rows per step of the key-major wgmma kernels (`BW_WG_RT` in kernels/bwd_wgmma.cu).
+const WG_KV_ROWS: usize = 64;
+
+/// Whether the backward's wgmma kernels (kernels/bwd_wgmma.cu, `BW_WG`) are compiled in for
+/// `arch` and these head dimensions (`-DBWD_NO_WGMMA` only shrinks what they use).
+fn wgmma_kernels(arch: &str, dk: usize, dv: usize) -> bool {
+    arch == "sm_90a" && matches!(dk, 64 | 128) && matches!(dv, 64 | 128)
+}
+
+fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, wgmma: bool) -> BwdSmem {
     let (qs, ks, vs, ds) = (dk + 8, dk + 8, dv + 8, dv + 8);
     let kvt = plan::KT * (ks + vs) * 2;
     // BW_QSTAGES: the compressed / window row-major kernels double-buffer their K/V tiles when
@@ -75,7 +85,12 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize) -> BwdSmem {
         rows64: plan::BQ_ROWS * (qs + ds) * 2 + stages * kvt,
         rows_sel: sel_rows * (qs + ds) * 2 + kvt + p * nsel * 4,
         sel_threads: sel_rows * 2,
-        kv: kvt + 2 * (32 * (qs + ds) * 2 + 32 * 16),
+        kv: if wgmma {
+            // 1 KB of alignment slack, the unpadded swizzled K/V tile and two row buffers
+            1024 + plan::KT * (dk + dv) * 2 + 2 * WG_KV_ROWS * ((dk + dv) * 2 + 16)
+        } else {
+            kvt + 2 * (32 * (qs + ds) * 2 + 32 * 16)
+        },
     }
 }
 
@@ -190,7 +205,7 @@ impl DeviceBackward {
                 limit: 31,
             });
         }
-        let smem = smem_of(dk, dv, g, nsel);
+        let smem = smem_of(dk, dv, g, nsel, wgmma_kernels(&ctx.arch, dk, dv));
         let need = smem.rows64.max(smem.rows_sel).max(smem.kv);
         if need > ctx.max_smem {
             return Err(NsaError::Unsupported(format!(

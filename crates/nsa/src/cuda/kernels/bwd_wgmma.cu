@@ -3,12 +3,12 @@
 // selection backward families by cuda/backward/kernels.rs. Used when BW_WG is 1: sm_90a, dk and dv each 64 or 128,
 // and not built with -DBWD_NO_WGMMA (then the mma.sync path of bwd_common.cu runs, as on sm_80).
 //
-// One CTA = one warpgroup (4 warps) and the same 64 keys / row steps of BW_RT query rows as the
-// mma.sync path, so the host side (work lists, launch, the padded BW_KV_SMEM footprint) is
-// unchanged; the unpadded swizzled tiles need 1 KB less than the padded ones plus < 1 KB of
-// alignment. Per row step, with warp w owning keys 16w .. 16w + 15 (the wgmma accumulator rows):
-//   S^T  (64 keys x RT rows) = K Q^T          SS, K-major A (K tile) and B (Q rows), m64n32k16
-//   dP^T (64 keys x RT rows) = V dO^T         SS, K-major, m64n32k16
+// One CTA = one warpgroup (4 warps) and the same 64 keys and work lists as the mma.sync path
+// (host side unchanged but for the footprint: BW_WG_KV_SMEM, two buffers of BW_WG_RT = 64 query
+// rows, which `smem_of` in cuda/backward.rs mirrors). Per row step of RT rows, with warp w owning
+// keys 16w .. 16w + 15 (the wgmma accumulator rows):
+//   S^T  (64 keys x RT rows) = K Q^T          SS, K-major A (K tile) and B (Q rows), m64n{RT}k16
+//   dP^T (64 keys x RT rows) = V dO^T         SS, K-major, m64n{RT}k16
 //   P^T = g * exp2(S^T * scale - lse), dS^T = P^T (dP^T - dg)   (registers, as on mma.sync)
 //   dV  += P^T dO                             RS (P^T as A fragments), dO read MN-major
 //   dK  += dS^T Q                             RS, Q read MN-major
@@ -18,13 +18,24 @@
 // The accumulator layout per warp is the mma.sync C layout, so bw_store_kv writes dK / dV
 // unchanged. Every sum runs in the same order on every run (no atomics): bitwise repeatable.
 
-#if WG_AVAILABLE && !defined(BWD_NO_WGMMA) && (DK == 64 || DK == 128) && (DV == 64 || DV == 128) && BW_RT == 32
+#if WG_AVAILABLE && !defined(BWD_NO_WGMMA) && (DK == 64 || DK == 128) && (DV == 64 || DV == 128)
 #define BW_WG 1
 #else
 #define BW_WG 0
 #endif
 
 #if BW_WG
+
+// Query rows per key-major row step on wgmma: 64 (default: S^T / dP^T are m64n64k16, which read
+// 4 KB of shared memory per 32 K MAC instead of n32's 3 KB per 16 K, and half the steps, barriers
+// and waits), or 32 with -DBW_WG_RT=32 (v8's step). The host's footprint (`smem_of` in
+// cuda/backward.rs) allows 64: BW_WG_KV_SMEM below.
+#ifndef BW_WG_RT
+#define BW_WG_RT 64
+#endif
+#if BW_WG_RT != 32 && BW_WG_RT != 64
+#error "BW_WG_RT must be 32 or 64"
+#endif
 
 // D (m64 x n32, f32) (+)= A (64 x 16, smem descriptor) * B (16 x n32, smem descriptor), both
 // K-major.
@@ -38,6 +49,15 @@ __device__ __forceinline__ void bw_wg_ss_n32(float (&d)[4][4], unsigned long lon
           "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
         : "l"(da), "l"(db), "n"(SCALE_D));
 }
+// The same with n64 (K-major B).
+template <int SCALE_D>
+__device__ __forceinline__ void bw_wg_ss_n(float (&d)[8][4], unsigned long long da, unsigned long long db) {
+    wg_ss_n64<SCALE_D, 0>(d, da, db);
+}
+template <int SCALE_D>
+__device__ __forceinline__ void bw_wg_ss_n(float (&d)[4][4], unsigned long long da, unsigned long long db) {
+    bw_wg_ss_n32<SCALE_D>(d, da, db);
+}
 
 // C (64 x D) += A (64 x 16, registers) * B (16 x D, MN-major smem descriptor): one wgmma of the
 // accumulator's width (the overload picks n64 or n128 by the array size).
@@ -48,34 +68,35 @@ __device__ __forceinline__ void bw_wg_rs(float (&c)[8][4], const u32 (&a)[4], un
     wg_rs_n64<1, 1>(c, a, b);
 }
 
-// S (64 x BW_RT) = A B^T over D: A the swizzled [64 x D] key-side tile at `a0`, B the swizzled
-// [BW_RT x D] row tile at `b0` (both K-major). Issues D / 16 wgmmas (caller fences / commits).
+// S (64 x BW_WG_RT) = A B^T over D: A the swizzled [64 x D] key-side tile at `a0`, B the swizzled
+// [BW_WG_RT x D] row tile at `b0` (both K-major). Issues D / 16 wgmmas (caller fences / commits).
 template <int D>
-__device__ __forceinline__ void bw_wg_nt(float (&s)[4][4], u32 a0, u32 b0) {
+__device__ __forceinline__ void bw_wg_nt(float (&s)[BW_WG_RT / 8][4], u32 a0, u32 b0) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const u32 a = a0 + (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-        const u32 b = b0 + (kk >> 2) * (BW_RT * 128) + (kk & 3) * 32;
+        const u32 b = b0 + (kk >> 2) * (BW_WG_RT * 128) + (kk & 3) * 32;
         if (kk == 0)
-            bw_wg_ss_n32<0>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
+            bw_wg_ss_n<0>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
         else
-            bw_wg_ss_n32<1>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
+            bw_wg_ss_n<1>(s, wg_desc(a, 16, 1024), wg_desc(b, 16, 1024));
     }
 }
 
-// C (64 x D) += X (64 x BW_RT, registers: x[kc] = A fragment of rows 16kc .. 16kc + 15) times the
-// swizzled row tile [BW_RT x D] at `m0`, read MN-major (N = D contiguous; column blocks of 64 are
-// BW_RT * 128 bytes apart, the next 8 rows 1024 bytes).
+// C (64 x D) += X (64 x BW_WG_RT, registers: x[kc] = A fragment of rows 16kc .. 16kc + 15) times
+// the swizzled row tile [BW_WG_RT x D] at `m0`, read MN-major (N = D contiguous; column blocks of
+// 64 are BW_WG_RT * 128 bytes apart, the next 8 rows 1024 bytes).
 template <int D>
-__device__ __forceinline__ void bw_wg_acc(float (&c)[D / 8][4], const u32 (&x)[BW_RT / 16][4], u32 m0) {
+__device__ __forceinline__ void bw_wg_acc(float (&c)[D / 8][4], const u32 (&x)[BW_WG_RT / 16][4], u32 m0) {
 #pragma unroll
-    for (int kc = 0; kc < BW_RT / 16; ++kc) bw_wg_rs(c, x[kc], wg_desc(m0 + kc * 16 * 128, BW_RT * 128, 1024));
+    for (int kc = 0; kc < BW_WG_RT / 16; ++kc)
+        bw_wg_rs(c, x[kc], wg_desc(m0 + kc * 16 * 128, BW_WG_RT * 128, 1024));
 }
 
-// The accumulator tile (64 x BW_RT, f32) as A fragments of the element type.
-__device__ __forceinline__ void bw_wg_frags(u32 (&a)[BW_RT / 16][4], const float (&p)[4][4]) {
+// The accumulator tile (64 x BW_WG_RT, f32) as A fragments of the element type.
+__device__ __forceinline__ void bw_wg_frags(u32 (&a)[BW_WG_RT / 16][4], const float (&p)[BW_WG_RT / 8][4]) {
 #pragma unroll
-    for (int kc = 0; kc < BW_RT / 16; ++kc) {
+    for (int kc = 0; kc < BW_WG_RT / 16; ++kc) {
         a[kc][0] = pack_bf16x2(p[2 * kc][0], p[2 * kc][1]);
         a[kc][1] = pack_bf16x2(p[2 * kc][2], p[2 * kc][3]);
         a[kc][2] = pack_bf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]);
@@ -84,9 +105,12 @@ __device__ __forceinline__ void bw_wg_frags(u32 (&a)[BW_RT / 16][4], const float
 }
 
 // Shared memory (bytes from the 1024-aligned base): K [64 x DK], V [64 x DV], two row buffers
-// (q [BW_RT x DK], do [BW_RT x DV]), then two metadata blocks (lse, dg, gate, t; BW_RT each).
+// (q [BW_WG_RT x DK], do [BW_WG_RT x DV]), then two metadata blocks (lse, dg, gate, t; BW_WG_RT
+// each). BW_WG_KV_SMEM (with the 1 KB of alignment slack) is what the host's `smem_of` gives the
+// key-major kernels on sm_90a.
 #define BW_WG_KV_BYTES (64 * (DK + DV) * 2)
-#define BW_WG_ROW_BYTES (BW_RT * (DK + DV) * 2)
+#define BW_WG_ROW_BYTES (BW_WG_RT * (DK + DV) * 2)
+#define BW_WG_KV_SMEM (1024 + BW_WG_KV_BYTES + 2 * BW_WG_ROW_BYTES + 2 * BW_WG_RT * 16)
 
 // Loads `nk` keys / values of KV head g (row stride HKV * D in global) into the swizzled K / V
 // tiles at `sm` (1024-aligned); one commit group.
@@ -98,34 +122,54 @@ __device__ __forceinline__ void bw_wg_load_kv(unsigned char* sm, const bf16_t* _
     cp_async_commit();
 }
 
+#ifndef BW_WG_LOAD_UNROLL
+#define BW_WG_LOAD_UNROLL 2
+#endif
+// Loads `nrows` (position, head) rows of q and do (row r at element row qrow(r) of both) into the
+// swizzled [BW_WG_RT x DK] / [BW_WG_RT x DV] tiles at `qdst` / `ddst`, zero-filling the rest
+// (cp.async; the caller commits). With dk = dv one row index serves both tensors (one qrow, i.e.
+// one index-list read in the selection kernel, per row and thread instead of two).
+template <class QRow>
+__device__ __forceinline__ void bw_wg_load_rows(unsigned char* qdst, unsigned char* ddst, const bf16_t* __restrict__ q,
+                                                const bf16_t* __restrict__ dO, int nrows, QRow qrow) {
+    if constexpr (DK == DV) {
+        constexpr int CH = DK / 8, RPI = 128 / CH;   // 16-byte chunks per row, rows per pass
+        const int k = threadIdx.x % CH, r0 = threadIdx.x / CH;
+#pragma unroll BW_WG_LOAD_UNROLL
+        for (int it = 0; it < BW_WG_RT / RPI; ++it) {
+            const int r = r0 + it * RPI;
+            const bool ok = r < nrows;
+            const i64 row = ok ? qrow(r) : 0;
+            const u32 off = sw128_off<BW_WG_RT>(r, k);
+            cp_async16(qdst + off, q + row * DK + k * 8, ok ? 16 : 0);
+            cp_async16(ddst + off, dO + row * DV + k * 8, ok ? 16 : 0);
+        }
+    } else {
+        load_tile_sw128<BW_WG_RT, DK, 128>(qdst, q, nrows, [&](int r) { return qrow(r) * DK; });
+        load_tile_sw128<BW_WG_RT, DV, 128>(ddst, dO, nrows, [&](int r) { return qrow(r) * DV; });
+    }
+}
+
 // One row step on wgmma: S^T and dP^T issued together, P computed while dP^T runs, dV issued as
 // soon as P is packed, dK after dS. DEFER = false: returns with every wgmma of the step
 // complete. DEFER = true: after issuing S^T / dP^T it waits for the previous step's dV / dK
 // (wg_wait<2>) and calls mid() (a barrier, then the next rows' loads into that step's buffer);
 // returns with this step's dV / dK still in flight (the caller waits after the last step).
+// Row metadata (lse, dg, gate, t; BW_WG_RT each) is read from shared memory where it is used: the
+// thread's columns of S^T are the row pairs nt * 8 + gc, + 1 (one 8-byte load per pair).
 template <bool DEFER, class Ok, class Mid>
 __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos, const float* rlse,
                                                 const float* rdg, const float* rgate, const int* rt, Ok ok,
                                                 Mid mid, float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
+    constexpr int NT = BW_WG_RT / 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
     const int key0 = warp * 16;
-    float st[4][4], dpt[4][4];
+    float st[NT][4], dpt[NT][4];
     wg_fence();
     bw_wg_nt<DK>(st, ks, qs);
     wg_commit();
     bw_wg_nt<DV>(dpt, vs, dos);
     wg_commit();
-    // the thread's 8 rows (columns of S^T): row = nt * 8 + gc + (e & 1)
-    float lse_r[8], dg_r[8], gate_r[8];
-    int t_r[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int row = (j >> 1) * 8 + gc + (j & 1);
-        lse_r[j] = rlse[row];
-        dg_r[j] = rdg[row];
-        gate_r[j] = rgate[row];
-        t_r[j] = rt[row];
-    }
     if (DEFER) {
         wg_wait<2>();   // the previous step's dV / dK (older groups complete first)
         mid();
@@ -133,15 +177,19 @@ __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos,
     wg_wait<1>();
     wg_pin(st);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < NT; ++nt) {
+        const int row = nt * 8 + gc;
+        const float2 lse2 = *(const float2*)(rlse + row), gate2 = *(const float2*)(rgate + row);
+        const int2 t2 = *(const int2*)(rt + row);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int key = key0 + gr + 8 * (e >> 1), j = nt * 2 + (e & 1);
-            const int t = t_r[j];
-            const float p = (t >= 0 && ok(key, t)) ? exp2f(st[nt][e] * SCALE_LOG2 - lse_r[j]) : 0.f;
-            st[nt][e] = gate_r[j] * p;
+            const int key = key0 + gr + 8 * (e >> 1);
+            const int t = (e & 1) ? t2.y : t2.x;
+            const float p = (t >= 0 && ok(key, t)) ? exp2f(st[nt][e] * SCALE_LOG2 - ((e & 1) ? lse2.y : lse2.x)) : 0.f;
+            st[nt][e] = ((e & 1) ? gate2.y : gate2.x) * p;
         }
-    u32 pa[BW_RT / 16][4];
+    }
+    u32 pa[BW_WG_RT / 16][4];
     bw_wg_frags(pa, st);
     wg_fence();
     bw_wg_acc<DV>(dv, pa, dos);
@@ -149,13 +197,12 @@ __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos,
     wg_wait<1>();   // dP^T (older than the dV group) is complete
     wg_pin(dpt);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < NT; ++nt) {
+        const float2 dg2 = *(const float2*)(rdg + nt * 8 + gc);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int j = nt * 2 + (e & 1);
-            dpt[nt][e] = st[nt][e] * (dpt[nt][e] - dg_r[j]);
-        }
-    u32 da[BW_RT / 16][4];
+        for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - ((e & 1) ? dg2.y : dg2.x));
+    }
+    u32 da[BW_WG_RT / 16][4];
     bw_wg_frags(da, dpt);
     wg_fence();
     bw_wg_acc<DK>(dk, da, qs);
@@ -168,40 +215,43 @@ __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos,
 }
 
 // bw_dkdv_rows on wgmma: the K/V tile (bw_wg_load_kv, committed before) at `sm`, the same
-// virtual rows, double-buffered row steps, metadata and masks.
+// virtual rows in steps of BW_WG_RT, double-buffered, metadata and masks.
 template <class TokOf, class TOf, class Ok>
 __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t* __restrict__ q,
                                                 const bf16_t* __restrict__ dO, const float* __restrict__ lse,
                                                 const float* __restrict__ dg, const float* __restrict__ gate,
                                                 int g, int nrows_total, TokOf tok_of, TOf t_of, Ok ok,
                                                 float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
+    constexpr int RT = BW_WG_RT;
+    u32 dyn_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    if (dyn_smem < BW_WG_KV_SMEM) __trap();   // the host's footprint (smem_of) is out of date
     unsigned char* rowbuf = sm + BW_WG_KV_BYTES;
     const int tid = threadIdx.x;
     auto Qb = [&](int b) { return rowbuf + b * BW_WG_ROW_BYTES; };
-    auto dOb = [&](int b) { return Qb(b) + BW_RT * DK * 2; };
-    auto meta = [&](int b) { return (float*)(rowbuf + 2 * BW_WG_ROW_BYTES + b * BW_RT * 16); };
+    auto dOb = [&](int b) { return Qb(b) + RT * DK * 2; };
+    auto meta = [&](int b) { return (float*)(rowbuf + 2 * BW_WG_ROW_BYTES + b * RT * 16); };
     auto stage = [&](int rho0, int b) {
-        const int nrows = min(BW_RT, nrows_total - rho0);
+        const int nrows = min(RT, nrows_total - rho0);
         auto qrow = [&](int r) {
             const int rho = rho0 + r;
             return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
         };
-        load_tile_sw128<BW_RT, DK, 128>(Qb(b), q, nrows, [&](int r) { return qrow(r) * DK; });
-        load_tile_sw128<BW_RT, DV, 128>(dOb(b), dO, nrows, [&](int r) { return qrow(r) * DV; });
+        bw_wg_load_rows(Qb(b), dOb(b), q, dO, nrows, qrow);
         cp_async_commit();
-        if (tid < BW_RT) {
+        if (tid < RT) {
             float* m = meta(b);
             if (tid < nrows) {
                 const i64 qr = qrow(tid);
                 m[tid] = lse[qr];
-                m[BW_RT + tid] = dg[qr];
-                m[2 * BW_RT + tid] = gate[qr];
-                ((int*)m)[3 * BW_RT + tid] = t_of(tok_of((rho0 + tid) / G));
+                m[RT + tid] = dg[qr];
+                m[2 * RT + tid] = gate[qr];
+                ((int*)m)[3 * RT + tid] = t_of(tok_of((rho0 + tid) / G));
             } else {
                 m[tid] = 0.f;
-                m[BW_RT + tid] = 0.f;
-                m[2 * BW_RT + tid] = 0.f;
-                ((int*)m)[3 * BW_RT + tid] = -1;
+                m[RT + tid] = 0.f;
+                m[2 * RT + tid] = 0.f;
+                ((int*)m)[3 * RT + tid] = -1;
             }
         }
     };
@@ -211,18 +261,17 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
     // (default; -DBW_WG_NO_DEFER: the v7 order, every step's products waited for at its end)
     // step i + 1's rows load after step i's S^T / dP^T are issued and step i - 1's dV / dK
     // (which read that buffer) are complete in every warp; dK of step i overlaps step i + 1
-    for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += BW_RT) {
+    for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += RT) {
         const int b = i & 1;
         cp_async_wait_all();
         fence_proxy_async();   // this thread's cp.async writes, before the wgmmas read them
         __syncthreads();       // step i's rows and metadata are visible
         const float* m = meta(b);
         bw_wg_dkdv_step<true>(
-            ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + BW_RT, m + 2 * BW_RT, (const int*)(m + 3 * BW_RT),
-            ok,
+            ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + RT, m + 2 * RT, (const int*)(m + 3 * RT), ok,
             [&]() {
                 __syncthreads();   // every warp's step i - 1 products are done: buffer b ^ 1 is free
-                if (rho0 + BW_RT < nrows_total) stage(rho0 + BW_RT, b ^ 1);
+                if (rho0 + RT < nrows_total) stage(rho0 + RT, b ^ 1);
             },
             dk, dv);
     }
@@ -230,10 +279,10 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
     wg_pin(dk);
     wg_pin(dv);
 #else
-    for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += BW_RT) {
+    for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += RT) {
         const int b = i & 1;
-        if (rho0 + BW_RT < nrows_total) {
-            stage(rho0 + BW_RT, b ^ 1);
+        if (rho0 + RT < nrows_total) {
+            stage(rho0 + RT, b ^ 1);
             bw_cp_async_wait_1();
         } else {
             cp_async_wait_all();
@@ -241,8 +290,8 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
         fence_proxy_async();   // this thread's cp.async writes, before the wgmmas read them
         __syncthreads();       // step i's rows and metadata are visible
         const float* m = meta(b);
-        bw_wg_dkdv_step<false>(ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + BW_RT, m + 2 * BW_RT,
-                               (const int*)(m + 3 * BW_RT), ok, []() {}, dk, dv);
+        bw_wg_dkdv_step<false>(ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + RT, m + 2 * RT,
+                               (const int*)(m + 3 * RT), ok, []() {}, dk, dv);
         __syncthreads();   // buffer b is free for step i + 2
     }
 #endif
@@ -273,8 +322,43 @@ __device__ __forceinline__ void bw_wg_nt64(float (&s)[8][4], u32 a0, u32 b0) {
     }
 }
 
+// Q / dO of the CTA's 64 rows as wgmma A fragments in registers (BW_DQ_RS): S = Q K^T and dP =
+// dO V^T then read only their B operand (the K / V tile) from shared memory, 2 KB per 32 K MAC
+// instead of 4 KB. qf[kk] = the m16n8k16 A fragment of the warp's rows and columns 16kk .. +15,
+// read from the swizzled [64 x D] tile at `t`.
+template <int D>
+__device__ __forceinline__ void bw_wg_frags_of(u32 (&f)[D / 16][4], const unsigned char* t) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+    const int r = warp * 16 + gr;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        f[kk][0] = *(const u32*)(t + sw128_off<64>(r, 2 * kk) + gc * 2);
+        f[kk][1] = *(const u32*)(t + sw128_off<64>(r + 8, 2 * kk) + gc * 2);
+        f[kk][2] = *(const u32*)(t + sw128_off<64>(r, 2 * kk + 1) + gc * 2);
+        f[kk][3] = *(const u32*)(t + sw128_off<64>(r + 8, 2 * kk + 1) + gc * 2);
+    }
+}
+
+// S (64 x 64) = A B^T over D with A in registers (fragments of bw_wg_frags_of), B the swizzled
+// [64 x D] tile at `b0` (K-major). Issues D / 16 wgmmas (caller fences / commits).
+template <int D>
+__device__ __forceinline__ void bw_wg_nt64_rs(float (&s)[8][4], const u32 (&a)[D / 16][4], u32 b0) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const u32 b = b0 + (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+        if (kk == 0)
+            wg_rs_n64<0, 0>(s, a[kk], wg_desc(b, 16, 1024));
+        else
+            wg_rs_n64<1, 0>(s, a[kk], wg_desc(b, 16, 1024));
+    }
+}
+
 // bw_pipeline with swizzled tiles: walks the tiles of next(tile), double-buffered (2 stages),
-// calling fn(lo, hi, ks, vs) with the shared addresses of the tile's K and V.
+// calling fn(lo, hi, ks, vs, mid) with the shared addresses of the tile's K and V.
+// Default: fn returns with its wgmmas complete and mid() does nothing; the next tile loads before
+// fn. BW_DQ_DEFER: the next tile's load is mid() (a barrier, then the load into the other
+// buffer), which fn calls once the previous tile's products (still in flight when it was
+// entered) are complete; the caller waits (wg_wait<0>) after the walk.
 template <class Next, class Mask, class Fn>
 __device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_t* __restrict__ k,
                                                const bf16_t* __restrict__ v, int g, Next next, Mask mask, Fn fn) {
@@ -290,6 +374,25 @@ __device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_
     __syncthreads();   // earlier users of the buffers are done
     if (have) load(cur, 0);
     int b = 0;
+#ifdef BW_DQ_DEFER
+    while (have) {
+        cp_async_wait_all();
+        fence_proxy_async();
+        __syncthreads();   // tile cur is visible in buffer b
+        int lo[2], hi[2];
+        mask(cur, lo, hi);
+        const u32 ks = smem_addr(Kb(b));
+        bool more = false;
+        fn(lo, hi, ks, ks + 64 * DK * 2, [&]() {
+            __syncthreads();   // every warp's products of the previous tile (buffer b ^ 1) are done
+            more = next(nxt);
+            if (more) load(nxt, b ^ 1);
+        });
+        cur = nxt;
+        have = more;
+        b ^= 1;
+    }
+#else
     while (have) {
         const bool more = next(nxt);
         if (more) {
@@ -303,25 +406,41 @@ __device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_
         int lo[2], hi[2];
         mask(cur, lo, hi);
         const u32 ks = smem_addr(Kb(b));
-        fn(lo, hi, ks, ks + 64 * DK * 2);
+        fn(lo, hi, ks, ks + 64 * DK * 2, []() {});
         __syncthreads();
         cur = nxt;
         have = more;
         b ^= 1;
     }
+#endif
 }
 
-// dQ of one key tile on wgmma (bw_dq_tile's math); returns with its wgmmas complete.
-__device__ __forceinline__ void bw_wg_dq_tile(u32 qs, u32 dos, u32 ks, u32 vs, const int (&lo)[2],
+// dQ of one key tile on wgmma (bw_dq_tile's math). Q / dO: the swizzled tiles at qs / dos, or
+// (BW_DQ_RS) the fragments qf / df. Returns with its wgmmas complete, or (BW_DQ_DEFER) with dQ
+// in flight, after calling mid() once the previous tile's dQ is complete.
+template <class Mid>
+__device__ __forceinline__ void bw_wg_dq_tile(u32 qs, u32 dos, const u32 (&qf)[DK / 16][4],
+                                              const u32 (&df)[DV / 16][4], u32 ks, u32 vs, const int (&lo)[2],
                                               const int (&hi)[2], const float (&lse)[2], const float (&dg)[2],
-                                              const float (&gt)[2], float (&dq)[DK / 8][4]) {
+                                              const float (&gt)[2], float (&dq)[DK / 8][4], Mid mid) {
     const int lane = threadIdx.x & 31, gc = (lane & 3) * 2;
     float s[8][4], dp[8][4];
     wg_fence();
+#ifdef BW_DQ_RS
+    bw_wg_nt64_rs<DK>(s, qf, ks);
+    wg_commit();
+    bw_wg_nt64_rs<DV>(dp, df, vs);
+    wg_commit();
+#else
     bw_wg_nt64<DK>(s, qs, ks);
     wg_commit();
     bw_wg_nt64<DV>(dp, dos, vs);
     wg_commit();
+#endif
+#ifdef BW_DQ_DEFER
+    wg_wait<2>();   // the previous tile's dQ (older groups complete first)
+    mid();
+#endif
     wg_wait<1>();
     wg_pin(s);
 #pragma unroll
@@ -347,8 +466,10 @@ __device__ __forceinline__ void bw_wg_dq_tile(u32 qs, u32 dos, u32 ks, u32 vs, c
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) bw_wg_rs(dq, a[kc], wg_desc(ks + kc * 16 * 128, 64 * 128, 1024));
     wg_commit();
+#ifndef BW_DQ_DEFER
     wg_wait<0>();
     wg_pin(dq);
+#endif
 }
 
 // The saved-statistics dQ pass of a row-major CTA on wgmma: Q / dO (loads committed by the
@@ -370,9 +491,24 @@ __device__ __forceinline__ void bw_wg_rows_dq(unsigned char* sm, const i64 (&qro
     const u32 qs = smem_addr(sm), dos = qs + 64 * DK * 2;
     float dq[DK / 8][4];
     bw_zero<DK>(dq);
-    for_tiles([&](const int (&lo)[2], const int (&hi)[2], u32 ks, u32 vs) {
-        bw_wg_dq_tile(qs, dos, ks, vs, lo, hi, lse, dg, gt, dq);
+    u32 qf[DK / 16][4] = {}, df[DV / 16][4] = {};   // defined on every path (see v12 in the notes)
+#ifdef BW_DQ_RS
+    bool first = true;
+#endif
+    for_tiles([&](const int (&lo)[2], const int (&hi)[2], u32 ks, u32 vs, auto mid) {
+#ifdef BW_DQ_RS
+        if (first) {   // the walk's first wait + barrier covered the Q / dO loads (committed first)
+            bw_wg_frags_of<DK>(qf, sm);
+            bw_wg_frags_of<DV>(df, sm + 64 * DK * 2);
+            first = false;
+        }
+#endif
+        bw_wg_dq_tile(qs, dos, qf, df, ks, vs, lo, hi, lse, dg, gt, dq, mid);
     });
+#ifdef BW_DQ_DEFER
+    wg_wait<0>();
+    wg_pin(dq);
+#endif
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         if (!valid[i]) continue;

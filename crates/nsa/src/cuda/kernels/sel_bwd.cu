@@ -243,7 +243,7 @@ extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv(
     const int lbeg = base[p] + k * seg_len;
     const int npos = min(seg_len, total[p] - k * seg_len);
 #if BW_WG
-    unsigned char* sm = align1024(smem);   // swizzled tiles (BW_KV_SMEM leaves room, see bwd_wgmma.cu)
+    unsigned char* sm = align1024(smem);   // swizzled tiles (the host gives BW_WG_KV_SMEM, see bwd_wgmma.cu)
 #endif
     for (int kt0 = 0; kt0 < SEL_L; kt0 += KT) {
         const int kfirst = j * SEL_L + kt0;
