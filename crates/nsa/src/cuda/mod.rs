@@ -249,7 +249,7 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
     let max_chunks = p_sel * shape.nsel * shape.sel_l.div_ceil(32);
     // LANE_MERGE / RING / TOP_STRIDE in cmp_attn.cu: the score ring and the top lists of cmp_topn
     let per_tile = (64 * shape.cmp_d).div_ceil(shape.sel_l) + 1;
-    let lane_merge = p_rows >= 32 && !cuda_define_set("-DTOPN_WARP_MERGE");
+    let lane_merge = p_rows >= 64 && !cuda_define_set("-DTOPN_WARP_MERGE");
     let (ring, top_stride) = if lane_merge {
         ((jspan + per_tile).div_ceil(16) * 16, shape.nsel + 1)
     } else {

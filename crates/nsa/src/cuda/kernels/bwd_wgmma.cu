@@ -36,6 +36,12 @@
 #if BW_WG_RT != 32 && BW_WG_RT != 64
 #error "BW_WG_RT must be 32 or 64"
 #endif
+// The row-major dQ step defers each tile's dQ products past the next tile's load (BW_DQ_DEFER,
+// see bw_wg_pipeline): the default since v13 (64k: cmp_dq 16.5 -> 13.7 ms, cuda_backward 16/16 on
+// the H100); -DBW_DQ_NO_DEFER restores v11's order.
+#if !defined(BW_DQ_NO_DEFER) && !defined(BW_DQ_DEFER)
+#define BW_DQ_DEFER
+#endif
 
 // D (m64 x n32, f32) (+)= A (64 x 16, smem descriptor) * B (16 x n32, smem descriptor), both
 // K-major.

@@ -31,11 +31,13 @@
 // How the running top-n lists are merged. Few positions per CTA (large G): one warp per
 // position, its 32 lanes testing 32 candidate blocks at once (most fail one ballot against the
 // n-th best), lists of TOPW = 32 entries, merges every MERGE_EVERY tiles. Many positions per
-// CTA (P_CMP >= 32, small G): one thread per position, which tests the tile's new blocks one by
+// CTA (P_CMP >= 64, small G): one thread per position, which tests the tile's new blocks one by
 // one against its own n-th best and inserts the rare winner into its sorted list of NSEL;
 // it merges after every tile, so the score ring only needs JSPAN + PER_TILE slots (the shared
-// memory of 128 positions then allows two CTAs per SM). -DTOPN_WARP_MERGE forces the first.
-#if P_CMP >= 32 && !defined(TOPN_WARP_MERGE)
+// memory of 128 positions then allows two CTAs per SM). Measured at 64k (NOTES-cuda.md v13):
+// 2.2x faster at G = 1, 1.5x at G = 2, but 1.7x slower at G = 4 (32 positions: one busy warp),
+// hence the threshold of 64 positions. -DTOPN_WARP_MERGE forces the warp merge.
+#if P_CMP >= 64 && !defined(TOPN_WARP_MERGE)
 #define LANE_MERGE 1
 #define RING (((JSPAN + PER_TILE + 15) / 16) * 16)
 #define TOP_STRIDE (NSEL + 1)   // odd: the lanes' lists fall in different banks
