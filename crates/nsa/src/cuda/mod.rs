@@ -27,6 +27,7 @@ pub mod backward;
 pub mod bench;
 pub mod decode;
 mod module;
+mod sel_block;
 
 pub use crate::elem::{Elem, HostElem};
 pub use module::{compile, default_mt, Compiled, Family, Shape};
@@ -365,6 +366,8 @@ pub struct DeviceInputs {
     phi: Option<DevicePhi>,
     /// Branch outputs and lse saved for the backward (`DeviceInputs::enable_saving`).
     saved: Option<backward::SavedStats>,
+    /// Block-outer selection path (small G): batch layout and its work buffers.
+    selb: sel_block::SelBlock,
 }
 
 /// `phi` weights (linear / mlp) on the device, f32, in the layout of [`PhiWeights`]:
@@ -493,6 +496,7 @@ impl DeviceInputs {
             out: f(n * hq * dv)?,
             phi: None,
             saved: None,
+            selb: sel_block::SelBlock::new(cu_seqlens),
         })
     }
 
@@ -883,8 +887,10 @@ pub fn forward_device(
         .map_err(driver_err)?;
     }
     rec(3)?;
-    // 4. selected attention
-    {
+    // 4. selected attention: block-outer for small G (sel_block.rs), else position-major
+    if sel_block::enabled(shape, ctx.max_smem) {
+        sel_block::run(ctx, x)?;
+    } else {
         let mut b = s.launch_builder(&f_sel);
         b.arg(&x.q)
             .arg(&x.k[1])
