@@ -16,7 +16,8 @@
 //! 2. `cmp_attn`        compressed attention (writes `g_cmp * o_cmp` and the row log-sum-exp).
 //! 3. `cmp_topn`        Q Kcmp^T again -> p_cmp, the Eq. 9 selection scores (tensor cores), the
 //!    group sum, forced blocks and the streaming top-n (writes `sel_idx`).
-//! 4. `sel_attn`        attention over the selected blocks (adds `g_slc * o_slc`).
+//! 4. `sel_attn`        attention over the selected blocks (adds `g_slc * o_slc`); for G < 16
+//!    the block-outer path instead (`sel_block.rs`: inverse index, per-block partials, merge).
 //! 5. `win_attn`        sliding window (adds `g_win * o_win`): the gated sum is complete.
 //!
 //! Every tensor offset inside the kernels is 64-bit; token counts must fit in `i32`. No atomics:

@@ -48,7 +48,8 @@ fn part_elem_bytes() -> usize {
     }
 }
 
-/// Q stages of `selb_attn`, `-DSELB_QSTAGES=N` in NSA_CUDA_DEFINES (default 4, as in the kernel).
+/// Q stages of `selb_attn`, `-DSELB_QSTAGES=N` in NSA_CUDA_DEFINES (default 2, as in the kernel;
+/// deeper pipelines are an experiment not yet run on the GPU).
 fn q_stages() -> usize {
     std::env::var("NSA_CUDA_DEFINES")
         .ok()
@@ -56,7 +57,7 @@ fn q_stages() -> usize {
             d.split_whitespace()
                 .find_map(|x| x.strip_prefix("-DSELB_QSTAGES=")?.parse().ok())
         })
-        .unwrap_or(4)
+        .unwrap_or(2)
 }
 
 /// Positions per 64-row tile and per segment (SELB_PG, SELB_SEG in sel_block.cu).

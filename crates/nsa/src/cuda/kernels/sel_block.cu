@@ -37,9 +37,11 @@
 #define SELB_SEG (SELB_TILES * SELB_PG)    // positions per segment
 #define SELB_KT ((SEL_L % 64) == 0 ? 64 : 32)
 // Q stages of selb_attn: the gather of group i + SELB_QSTAGES - 1 is in flight while group i
-// computes (the host's shared-memory footprint follows, sel_block.rs q_stages)
+// computes (the host's shared-memory footprint follows, sel_block.rs q_stages). The default, 2,
+// is the measured and tested loop; deeper pipelines (-DSELB_QSTAGES=3|4 through NSA_CUDA_DEFINES)
+// are an experiment not yet run on the GPU (bench/NOTES-cuda.md v12c).
 #ifndef SELB_QSTAGES
-#define SELB_QSTAGES 4
+#define SELB_QSTAGES 2
 #endif
 
 #if SELB_PART == 0
@@ -213,6 +215,27 @@ extern "C" __global__ void __launch_bounds__(128) selb_attn(
     __syncthreads();
 
     const int ngroups = (ne + SELB_PG - 1) / SELB_PG;
+#if SELB_QSTAGES <= 2
+    auto gather = [&](int gi) {
+        const int np = min(SELB_PG, ne - gi * SELB_PG);
+        const int* eg = ent + gi * SELB_PG;
+        load_rows_async<64, DK, QS_STRIDE, 128>(Qs + (gi & 1) * 64 * QS_STRIDE, q, np * G, [&](int r) {
+            return ((i64)(ta + (eg[r / G] >> 5)) * HQ + g * G + r % G) * DK;
+        });
+        cp_async_commit();
+    };
+    gather(0);   // one group with the K/V loads
+
+    for (int gi = 0; gi < ngroups; ++gi) {
+        if (gi + 1 < ngroups) {
+            gather(gi + 1);
+            cp_async_wait_one();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+#define SELB_QSLOT(i) ((i) & 1)
+#else
     auto gather = [&](int gi) {   // one commit group per call (empty past the last group)
         if (gi < ngroups) {
             const int np = min(SELB_PG, ne - gi * SELB_PG);
@@ -231,6 +254,8 @@ extern "C" __global__ void __launch_bounds__(128) selb_attn(
         gather(gi + SELB_QSTAGES - 1);
         asm volatile("cp.async.wait_group %0;\n" ::"n"(SELB_QSTAGES - 1));   // group gi has landed
         __syncthreads();
+#define SELB_QSLOT(i) ((i) % SELB_QSTAGES)
+#endif
         const int nrows = min(SELB_PG, ne - gi * SELB_PG) * G;
         if (row0 < nrows) {
             bool valid[2];
@@ -249,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(128) selb_attn(
             rowstats_init(st);
             float o[1][DV / 8][4];
             zero_acc(o);
-            const bf16_t* Qg = Qs + (gi % SELB_QSTAGES) * 64 * QS_STRIDE;
+            const bf16_t* Qg = Qs + SELB_QSLOT(gi) * 64 * QS_STRIDE;
 #pragma unroll 1
             for (int kt0 = 0; kt0 < SEL_L; kt0 += SELB_KT) {
                 int lo2[2] = {0, 0}, hi2[2];
@@ -275,9 +300,11 @@ extern "C" __global__ void __launch_bounds__(128) selb_attn(
                 }
             }
         }
-        __syncthreads();   // the stage is refilled by the next iteration's gather
+        __syncthreads();   // the stage is refilled by the next gather
     }
+#if SELB_QSTAGES > 2
     cp_async_wait_all();   // (only empty groups can remain)
+#endif
 }
 
 // One warp per row (t, h) of the chunk, rows numbered ((g - ga) * ct + t - ta) * G + h % G
