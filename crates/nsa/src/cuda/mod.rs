@@ -16,7 +16,8 @@
 //! 2. `cmp_attn`        compressed attention (writes `g_cmp * o_cmp` and the row log-sum-exp).
 //! 3. `cmp_topn`        Q Kcmp^T again -> p_cmp, the Eq. 9 selection scores (tensor cores), the
 //!    group sum, forced blocks and the streaming top-n (writes `sel_idx`).
-//! 4. `sel_attn`        attention over the selected blocks (adds `g_slc * o_slc`).
+//! 4. `sel_attn`        attention over the selected blocks (adds `g_slc * o_slc`); for G < 16
+//!    the block-outer path instead (`sel_block.rs`: inverse index, per-block partials, merge).
 //! 5. `win_attn`        sliding window (adds `g_win * o_win`): the gated sum is complete.
 //!
 //! Every tensor offset inside the kernels is 64-bit; token counts must fit in `i32`. No atomics:
@@ -27,6 +28,7 @@ pub mod backward;
 pub mod bench;
 pub mod decode;
 mod module;
+mod sel_block;
 
 pub use crate::elem::{Elem, HostElem};
 pub use module::{compile, default_mt, Compiled, Family, Shape};
@@ -418,6 +420,8 @@ pub struct DeviceInputs {
     phi: Option<DevicePhi>,
     /// Branch outputs and lse saved for the backward (`DeviceInputs::enable_saving`).
     saved: Option<backward::SavedStats>,
+    /// Block-outer selection path (small G): batch layout and its work buffers.
+    selb: sel_block::SelBlock,
 }
 
 /// `phi` weights (linear / mlp) on the device, f32, in the layout of [`PhiWeights`]:
@@ -546,6 +550,7 @@ impl DeviceInputs {
             out: f(n * hq * dv)?,
             phi: None,
             saved: None,
+            selb: sel_block::SelBlock::new(cu_seqlens),
         })
     }
 
@@ -936,8 +941,10 @@ pub fn forward_device(
         .map_err(driver_err)?;
     }
     rec(3)?;
-    // 4. selected attention
-    {
+    // 4. selected attention: block-outer for small G (sel_block.rs), else position-major
+    if sel_block::enabled(shape, ctx.max_smem) {
+        sel_block::run(ctx, x)?;
+    } else {
         let mut b = s.launch_builder(&f_sel);
         b.arg(&x.q)
             .arg(&x.k[1])

@@ -33,11 +33,14 @@ pub enum Family {
     Decode,
     /// phi = linear / mlp: small GEMMs into the compressed K/V.
     Phi,
+    /// Block-outer selected attention for small groups (cuda/sel_block.rs): inverse index,
+    /// per-block partials, merge.
+    SelBlock,
 }
 
 impl Family {
     /// Every family, for compile-only checks.
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 8] = [
         Family::Compress,
         Family::CmpAttn,
         Family::SelAttn,
@@ -45,6 +48,7 @@ impl Family {
         Family::Fill,
         Family::Decode,
         Family::Phi,
+        Family::SelBlock,
     ];
 
     /// The `.cu` source of the family (without the prelude).
@@ -65,6 +69,7 @@ impl Family {
             Family::Fill => include_str!("kernels/fill.cu"),
             Family::Phi => include_str!("kernels/phi.cu"),
             Family::Decode => include_str!("kernels/decode_attn.cu"),
+            Family::SelBlock => include_str!("kernels/sel_block.cu"),
         }
     }
 
@@ -78,6 +83,7 @@ impl Family {
             Family::Fill => "fill_normal_bf16",
             Family::Phi => "phi_gemm",
             Family::Decode => "decode_attn_cw",
+            Family::SelBlock => "selb_attn",
         }
     }
 }
