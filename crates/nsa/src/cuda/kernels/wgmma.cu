@@ -190,6 +190,56 @@ __device__ __forceinline__ void wg_pv(float (&o)[DV / 8][4], const u32 (&p)[4][4
     }
 }
 
+// The online-softmax step of row tile mt once its scores `s` (this thread's part of an m64 x NK
+// wgmma accumulator, masked entries at -inf) are final: the running max and sum of `st` (log2
+// domain, as RowStats), `o` rescaled by the max's change, and P = exp2(s * scale - max) packed as
+// 16-bit A fragments for the P V wgmma. Shared by cmp_attn's and win_attn's wgmma tiles.
+template <int NK, int M>
+__device__ __forceinline__ void wg_softmax_step(float (&s)[NK / 8][4], RowStats<M>& st, int mt,
+                                                float (&o)[DV / 8][4], u32 (&p)[NK / 16][4]) {
+    float mx[2], alpha[2], mu[2], rs[2];
+    mx[0] = mx[1] = NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < NK / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = 2 * mt + h;
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+        const float mn = fmaxf(st.m[i], mx[h] * SCALE_LOG2);   // log2 domain, as RowStats
+        mu[h] = (mn == NEG_INF) ? 0.f : mn;   // all masked so far: keep exp2 finite (gives 0)
+        alpha[h] = exp2f(st.m[i] - mu[h]);
+        st.m[i] = mn;
+        rs[h] = 0.f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < NK / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float pv = exp2f(fmaf(s[nt][e], SCALE_LOG2, -mu[e >> 1]));
+            s[nt][e] = pv;
+            rs[e >> 1] += pv;
+        }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) st.l[2 * mt + h] = st.l[2 * mt + h] * alpha[h] + rs[h];
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; ++nt) {
+        o[nt][0] *= alpha[0];
+        o[nt][1] *= alpha[0];
+        o[nt][2] *= alpha[1];
+        o[nt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kc = 0; kc < NK / 16; ++kc) {
+        p[kc][0] = pack_bf16x2(s[2 * kc][0], s[2 * kc][1]);
+        p[kc][1] = pack_bf16x2(s[2 * kc][2], s[2 * kc][3]);
+        p[kc][2] = pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        p[kc][3] = pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+    }
+}
+
 #ifdef WGMMA_SELFTEST
 // Layout check (tests/cuda_forward_wgmma.rs): S = Q K^T for a [64 * MT_WIDE x DK] Q and a
 // [64 x DK] K, written to s_out ([rows][64] f32); then O = bf16(S) V for a [64 x DV] V, written

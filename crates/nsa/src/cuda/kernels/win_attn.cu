@@ -177,8 +177,6 @@ __device__ __forceinline__ void win_wg_tile(u32 qa, u32 ka, u32 va, bool need_ma
         else
             wg_wait<1>();
         wg_pin(s[mt]);
-        float mx[2], alpha[2], mu[2], rs[2];
-        mx[0] = mx[1] = NEG_INF;
         if (need_mask) {
 #pragma unroll
             for (int nt = 0; nt < NK / 8; ++nt)
@@ -188,45 +186,7 @@ __device__ __forceinline__ void win_wg_tile(u32 qa, u32 ka, u32 va, bool need_ma
                     if ((unsigned)(rel[2 * mt + (e >> 1)] - key) >= (unsigned)WIN) s[mt][nt][e] = NEG_INF;
                 }
         }
-#pragma unroll
-        for (int nt = 0; nt < NK / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int i = 2 * mt + h;
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-            const float mn = fmaxf(st.m[i], mx[h] * SCALE_LOG2);   // log2 domain, as RowStats
-            mu[h] = (mn == NEG_INF) ? 0.f : mn;   // all masked so far: keep exp2 finite (gives 0)
-            alpha[h] = exp2f(st.m[i] - mu[h]);
-            st.m[i] = mn;
-            rs[h] = 0.f;
-        }
-#pragma unroll
-        for (int nt = 0; nt < NK / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float pv = exp2f(fmaf(s[mt][nt][e], SCALE_LOG2, -mu[e >> 1]));
-                s[mt][nt][e] = pv;
-                rs[e >> 1] += pv;
-            }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) st.l[2 * mt + h] = st.l[2 * mt + h] * alpha[h] + rs[h];
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; ++nt) {
-            o[mt][nt][0] *= alpha[0];
-            o[mt][nt][1] *= alpha[0];
-            o[mt][nt][2] *= alpha[1];
-            o[mt][nt][3] *= alpha[1];
-        }
-#pragma unroll
-        for (int kc = 0; kc < NK / 16; ++kc) {
-            p[mt][kc][0] = pack_bf16x2(s[mt][2 * kc][0], s[mt][2 * kc][1]);
-            p[mt][kc][1] = pack_bf16x2(s[mt][2 * kc][2], s[mt][2 * kc][3]);
-            p[mt][kc][2] = pack_bf16x2(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
-            p[mt][kc][3] = pack_bf16x2(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
-        }
+        wg_softmax_step<NK>(s[mt], st, mt, o[mt], p[mt]);
         wg_fence();
         win_pv<NK>(o[mt], p[mt], va);
         wg_commit();
