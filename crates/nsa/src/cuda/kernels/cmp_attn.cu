@@ -186,27 +186,12 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     }
 #endif
     cp_async_wait_all();
-    float inv[2 * CMT];
-    rowstats_finish(st, inv);
-    {
-        float* dst[2 * CMT];
-        float sc[2 * CMT];
+    // the first term of the gated sum (written), the row lse (pass 2 and the backward read it)
+    // and o_cmp for the backward
+    i64 qrow[2 * CMT];
 #pragma unroll
-        for (int h = 0; h < 2 * CMT; ++h) {
-            const i64 qrow = (i64)(start + tt[h]) * HQ + g * G + rr[h] % G;
-            if (valid[h] && (lane & 3) == 0) lse_out[qrow] = st.l[h] > 0.f ? st.m[h] + log2f(st.l[h]) : POS_INF;
-            dst[h] = valid[h] ? out + qrow * DV : nullptr;
-            sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
-        }
-        store_rows<false, CMT>(dst, sc, o);
-    }
-    if (o_save != nullptr) {   // o_cmp (before its gate) for the backward
-        bf16_t* ds[2 * CMT];
-#pragma unroll
-        for (int h = 0; h < 2 * CMT; ++h)
-            ds[h] = valid[h] ? o_save + ((i64)(start + tt[h]) * HQ + g * G + rr[h] % G) * DV : nullptr;
-        store_rows_bf16<CMT>(ds, inv, o);
-    }
+    for (int h = 0; h < 2 * CMT; ++h) qrow[h] = valid[h] ? (i64)(start + tt[h]) * HQ + g * G + rr[h] % G : -1;
+    finish_branch_rows<false, CMT>(qrow, st, o, gate, out, lse_out, o_save);
 
 }
 
@@ -327,27 +312,12 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
         __syncthreads();   // every wgmma of this stage completed before it is refilled
     }
     cp_async_wait_all();
-    float inv[2 * CMT];
-    rowstats_finish(st, inv);
-    {
-        float* dst[2 * CMT];
-        float sc[2 * CMT];
+    // the first term of the gated sum (written), the row lse (pass 2 and the backward read it)
+    // and o_cmp for the backward
+    i64 qrow[2 * CMT];
 #pragma unroll
-        for (int h = 0; h < 2 * CMT; ++h) {
-            const i64 qrow = (i64)(start + tt[h]) * HQ + g * G + rr[h] % G;
-            if (valid[h] && (lane & 3) == 0) lse_out[qrow] = st.l[h] > 0.f ? st.m[h] + log2f(st.l[h]) : POS_INF;
-            dst[h] = valid[h] ? out + qrow * DV : nullptr;
-            sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
-        }
-        store_rows<false, CMT>(dst, sc, o);
-    }
-    if (o_save != nullptr) {   // o_cmp (before its gate) for the backward
-        bf16_t* ds[2 * CMT];
-#pragma unroll
-        for (int h = 0; h < 2 * CMT; ++h)
-            ds[h] = valid[h] ? o_save + ((i64)(start + tt[h]) * HQ + g * G + rr[h] % G) * DV : nullptr;
-        store_rows_bf16<CMT>(ds, inv, o);
-    }
+    for (int h = 0; h < 2 * CMT; ++h) qrow[h] = valid[h] ? (i64)(start + tt[h]) * HQ + g * G + rr[h] % G : -1;
+    finish_branch_rows<false, CMT>(qrow, st, o, gate, out, lse_out, o_save);
 }
 #endif  // CMP_USE_WGMMA
 

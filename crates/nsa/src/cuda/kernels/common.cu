@@ -358,3 +358,35 @@ __device__ __forceinline__ void store_rows(float* const (&dst)[2 * MT], const fl
         }
     }
 }
+
+// The end of a branch kernel for the thread's rows (qrow[i]: the [N, HQ] row of row i, -1 when
+// the row is not real): out[row] = (ACCUMULATE: +=) gate[row] * o / l, the branch's term of the
+// gated sum; the row's log-sum-exp (log2 units, +inf for a row that saw no key) into `lse`
+// when it is given; and o / l in 16 bits into `o_save` when it is given (the backward's saved
+// statistics).
+template <bool ACCUMULATE, int MT>
+__device__ __forceinline__ void finish_branch_rows(const i64 (&qrow)[2 * MT], RowStats<MT>& st,
+                                                   const float (&o)[MT][DV / 8][4],
+                                                   const float* __restrict__ gate, float* __restrict__ out,
+                                                   float* __restrict__ lse, bf16_t* __restrict__ o_save) {
+    const int lane = threadIdx.x & 31;
+    float inv[2 * MT];
+    rowstats_finish(st, inv);
+    float* dst[2 * MT];
+    float sc[2 * MT];
+#pragma unroll
+    for (int i = 0; i < 2 * MT; ++i) {
+        const bool valid = qrow[i] >= 0;
+        if (lse != nullptr && valid && (lane & 3) == 0)
+            lse[qrow[i]] = st.l[i] > 0.f ? st.m[i] + log2f(st.l[i]) : POS_INF;
+        dst[i] = valid ? out + qrow[i] * DV : nullptr;
+        sc[i] = valid ? gate[qrow[i]] * inv[i] : 0.f;
+    }
+    store_rows<ACCUMULATE, MT>(dst, sc, o);
+    if (o_save != nullptr) {
+        bf16_t* ds[2 * MT];
+#pragma unroll
+        for (int i = 0; i < 2 * MT; ++i) ds[i] = qrow[i] >= 0 ? o_save + qrow[i] * DV : nullptr;
+        store_rows_bf16<MT>(ds, inv, o);
+    }
+}

@@ -144,25 +144,9 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
         __syncthreads();
     }
     cp_async_wait_all();
-    float inv[2];
-    rowstats_finish(st, inv);
-    float* dst[2];
-    float sc[2];
+    // adds g_slc * o_slc; o_slc and its lse for the backward
+    i64 qrow[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const i64 qrow = (i64)(start + tt[h]) * HQ + g * G + rr[h] % G;
-        dst[h] = valid[h] ? out + qrow * DV : nullptr;
-        sc[h] = valid[h] ? gate[qrow] * inv[h] : 0.f;
-    }
-    store_rows<true, 1>(dst, sc, o);
-    if (o_save != nullptr) {   // o_slc (before its gate) and the row lse for the backward
-        bf16_t* ds[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const i64 qrow = (i64)(start + tt[h]) * HQ + g * G + rr[h] % G;
-            ds[h] = valid[h] ? o_save + qrow * DV : nullptr;
-            if (valid[h] && (lane & 3) == 0) lse_save[qrow] = st.l[h] > 0.f ? st.m[h] + log2f(st.l[h]) : POS_INF;
-        }
-        store_rows_bf16<1>(ds, inv, o);
-    }
+    for (int h = 0; h < 2; ++h) qrow[h] = valid[h] ? (i64)(start + tt[h]) * HQ + g * G + rr[h] % G : -1;
+    finish_branch_rows<true, 1>(qrow, st, o, gate, out, o_save != nullptr ? lse_save : nullptr, o_save);
 }

@@ -78,27 +78,11 @@ extern "C" __global__ void __launch_bounds__(128) win_attn(
         attn_tile<WMT>(Qs, Ks, Vs, row0, lo, hi, st, o);
     }
     cp_async_wait_all();
-    float inv[2 * WMT];
-    rowstats_finish(st, inv);
-    float* dst[2 * WMT];
-    float sc[2 * WMT];
+    // adds g_win * o_win (the gated sum is complete); o_win and its lse for the backward
+    i64 qrow[2 * WMT];
 #pragma unroll
-    for (int i = 0; i < 2 * WMT; ++i) {
-        const i64 qrow = (i64)(start + tt[i]) * HQ + g * G + rr[i] % G;
-        dst[i] = valid[i] ? out + qrow * DV : nullptr;
-        sc[i] = valid[i] ? gate[qrow] * inv[i] : 0.f;
-    }
-    store_rows<true, WMT>(dst, sc, o);
-    if (o_save != nullptr) {   // o_win (before its gate) and the row lse for the backward
-        bf16_t* ds[2 * WMT];
-#pragma unroll
-        for (int i = 0; i < 2 * WMT; ++i) {
-            const i64 qrow = (i64)(start + tt[i]) * HQ + g * G + rr[i] % G;
-            ds[i] = valid[i] ? o_save + qrow * DV : nullptr;
-            if (valid[i] && (lane & 3) == 0) lse_save[qrow] = st.l[i] > 0.f ? st.m[i] + log2f(st.l[i]) : POS_INF;
-        }
-        store_rows_bf16<WMT>(ds, inv, o);
-    }
+    for (int i = 0; i < 2 * WMT; ++i) qrow[i] = valid[i] ? (i64)(start + tt[i]) * HQ + g * G + rr[i] % G : -1;
+    finish_branch_rows<true, WMT>(qrow, st, o, gate, out, o_save != nullptr ? lse_save : nullptr, o_save);
 }
 
 #else  // WIN_USE_WGMMA
@@ -285,26 +269,10 @@ extern "C" __global__ void __launch_bounds__(128) win_attn(
         __syncthreads();   // every wgmma of this stage completed before it is refilled
     }
     cp_async_wait_all();
-    float inv[2 * WMT];
-    rowstats_finish(st, inv);
-    float* dst[2 * WMT];
-    float sc[2 * WMT];
+    // adds g_win * o_win (the gated sum is complete); o_win and its lse for the backward
+    i64 qrow[2 * WMT];
 #pragma unroll
-    for (int i = 0; i < 2 * WMT; ++i) {
-        const i64 qrow = (i64)(start + tt[i]) * HQ + g * G + rr[i] % G;
-        dst[i] = valid[i] ? out + qrow * DV : nullptr;
-        sc[i] = valid[i] ? gate[qrow] * inv[i] : 0.f;
-    }
-    store_rows<true, WMT>(dst, sc, o);
-    if (o_save != nullptr) {   // o_win (before its gate) and the row lse for the backward
-        bf16_t* ds[2 * WMT];
-#pragma unroll
-        for (int i = 0; i < 2 * WMT; ++i) {
-            const i64 qrow = (i64)(start + tt[i]) * HQ + g * G + rr[i] % G;
-            ds[i] = valid[i] ? o_save + qrow * DV : nullptr;
-            if (valid[i] && (lane & 3) == 0) lse_save[qrow] = st.l[i] > 0.f ? st.m[i] + log2f(st.l[i]) : POS_INF;
-        }
-        store_rows_bf16<WMT>(ds, inv, o);
-    }
+    for (int i = 0; i < 2 * WMT; ++i) qrow[i] = valid[i] ? (i64)(start + tt[i]) * HQ + g * G + rr[i] % G : -1;
+    finish_branch_rows<true, WMT>(qrow, st, o, gate, out, o_save != nullptr ? lse_save : nullptr, o_save);
 }
 #endif  // WIN_USE_WGMMA
