@@ -71,6 +71,11 @@ pub struct BenchArgs {
     /// `128:128,192:128`).
     #[arg(long, value_delimiter = ',')]
     pub head_dims: Option<Vec<String>>,
+    /// Measures nothing: re-renders an existing `<name>-<date>.json` of results into
+    /// `--out-dir` (the speedups recomputed, the table and comparison rebuilt; the title kept
+    /// from the `.md` beside it).
+    #[arg(long)]
+    pub render: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -119,6 +124,9 @@ fn check_ops(ops: &[String]) -> nsa::Result<()> {
 
 /// Runs the benchmark, prints the table and writes the result files.
 pub fn run(args: &BenchArgs) -> nsa::Result<()> {
+    if let Some(path) = &args.render {
+        return render(path, &args.out_dir);
+    }
     if args.device == BenchDevice::Cuda {
         return run_cuda_forward(args);
     }
@@ -152,6 +160,49 @@ pub fn run(args: &BenchArgs) -> nsa::Result<()> {
     let title = format!("NSA CPU benchmark, {date}");
     println!("{}", records::markdown(&title, &records, "nsa"));
     let (md, js) = write_results(&args.out_dir, &name, &date, &title, &records, "nsa")?;
+    eprintln!("wrote {} and {}", md.display(), js.display());
+    Ok(())
+}
+
+/// `nsa bench --render FILE.json`: the records of an earlier run, written again with speedups
+/// recomputed (over `torch-sdpa-cudnn` when the file holds `nsa-cuda` records, else over
+/// `dense-cpu`).
+fn render(path: &std::path::Path, out_dir: &std::path::Path) -> nsa::Result<()> {
+    let mut recs = read_records(path)?;
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    // `<name>-<YYYY-MM-DD>`
+    let (name, date) = match stem.len().checked_sub(11) {
+        Some(i) if stem.as_bytes()[i] == b'-' => (stem[..i].to_string(), stem[i + 1..].to_string()),
+        _ => {
+            return Err(nsa::NsaError::Format(format!(
+                "{}: expected a file named <name>-<YYYY-MM-DD>.json",
+                path.display()
+            )))
+        }
+    };
+    let cuda = recs.iter().any(|r| r.impl_ == "nsa-cuda");
+    let (ours, baseline) = if cuda {
+        ("nsa-cuda", "torch-sdpa-cudnn")
+    } else {
+        ("nsa", "dense-cpu")
+    };
+    for r in &mut recs {
+        r.speedup = None;
+    }
+    fill_speedups(&mut recs, baseline);
+    let title = std::fs::read_to_string(path.with_extension("md"))
+        .ok()
+        .and_then(|md| {
+            md.lines()
+                .next()
+                .map(|l| l.trim_start_matches("# ").to_string())
+        })
+        .unwrap_or_else(|| format!("NSA benchmark, {date}"));
+    let (md, js) = write_results(out_dir, &name, &date, &title, &recs, ours)?;
     eprintln!("wrote {} and {}", md.display(), js.display());
     Ok(())
 }

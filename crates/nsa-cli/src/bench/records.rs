@@ -198,13 +198,14 @@ pub fn summed_forward_backward(records: &[BenchRecord]) -> Vec<BenchRecord> {
 }
 
 /// Fills `speedup` of every record that has a dense baseline (`impl == baseline`) of the same
-/// shape: `baseline ms / ms`.
+/// shape: `baseline ms / ms`, against the baseline's fastest record of that shape (a peer may
+/// be measured in several variants, e.g. GQA and folded-head decode).
 pub fn fill_speedups(records: &mut [BenchRecord], baseline: &str) {
-    let base: BTreeMap<_, f64> = records
-        .iter()
-        .filter(|r| r.impl_ == baseline)
-        .map(|r| (r.key(), r.ms))
-        .collect();
+    let mut base: BTreeMap<_, f64> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.impl_ == baseline) {
+        let b = base.entry(r.key()).or_insert(r.ms);
+        *b = b.min(r.ms);
+    }
     for r in records.iter_mut() {
         if r.impl_ != baseline {
             if let Some(&b) = base.get(&r.key()) {
@@ -427,6 +428,24 @@ mod tests {
         assert_eq!(sums[0].ms, 35.0);
         assert_eq!(sums[0].tflops, None);
         assert!(sums[0].notes[0].contains("measured separately"));
+    }
+
+    #[test]
+    fn speedups_are_over_the_fastest_baseline_variant() {
+        let mut v = vec![
+            rec("dense-cpu", 30.0),
+            rec("dense-cpu", 90.0),
+            rec("nsa", 10.0),
+        ];
+        fill_speedups(&mut v, "dense-cpu");
+        assert_eq!(v[2].speedup, Some(3.0));
+        let mut w = vec![
+            rec("nsa", 10.0),
+            rec("dense-cpu", 90.0),
+            rec("dense-cpu", 30.0),
+        ];
+        fill_speedups(&mut w, "dense-cpu");
+        assert_eq!(w[0].speedup, Some(3.0));
     }
 
     #[test]
