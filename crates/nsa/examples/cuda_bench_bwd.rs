@@ -1,6 +1,6 @@
 //! Standalone timing of the CUDA backward pass:
-//! `cargo run -p nsa --features cuda --release --example cuda_bench_bwd -- [T,...] [--dk192] [--g-sweep] [--recompute]`
-//! B = 1, HQ = 64, HKV = 4, dk = dv = 128 unless told; per-kernel medians (CUDA events), the
+//! `cargo run -p nsa --features cuda --release --example cuda_bench_bwd -- [T,...] [--dk192] [--g-sweep] [--g-list=16,8,4,2,1] [--recompute]`
+//! B = 1, HQ = 64, HKV = 4, dk = dv = 128 unless told (`--g-list`: those G at every T); per-kernel medians (CUDA events), the
 //! effective rates against the counted work (`nsa::cuda::backward::bench::bwd_work`; the dQ
 //! kernels' count leaves out the statistics pass in the default mode), and the device memory of
 //! forward + backward. Default: the forward saves the branch statistics (`BwdMode::SavedStats`);
@@ -42,8 +42,16 @@ fn main() -> nsa::Result<()> {
         }
     );
     let mut shapes: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // T, HQ, HKV, dk, dv
+                                                                           // --g-list=16,8,4,2,1: these group sizes (HKV = 64 / G) at every T given, in place of G = 16
+    let g_list: Vec<usize> = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--g-list="))
+        .map(|l| l.split(',').map(|g| g.parse().expect("G values")).collect())
+        .unwrap_or_else(|| vec![16]);
     for &t in &ts {
-        shapes.push((t, 64, 4, 128, 128));
+        for &g in &g_list {
+            shapes.push((t, 64, 64 / g, 128, 128));
+        }
     }
     if args.iter().any(|a| a == "--dk192") {
         for &t in &ts {

@@ -21,6 +21,11 @@
 //! The compressed branch's dK/dV go back through phi: mean (`cmp_mean_bwd`) or linear / mlp
 //! (`phi` module, kernels/phi_bwd.cu: deterministic f32 GEMMs, parameter gradients in `dphi`).
 //!
+//! The selection branch's dQ in the saved-statistics mode at G < 16 is block-outer
+//! (`sel_block::SelBlockDq`, kernels/sel_block_bwd.cu: the forward's chunked inverse index, one
+//! CTA per selection-block segment, partial dQ rows per (t, head, rank) merged in rank order),
+//! since the position-major `sel_bwd_dq` reads every selected K/V block for only G rows.
+//!
 //! The selection branch's key-major pass goes through an inverse index built on the GPU
 //! (kernels/sel_bwd.cu): per (KV head, selection block) the ascending list of tokens that chose
 //! it, cut into fixed segments; lists of one segment write their block's dK/dV, longer lists write
@@ -39,6 +44,7 @@ mod plan;
 
 pub use kernels::{compile_bwd, BwdCompiled, BwdFamily};
 
+use super::sel_block::{self, SelBlockDq};
 use super::{driver_err, forward_device, CudaContext, DeviceInputs, Elem, HostElem};
 use crate::config::{NsaConfig, PhiKind};
 use crate::error::{NsaError, Result};
@@ -167,6 +173,13 @@ pub struct DeviceBackward {
     pslot_cap: usize,
     /// phi = linear / mlp: gradients and scratch (None for mean).
     phi: Option<phi::PhiBwd>,
+    /// `cu_seqlens` of the batch (the block-outer selection dQ's chunk plan).
+    cu: Vec<usize>,
+    /// Whether the saved-statistics backward takes the block-outer selection dQ
+    /// ([`sel_block::dq_enabled`]: G < 16 by default).
+    selb_dq_on: bool,
+    /// Its chunk plan, index and partial buffers (allocated on the first such backward).
+    selb_dq: Option<SelBlockDq>,
     /// Segments and partial slots of the last run's inverse index.
     pub last_segments: usize,
     pub last_partial_slots: usize,
@@ -213,10 +226,12 @@ impl DeviceBackward {
                 ctx.max_smem
             )));
         }
+        let selb_dq_on = sel_block::dq_enabled(shape, ctx.max_smem);
         let kernels = BwdKernels::load(
             ctx,
             shape,
             &[
+                ("selb_bwd_dq", sel_block::dq_smem(shape)),
                 ("cmp_bwd_dq", smem.rows64),
                 ("cmp_bwd_dq_saved", smem.rows64),
                 ("win_bwd_dq", smem.rows64),
@@ -227,6 +242,7 @@ impl DeviceBackward {
                 ("win_bwd_dkdv", smem.kv),
                 ("sel_bwd_dkdv", smem.kv),
             ],
+            selb_dq_on,
         )?;
         let p = plan::build(cfg, cu_seqlens);
         let nb = p.n_blocks;
@@ -288,6 +304,9 @@ impl DeviceBackward {
             },
             last_segments: 0,
             last_partial_slots: 0,
+            cu: cu_seqlens.to_vec(),
+            selb_dq_on,
+            selb_dq: None,
         })
     }
 
@@ -394,6 +413,7 @@ impl DeviceBackward {
             + f(&self.pkc)
             + f(&self.pvc)
             + self.phi.as_ref().map_or(0, |p| p.device_bytes())
+            + self.sel_dq_partial_bytes()
             + [
                 &self.cnt,
                 &self.total,
@@ -409,6 +429,12 @@ impl DeviceBackward {
 
     fn func(&self, name: &str) -> Result<CudaFunction> {
         self.kernels.get(name).cloned()
+    }
+
+    /// Bytes of the block-outer selection dQ's index and partial buffers (0 before its first
+    /// backward or when the backward uses `sel_bwd_dq`).
+    pub fn sel_dq_partial_bytes(&self) -> usize {
+        self.selb_dq.as_ref().map_or(0, |d| d.part_bytes)
     }
 }
 
@@ -719,7 +745,35 @@ pub fn backward_device_with(
     }
     rec(6)?;
     // ---- selection: dQ and statistics ----
-    {
+    if let (Some(sv), true) = (saved, b.selb_dq_on) {
+        // block-outer for small G (kernels/sel_block_bwd.cu): adds into dq as sel_bwd_dq does
+        if b.selb_dq.is_none() {
+            b.selb_dq = Some(SelBlockDq::new(ctx, &x.shape, &b.cu)?);
+        }
+        let k = &b.kernels;
+        let f = sel_block::DqKernels {
+            count: k.get("selb_count")?,
+            scan: k.get("selb_scan")?,
+            fill: k.get("selb_fill")?,
+            dq: k.get("selb_bwd_dq")?,
+            merge: k.get("selb_dq_merge")?,
+        };
+        let args = sel_block::DqArgs {
+            q: &x.q,
+            k: &x.k[1],
+            v: &x.v[1],
+            d_o: &b.d_o,
+            gate: &x.gates[1],
+            lse: &sv.lse[0],
+            dg: &b.dg[1],
+            sel_idx: &x.sel_idx,
+            dq: &mut b.dq,
+        };
+        b.selb_dq
+            .as_mut()
+            .expect("just set")
+            .run(ctx, &x.shape, &f, args)?;
+    } else {
         let f = b.func(&dq_name("sel_bwd_dq"))?;
         let mut l = s.launch_builder(&f);
         l.arg(&x.q)

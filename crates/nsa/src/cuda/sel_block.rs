@@ -13,10 +13,14 @@
 //! `-DSELB_PART=0|1` ([`part_mode`]); Q pipeline depth `-DSELB_QSTAGES=N` ([`q_stages`]).
 //! `NSA_SEL_PATH=rows` forces `sel_attn`, `NSA_SEL_PATH=block` this path for every G (both for
 //! experiments and tests); `NSA_SEL_PARTIAL_MB` overrides the partial budget (tests: many chunks).
+//!
+//! The backward's selection dQ for small G ([`SelBlockDq`], kernels/sel_block_bwd.cu) reuses the
+//! chunk plan and the index kernels with partial dQ rows per `(t, h, rank)` (f16 scaled per slot
+//! by default, f32 through `-DSELB_DQ_PART=0`); `NSA_SEL_DQ_PATH=rows|block` forces either path.
 
 use super::{driver_err, CudaContext, DeviceInputs, Family, Shape, NULL_PTR};
 use crate::error::Result;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 /// Partial-buffer budget (bytes): 2 GiB unless `NSA_SEL_PARTIAL_MB` says otherwise.
 fn partial_budget() -> usize {
@@ -155,6 +159,12 @@ struct Layout {
 }
 
 fn layout(shape: &Shape, cu: &[usize], budget: usize, part_bytes: usize) -> Layout {
+    layout_slots(shape, cu, budget, shape.dv * part_bytes + 8) // + lse and scale
+}
+
+/// [`layout`] for partial slots of `slot` bytes each (the forward's o + lse + scale, or the
+/// backward's dQ rows, [`SelBlockDq`]).
+fn layout_slots(shape: &Shape, cu: &[usize], budget: usize, slot: usize) -> Layout {
     let (hkv, lp, nsel) = (shape.hkv, shape.sel_l, shape.nsel);
     let g = shape.hq / hkv;
     let n = *cu.last().unwrap_or(&0);
@@ -174,7 +184,6 @@ fn layout(shape: &Shape, cu: &[usize], budget: usize, part_bytes: usize) -> Layo
     let seq_of = |t: usize| cu.partition_point(|&c| c <= t) - 1;
     // rows (t, h) per chunk within the budget; whole heads' sequences when they fit, else
     // token ranges of one KV head (t_local * 32 + rank must fit an i32: at most 2^26 tokens)
-    let slot = shape.dv * part_bytes + 8; // + lse and scale
     let rows_cap = (budget / (nsel * slot)).max(g);
     let (ct, gcnt) = if n * g <= rows_cap && n <= 1 << 26 {
         let per = (rows_cap / (n * g).max(1)).clamp(1, hkv);
@@ -374,6 +383,222 @@ pub(crate) fn run(ctx: &CudaContext, x: &mut DeviceInputs) -> Result<()> {
     Ok(())
 }
 
+// ---- backward: the selection branch's dQ, block-outer (kernels/sel_block_bwd.cu) ----
+
+/// Partial dQ format, `-DSELB_DQ_PART=N` in NSA_CUDA_DEFINES (sel_block_bwd.cu; the same default):
+/// 0 = f32 rows, 2 (the default) = f16 of dQ_r / max|dQ_r| with an f32 scale per slot.
+fn dq_part_mode() -> u32 {
+    std::env::var("NSA_CUDA_DEFINES")
+        .ok()
+        .and_then(|d| {
+            d.split_whitespace()
+                .find_map(|x| x.strip_prefix("-DSELB_DQ_PART=")?.parse().ok())
+        })
+        .unwrap_or(2)
+}
+
+/// Bytes of one element of a partial dQ row.
+fn dq_elem_bytes() -> usize {
+    if dq_part_mode() == 0 {
+        4
+    } else {
+        2
+    }
+}
+
+/// Dynamic shared memory of `selb_bwd_dq`: the block's K and V, two stages of 64 rows of Q and
+/// dO with their lse / dg / gate, the segment's entries.
+pub(crate) fn dq_smem(shape: &Shape) -> usize {
+    let g = shape.hq / shape.hkv;
+    let stage = 64 * (shape.dk + 8 + shape.dv + 8) * 2 + 64 * 12;
+    shape.sel_l * (shape.dk + 8 + shape.dv + 8) * 2 + 2 * stage + seg_positions(g) * 4
+}
+
+/// Whether the saved-statistics backward computes the selection dQ on this path (else
+/// `sel_bwd_dq_saved`): by default for G < 16; `NSA_SEL_DQ_PATH=rows|block` forces either
+/// (experiments and tests). The recompute mode always uses `sel_bwd_dq` (it needs that kernel's
+/// statistics pass).
+pub(crate) fn dq_enabled(shape: &Shape, max_smem: usize) -> bool {
+    let fits = shape.sel_l.is_multiple_of(32) && shape.nsel <= 32 && dq_smem(shape) <= max_smem;
+    match std::env::var("NSA_SEL_DQ_PATH").ok().as_deref() {
+        Some("rows") => false,
+        Some("block") => fits,
+        _ => fits && shape.hq / shape.hkv < 16,
+    }
+}
+
+/// The backward's kernels of this path (compiled in the backward's `SelBlock` family).
+pub(crate) struct DqKernels<'a> {
+    pub count: &'a CudaFunction,
+    pub scan: &'a CudaFunction,
+    pub fill: &'a CudaFunction,
+    pub dq: &'a CudaFunction,
+    pub merge: &'a CudaFunction,
+}
+
+/// The device tensors the dQ pass reads (saved-statistics mode) and the dq it adds into.
+pub(crate) struct DqArgs<'a> {
+    pub q: &'a CudaSlice<u16>,
+    pub k: &'a CudaSlice<u16>,
+    pub v: &'a CudaSlice<u16>,
+    pub d_o: &'a CudaSlice<u16>,
+    pub gate: &'a CudaSlice<f32>,
+    /// the selected branch's lse saved by the forward (log2 units)
+    pub lse: &'a CudaSlice<f32>,
+    /// dg_slc = do . o_slc (bwd_gate_dot)
+    pub dg: &'a CudaSlice<f32>,
+    pub sel_idx: &'a CudaSlice<i32>,
+    pub dq: &'a mut CudaSlice<f32>,
+}
+
+/// Buffers of the block-outer selection dQ: the forward's chunk plan and inverse index
+/// ([`layout_slots`], `selb_count` / `selb_scan` / `selb_fill`) with partial slots of one dQ row
+/// (`dk` f32, or f16 + an f32 scale), within the same budget ([`partial_budget`]).
+pub(crate) struct SelBlockDq {
+    chunks: Vec<Chunk>,
+    jbase: CudaSlice<i32>,
+    blk: CudaSlice<i32>,
+    cnt: CudaSlice<i32>,
+    base: CudaSlice<i32>,
+    seg_base: CudaSlice<i32>,
+    list: CudaSlice<i32>,
+    /// `[max slots, dk]` (f32, or f16 in the first half), the scales `[max slots]` (mode 2)
+    part_dq: CudaSlice<f32>,
+    part_scale: CudaSlice<f32>,
+    /// bytes of the partial buffers
+    pub part_bytes: usize,
+}
+
+impl SelBlockDq {
+    pub(crate) fn new(ctx: &CudaContext, shape: &Shape, cu: &[usize]) -> Result<Self> {
+        let eb = dq_elem_bytes();
+        let scale_bytes = if dq_part_mode() == 0 { 0 } else { 4 };
+        let lay = layout_slots(shape, cu, partial_budget(), shape.dk * eb + scale_bytes);
+        let part_words = (lay.max_slots * shape.dk * eb).div_ceil(4);
+        let scale_words = if scale_bytes > 0 { lay.max_slots } else { 1 };
+        let up = |v: &[i32]| -> Result<CudaSlice<i32>> {
+            let v = if v.is_empty() { vec![0; 2] } else { v.to_vec() };
+            ctx.stream.clone_htod(&v).map_err(driver_err)
+        };
+        Ok(SelBlockDq {
+            jbase: up(&lay.jbase)?,
+            blk: up(&lay.blk)?,
+            cnt: alloc(ctx, lay.max_pairs + 1)?,
+            base: alloc(ctx, lay.max_pairs + 1)?,
+            seg_base: alloc(ctx, lay.max_pairs + 1)?,
+            list: alloc(ctx, lay.max_entries)?,
+            part_dq: alloc(ctx, part_words)?,
+            part_scale: alloc(ctx, scale_words)?,
+            part_bytes: (part_words + scale_words) * 4,
+            chunks: lay.chunks,
+        })
+    }
+
+    /// Adds the selection branch's dQ to `a.dq`, chunk by chunk: index (count, scan, fill), the
+    /// per-segment partials (`selb_bwd_dq`), the merge in rank order (`selb_dq_merge`).
+    pub(crate) fn run(
+        &mut self,
+        ctx: &CudaContext,
+        shape: &Shape,
+        f: &DqKernels,
+        a: DqArgs,
+    ) -> Result<()> {
+        let g = shape.hq / shape.hkv;
+        let smem = dq_smem(shape);
+        let seg = seg_positions(g);
+        let s = ctx.stream.clone();
+        for ch in self.chunks.clone() {
+            let (ta, ct, ga, gcnt) = (ch.ta as i32, ch.ct as i32, ch.ga as i32, ch.gcnt as i32);
+            let (jg_lo, nbc) = (ch.jg_lo as i32, ch.nbc as i32);
+            let npairs = ch.gcnt * ch.nbc;
+            let np = npairs as i32;
+            let threads_tg = ch.ct * ch.gcnt;
+            s.memset_zeros(&mut self.cnt).map_err(driver_err)?;
+            {
+                let mut l = s.launch_builder(f.count);
+                l.arg(a.sel_idx)
+                    .arg(&self.jbase)
+                    .arg(&ta)
+                    .arg(&ct)
+                    .arg(&ga)
+                    .arg(&gcnt)
+                    .arg(&jg_lo)
+                    .arg(&nbc)
+                    .arg(&mut self.cnt);
+                // SAFETY: matches `selb_count`; one thread per (t, g) of the chunk.
+                unsafe { l.launch(launch(threads_tg.div_ceil(256), 256, 0)) }
+                    .map_err(driver_err)?;
+            }
+            {
+                let mut l = s.launch_builder(f.scan);
+                l.arg(&mut self.cnt)
+                    .arg(&np)
+                    .arg(&mut self.base)
+                    .arg(&mut self.seg_base);
+                // SAFETY: matches `selb_scan`; one CTA of 1024 threads.
+                unsafe { l.launch(launch(1, 1024, 0)) }.map_err(driver_err)?;
+            }
+            {
+                let mut l = s.launch_builder(f.fill);
+                l.arg(a.sel_idx)
+                    .arg(&self.jbase)
+                    .arg(&ta)
+                    .arg(&ct)
+                    .arg(&ga)
+                    .arg(&gcnt)
+                    .arg(&jg_lo)
+                    .arg(&nbc)
+                    .arg(&mut self.cnt)
+                    .arg(&mut self.list);
+                // SAFETY: matches `selb_fill`; the list holds every entry of the chunk.
+                unsafe { l.launch(launch(threads_tg.div_ceil(256), 256, 0)) }
+                    .map_err(driver_err)?;
+            }
+            {
+                let grid = (ch.ct * ch.gcnt * shape.nsel).div_ceil(seg) + npairs;
+                let mut l = s.launch_builder(f.dq);
+                l.arg(a.q)
+                    .arg(a.k)
+                    .arg(a.v)
+                    .arg(a.d_o)
+                    .arg(a.gate)
+                    .arg(a.lse)
+                    .arg(a.dg)
+                    .arg(&self.blk)
+                    .arg(&self.base)
+                    .arg(&self.seg_base)
+                    .arg(&self.list)
+                    .arg(&np)
+                    .arg(&nbc)
+                    .arg(&jg_lo)
+                    .arg(&ga)
+                    .arg(&ta)
+                    .arg(&ct)
+                    .arg(&mut self.part_dq)
+                    .arg(&mut self.part_scale);
+                // SAFETY: matches `selb_bwd_dq`; CTAs past the chunk's segment count return.
+                unsafe { l.launch(launch(grid, 128, smem)) }.map_err(driver_err)?;
+            }
+            {
+                let rows = ch.ct * ch.gcnt * g;
+                let nr = rows as i32;
+                let mut l = s.launch_builder(f.merge);
+                l.arg(a.sel_idx)
+                    .arg(&self.part_dq)
+                    .arg(&self.part_scale)
+                    .arg(&ta)
+                    .arg(&ct)
+                    .arg(&ga)
+                    .arg(&nr)
+                    .arg(&mut *a.dq);
+                // SAFETY: matches `selb_dq_merge`; one warp per (t, h) row of the chunk.
+                unsafe { l.launch(launch(rows.div_ceil(8), 256, 0)) }.map_err(driver_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,6 +622,18 @@ mod tests {
             attn_smem(&shape(64, 64, 128)),
             (64 * 272 + q_stages() * 64 * 136) * 2 + 4096
         );
+    }
+
+    #[test]
+    fn dq_smem_follows_the_kernel_layout() {
+        // K/V 64 x (136 + 136), two stages of 64 rows of Q and dO (136 each) and 64 x 12 B of
+        // lse / dg / gate, 1024 entries at G = 1 (128 at G = 8)
+        let stage = 64 * 272 * 2 + 768;
+        assert_eq!(
+            dq_smem(&shape(64, 64, 128)),
+            64 * 272 * 2 + 2 * stage + 4096
+        );
+        assert_eq!(dq_smem(&shape(64, 8, 128)), 64 * 272 * 2 + 2 * stage + 512);
     }
 
     /// Every (token, KV head) lies in exactly one chunk, each chunk's rows fit the budget, and a

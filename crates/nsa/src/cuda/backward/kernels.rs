@@ -23,15 +23,19 @@ pub enum BwdFamily {
     Sel,
     /// phi = linear / mlp backward: strided f32 GEMMs, column sums, the scatter to raw K/V.
     Phi,
+    /// Selection dQ, block-outer, for small G (saved statistics): the forward's chunked inverse
+    /// index (sel_block.cu) and `selb_bwd_dq` / `selb_dq_merge` (sel_block_bwd.cu).
+    SelBlock,
 }
 
 impl BwdFamily {
     /// Every family, for compile-only checks.
-    pub const ALL: [BwdFamily; 4] = [
+    pub const ALL: [BwdFamily; 5] = [
         BwdFamily::Cmp,
         BwdFamily::Win,
         BwdFamily::Sel,
         BwdFamily::Phi,
+        BwdFamily::SelBlock,
     ];
 
     /// The family's own source.
@@ -54,6 +58,10 @@ impl BwdFamily {
                 include_str!("../kernels/sel_bwd.cu")
             ),
             BwdFamily::Phi => include_str!("../kernels/phi_bwd.cu"),
+            BwdFamily::SelBlock => concat!(
+                include_str!("../kernels/sel_block.cu"),
+                include_str!("../kernels/sel_block_bwd.cu")
+            ),
         }
     }
 
@@ -80,6 +88,13 @@ impl BwdFamily {
                 "sel_dkdv_reduce",
             ],
             BwdFamily::Phi => &["phi_bwd_gemm", "phi_bwd_colsum", "phi_bwd_scatter"],
+            BwdFamily::SelBlock => &[
+                "selb_count",
+                "selb_scan",
+                "selb_fill",
+                "selb_bwd_dq",
+                "selb_dq_merge",
+            ],
         }
     }
 
@@ -89,6 +104,7 @@ impl BwdFamily {
             BwdFamily::Win => "win_bwd.cu",
             BwdFamily::Sel => "sel_bwd.cu",
             BwdFamily::Phi => "phi_bwd.cu",
+            BwdFamily::SelBlock => "sel_block_bwd.cu",
         }
     }
 }
@@ -120,11 +136,20 @@ pub struct BwdKernels {
 }
 
 impl BwdKernels {
-    /// Compiles (through the disk cache) and loads every family; `smem` gives the dynamic shared
-    /// memory limit to raise per kernel name.
-    pub fn load(ctx: &CudaContext, shape: &Shape, smem: &[(&str, usize)]) -> Result<Self> {
+    /// Compiles (through the disk cache) and loads every family (`SelBlock` only with
+    /// `with_selb`: the block-outer selection dQ is enabled for the shape); `smem` gives the
+    /// dynamic shared memory limit to raise per kernel name.
+    pub fn load(
+        ctx: &CudaContext,
+        shape: &Shape,
+        smem: &[(&str, usize)],
+        with_selb: bool,
+    ) -> Result<Self> {
         let mut fns = HashMap::new();
         for fam in BwdFamily::ALL {
+            if fam == BwdFamily::SelBlock && !with_selb {
+                continue;
+            }
             let c = compile_bwd(fam, shape, &ctx.arch, &[])?;
             let m = ctx
                 .ctx
