@@ -72,13 +72,7 @@ const SMALL_SMEM: usize = 48 * 1024;
 /// K/V pipeline depth of the attention kernels: `DEC_STAGES` in decode_attn.cu (2 unless an
 /// experiment sets `-DDEC_STAGES=N` through `NSA_CUDA_DEFINES`).
 fn stages() -> usize {
-    std::env::var("NSA_CUDA_DEFINES")
-        .ok()
-        .and_then(|v| {
-            v.split_whitespace()
-                .find_map(|d| d.strip_prefix("-DDEC_STAGES=").and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(2)
+    super::module::define_value("DEC_STAGES").unwrap_or(2)
 }
 
 /// Page tables of one pool kind: host copy, free list and device copy `[B, maxp]`.

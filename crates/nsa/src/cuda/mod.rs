@@ -211,22 +211,17 @@ struct Footprint {
     positions_64: usize,
 }
 
-/// Whether `NSA_CUDA_DEFINES` (extra NVRTC options, experiment switches) holds `define`.
-fn cuda_define_set(define: &str) -> bool {
-    std::env::var("NSA_CUDA_DEFINES").is_ok_and(|d| d.split_whitespace().any(|x| x == define))
-}
-
 /// `cmp_attn` double-buffers its K/V tiles unless built with `-DCMP_SINGLE_BUFFER`
 /// (an experiment switch through `NSA_CUDA_DEFINES`).
 fn cmp_double_buffered() -> bool {
-    !cuda_define_set("-DCMP_SINGLE_BUFFER")
+    !module::define_set("-DCMP_SINGLE_BUFFER")
 }
 
 /// `win_attn` runs on wgmma (win_attn.cu's `WIN_USE_WGMMA`): sm_90a, dk a multiple of 64 up to
 /// 256, dv 64 or 128, unless `NSA_CUDA_DEFINES` holds `-DCMP_NO_WGMMA` or `-DWIN_NO_WGMMA`. The
 /// kernel traps when launched with less shared memory than its layout needs.
 fn win_uses_wgmma(shape: &Shape, arch: &str) -> bool {
-    let off = cuda_define_set("-DCMP_NO_WGMMA") || cuda_define_set("-DWIN_NO_WGMMA");
+    let off = module::define_set("-DCMP_NO_WGMMA") || module::define_set("-DWIN_NO_WGMMA");
     arch == "sm_90a"
         && !off
         && shape.dk.is_multiple_of(64)
@@ -251,7 +246,7 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
     let max_chunks = p_sel * shape.nsel * shape.sel_l.div_ceil(32);
     // LANE_MERGE / RING / TOP_STRIDE in cmp_attn.cu: the score ring and the top lists of cmp_topn
     let per_tile = (64 * shape.cmp_d).div_ceil(shape.sel_l) + 1;
-    let lane_merge = p_rows >= 64 && !cuda_define_set("-DTOPN_WARP_MERGE");
+    let lane_merge = p_rows >= 64 && !module::define_set("-DTOPN_WARP_MERGE");
     let (ring, top_stride) = if lane_merge {
         ((jspan + per_tile).div_ceil(16) * 16, shape.nsel + 1)
     } else {

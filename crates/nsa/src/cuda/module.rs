@@ -173,10 +173,29 @@ pub fn options(shape: &Shape, arch: &str) -> Vec<String> {
     ];
     o.extend(shape.defines());
     // experiments only (e.g. NSA_CUDA_DEFINES="-DEXP_NO_MERGE"): timing of partial kernels
-    if let Ok(extra) = std::env::var("NSA_CUDA_DEFINES") {
-        o.extend(extra.split_whitespace().map(str::to_string));
-    }
+    o.extend(extra_defines());
     o
+}
+
+/// The extra NVRTC options of `NSA_CUDA_DEFINES` (experiment switches), split on whitespace.
+fn extra_defines() -> Vec<String> {
+    std::env::var("NSA_CUDA_DEFINES")
+        .map(|d| d.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Whether `NSA_CUDA_DEFINES` holds `define` (e.g. `-DTOPN_WARP_MERGE`).
+pub(crate) fn define_set(define: &str) -> bool {
+    extra_defines().iter().any(|x| x == define)
+}
+
+/// The value `N` of `-D<name>=N` in `NSA_CUDA_DEFINES`, if set: the host mirrors such kernel
+/// switches in its shared-memory and buffer sizes.
+pub(crate) fn define_value(name: &str) -> Option<usize> {
+    let prefix = format!("-D{name}=");
+    extra_defines()
+        .iter()
+        .find_map(|x| x.strip_prefix(&prefix)?.parse().ok())
 }
 
 /// Result of one NVRTC compilation.

@@ -34,13 +34,7 @@ fn partial_budget() -> usize {
 /// Partial-output format, `-DSELB_PART=N` in NSA_CUDA_DEFINES (sel_block.cu; the kernel's default
 /// is the same): 0 = f32, 1 = bf16, 2 (the default) = f16 scaled by the row's max |o|.
 fn part_mode() -> u32 {
-    std::env::var("NSA_CUDA_DEFINES")
-        .ok()
-        .and_then(|d| {
-            d.split_whitespace()
-                .find_map(|x| x.strip_prefix("-DSELB_PART=")?.parse().ok())
-        })
-        .unwrap_or(2)
+    super::module::define_value("SELB_PART").unwrap_or(2) as u32
 }
 
 /// Bytes of one element of a partial output row.
@@ -55,13 +49,7 @@ fn part_elem_bytes() -> usize {
 /// Q stages of `selb_attn`, `-DSELB_QSTAGES=N` in NSA_CUDA_DEFINES (default 2, as in the kernel;
 /// deeper pipelines are an experiment not yet run on the GPU).
 fn q_stages() -> usize {
-    std::env::var("NSA_CUDA_DEFINES")
-        .ok()
-        .and_then(|d| {
-            d.split_whitespace()
-                .find_map(|x| x.strip_prefix("-DSELB_QSTAGES=")?.parse().ok())
-        })
-        .unwrap_or(2)
+    super::module::define_value("SELB_QSTAGES").unwrap_or(2)
 }
 
 /// Positions per 64-row tile and per segment (SELB_PG, SELB_SEG in sel_block.cu).
@@ -388,13 +376,7 @@ pub(crate) fn run(ctx: &CudaContext, x: &mut DeviceInputs) -> Result<()> {
 /// Partial dQ format, `-DSELB_DQ_PART=N` in NSA_CUDA_DEFINES (sel_block_bwd.cu; the same default):
 /// 0 = f32 rows, 2 (the default) = f16 of dQ_r / max|dQ_r| with an f32 scale per slot.
 fn dq_part_mode() -> u32 {
-    std::env::var("NSA_CUDA_DEFINES")
-        .ok()
-        .and_then(|d| {
-            d.split_whitespace()
-                .find_map(|x| x.strip_prefix("-DSELB_DQ_PART=")?.parse().ok())
-        })
-        .unwrap_or(2)
+    super::module::define_value("SELB_DQ_PART").unwrap_or(2) as u32
 }
 
 /// Bytes of one element of a partial dQ row.
