@@ -178,6 +178,46 @@ __device__ __forceinline__ void selb_store_part(part_t* const (&dst)[2], const f
     }
 }
 
+// The list segment of CTA blockIdx.x (selb_attn and the backward's selb_bwd_dq): pair p of the
+// chunk's inverse index (KV head ga + p / nbc, selection block jg_lo + p % nbc, found by binary
+// search over the segment bases), its entries e0 .. e0 + ne of `list` and the block's first token
+// and key count. False when the CTA has no segment.
+struct SelbSeg {
+    int g, first, nk, e0, ne;
+};
+__device__ __forceinline__ bool selb_segment(const int2* __restrict__ blk, const int* __restrict__ base,
+                                             const int* __restrict__ seg_base, int npairs, int nbc, int jg_lo,
+                                             int ga, SelbSeg& sg) {
+    const int s = blockIdx.x;
+    if (s >= seg_base[npairs]) return false;
+    int lo = 0, hi = npairs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (seg_base[mid] <= s) lo = mid; else hi = mid - 1;
+    }
+    const int p = lo;
+    sg.g = ga + p / nbc;
+    const int jg = jg_lo + p % nbc;
+    sg.e0 = base[p] + (s - seg_base[p]) * SELB_SEG;
+    sg.ne = min(SELB_SEG, base[p + 1] - sg.e0);
+    const int2 b = blk[jg];
+    sg.first = b.x;
+    sg.nk = b.y;
+    return true;
+}
+
+// The segment's block K/V into shared memory (cp.async, left uncommitted: the caller's first
+// gather commits them) and its list entries into `ent` (visible after the caller's barrier).
+__device__ __forceinline__ void selb_load_segment(bf16_t* Ks, bf16_t* Vs, const bf16_t* __restrict__ ks,
+                                                  const bf16_t* __restrict__ vs, const int* __restrict__ list,
+                                                  int* ent, const SelbSeg& sg) {
+    load_rows_async<SEL_L, DK, KS_STRIDE, 128>(Ks, ks + ((i64)sg.first * HKV + sg.g) * DK, sg.nk,
+                                               [&](int r) { return (i64)r * HKV * DK; });
+    load_rows_async<SEL_L, DV, VS_STRIDE, 128>(Vs, vs + ((i64)sg.first * HKV + sg.g) * DV, sg.nk,
+                                               [&](int r) { return (i64)r * HKV * DV; });
+    for (int e = threadIdx.x; e < sg.ne; e += 128) ent[e] = list[sg.e0 + e];
+}
+
 // blk[jg] = (first key token of the block, keys in it). Grid: an upper bound on the segments of
 // the chunk; CTAs past seg_base[npairs] return at once.
 extern "C" __global__ void __launch_bounds__(128) selb_attn(
@@ -191,27 +231,12 @@ extern "C" __global__ void __launch_bounds__(128) selb_attn(
     bf16_t* Qs = Vs + SEL_L * VS_STRIDE;        // [SELB_QSTAGES][64][QS_STRIDE]
     int* ent = (int*)(Qs + SELB_QSTAGES * 64 * QS_STRIDE);   // [SELB_SEG]
 
-    const int s = blockIdx.x;
-    if (s >= seg_base[npairs]) return;
-    int lo = 0, hi = npairs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (seg_base[mid] <= s) lo = mid; else hi = mid - 1;
-    }
-    const int p = lo;
-    const int gl = p / nbc, g = ga + gl, jg = jg_lo + p % nbc;
-    const int e0 = base[p] + (s - seg_base[p]) * SELB_SEG;
-    const int ne = min(SELB_SEG, base[p + 1] - e0);
-    const int2 b = blk[jg];
-    const int first = b.x, nk = b.y;
+    SelbSeg sg;
+    if (!selb_segment(blk, base, seg_base, npairs, nbc, jg_lo, ga, sg)) return;
+    const int g = sg.g, gl = g - ga, first = sg.first, nk = sg.nk, ne = sg.ne;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2;
     const int row0 = warp * 16;
-
-    load_rows_async<SEL_L, DK, KS_STRIDE, 128>(Ks, ks + ((i64)first * HKV + g) * DK, nk,
-                                               [&](int r) { return (i64)r * HKV * DK; });
-    load_rows_async<SEL_L, DV, VS_STRIDE, 128>(Vs, vs + ((i64)first * HKV + g) * DV, nk,
-                                               [&](int r) { return (i64)r * HKV * DV; });
-    for (int e = tid; e < ne; e += 128) ent[e] = list[e0 + e];
+    selb_load_segment(Ks, Vs, ks, vs, list, ent, sg);
     __syncthreads();
 
     const int ngroups = (ne + SELB_PG - 1) / SELB_PG;

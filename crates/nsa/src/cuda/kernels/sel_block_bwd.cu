@@ -57,27 +57,12 @@ extern "C" __global__ void __launch_bounds__(128) selb_bwd_dq(
     auto dOb = [&](int b) { return Qb(b) + 64 * QS_STRIDE; };
     auto meta = [&](int b) { return (float*)(dOb(b) + 64 * DOS_STRIDE); };   // lse[64] dg[64] gate[64]
 
-    const int s = blockIdx.x;
-    if (s >= seg_base[npairs]) return;
-    int lo = 0, hi = npairs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (seg_base[mid] <= s) lo = mid; else hi = mid - 1;
-    }
-    const int p = lo;
-    const int gl = p / nbc, g = ga + gl, jg = jg_lo + p % nbc;
-    const int e0 = base[p] + (s - seg_base[p]) * SELB_SEG;
-    const int ne = min(SELB_SEG, base[p + 1] - e0);
-    const int2 bk = blk[jg];
-    const int first = bk.x, nk = bk.y;
+    SelbSeg sg;
+    if (!selb_segment(blk, base, seg_base, npairs, nbc, jg_lo, ga, sg)) return;
+    const int g = sg.g, gl = g - ga, first = sg.first, nk = sg.nk, ne = sg.ne;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, gc = (lane & 3) * 2;
     const int row0 = warp * 16;
-
-    load_rows_async<SEL_L, DK, KS_STRIDE, 128>(Ks, ks + ((i64)first * HKV + g) * DK, nk,
-                                               [&](int r) { return (i64)r * HKV * DK; });
-    load_rows_async<SEL_L, DV, VS_STRIDE, 128>(Vs, vs + ((i64)first * HKV + g) * DV, nk,
-                                               [&](int r) { return (i64)r * HKV * DV; });
-    for (int e = tid; e < ne; e += 128) ent[e] = list[e0 + e];
+    selb_load_segment(Ks, Vs, ks, vs, list, ent, sg);
     __syncthreads();
 
     const int ngroups = (ne + SELB_PG - 1) / SELB_PG;
