@@ -20,7 +20,8 @@
 
 use super::{driver_err, CudaContext, DeviceInputs, Family, Shape, NULL_PTR};
 use crate::error::Result;
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 /// Partial-buffer budget (bytes): 2 GiB unless `NSA_SEL_PARTIAL_MB` says otherwise.
 fn partial_budget() -> usize {
@@ -92,7 +93,10 @@ pub(crate) struct SelBlock {
     dev: Option<Buffers>,
 }
 
-struct Buffers {
+/// The chunked inverse index shared by the forward and the backward's dQ: the batch's block
+/// tables, the chunk plan and, per chunk, each (KV head, block) pair's list of the rows that
+/// chose the block (`selb_count` / `selb_scan` / `selb_fill`).
+struct InverseIndex {
     chunks: Vec<Chunk>,
     /// `[N]` batch number of the first selection block of the token's sequence
     jbase: CudaSlice<i32>,
@@ -104,6 +108,88 @@ struct Buffers {
     seg_base: CudaSlice<i32>,
     /// `[max entries]` packed `t_local * 32 + rank`
     list: CudaSlice<i32>,
+}
+
+/// The index kernels of the family that holds them (the forward's or the backward's copy).
+struct IndexKernels<'a> {
+    count: &'a CudaFunction,
+    scan: &'a CudaFunction,
+    fill: &'a CudaFunction,
+}
+
+impl InverseIndex {
+    fn new(ctx: &CudaContext, lay: Layout) -> Result<Self> {
+        let up = |v: &[i32]| -> Result<CudaSlice<i32>> {
+            let v = if v.is_empty() { vec![0; 2] } else { v.to_vec() };
+            ctx.stream.clone_htod(&v).map_err(driver_err)
+        };
+        Ok(InverseIndex {
+            jbase: up(&lay.jbase)?,
+            blk: up(&lay.blk)?,
+            cnt: alloc(ctx, lay.max_pairs + 1)?,
+            base: alloc(ctx, lay.max_pairs + 1)?,
+            seg_base: alloc(ctx, lay.max_pairs + 1)?,
+            list: alloc(ctx, lay.max_entries)?,
+            chunks: lay.chunks,
+        })
+    }
+
+    /// Builds chunk `ch`'s lists from the selection `sel_idx`: count per pair, scan (list and
+    /// segment offsets), fill.
+    fn build(
+        &mut self,
+        s: &Arc<CudaStream>,
+        k: &IndexKernels<'_>,
+        sel_idx: &CudaSlice<i32>,
+        ch: &Chunk,
+    ) -> Result<()> {
+        let (ta, ct, ga, gcnt) = (ch.ta as i32, ch.ct as i32, ch.ga as i32, ch.gcnt as i32);
+        let (jg_lo, nbc) = (ch.jg_lo as i32, ch.nbc as i32);
+        let np = (ch.gcnt * ch.nbc) as i32;
+        let threads_tg = ch.ct * ch.gcnt;
+        s.memset_zeros(&mut self.cnt).map_err(driver_err)?;
+        {
+            let mut l = s.launch_builder(k.count);
+            l.arg(sel_idx)
+                .arg(&self.jbase)
+                .arg(&ta)
+                .arg(&ct)
+                .arg(&ga)
+                .arg(&gcnt)
+                .arg(&jg_lo)
+                .arg(&nbc)
+                .arg(&mut self.cnt);
+            // SAFETY: matches `selb_count`; one thread per (t, g) of the chunk (the rest idle).
+            unsafe { l.launch(launch(threads_tg.div_ceil(256), 256, 0)) }.map_err(driver_err)?;
+        }
+        {
+            let mut l = s.launch_builder(k.scan);
+            l.arg(&mut self.cnt)
+                .arg(&np)
+                .arg(&mut self.base)
+                .arg(&mut self.seg_base);
+            // SAFETY: matches `selb_scan`; one CTA of 1024 threads, npairs + 1 entries each.
+            unsafe { l.launch(launch(1, 1024, 0)) }.map_err(driver_err)?;
+        }
+        let mut l = s.launch_builder(k.fill);
+        l.arg(sel_idx)
+            .arg(&self.jbase)
+            .arg(&ta)
+            .arg(&ct)
+            .arg(&ga)
+            .arg(&gcnt)
+            .arg(&jg_lo)
+            .arg(&nbc)
+            .arg(&mut self.cnt)
+            .arg(&mut self.list);
+        // SAFETY: matches `selb_fill`; the list holds every entry of the chunk.
+        unsafe { l.launch(launch(threads_tg.div_ceil(256), 256, 0)) }.map_err(driver_err)?;
+        Ok(())
+    }
+}
+
+struct Buffers {
+    idx: InverseIndex,
     /// `[max slots, dv]` (f32, or 16-bit values in the first half, see [`part_mode`]), the lse
     /// and the scale (mode 2) `[max slots]`
     part_o: CudaSlice<f32>,
@@ -216,22 +302,13 @@ impl Buffers {
     fn new(ctx: &CudaContext, shape: &Shape, cu: &[usize]) -> Result<Self> {
         let lay = layout(shape, cu, partial_budget(), part_elem_bytes());
         let part_words = (lay.max_slots * shape.dv * part_elem_bytes()).div_ceil(4);
-        let up = |v: &[i32]| -> Result<CudaSlice<i32>> {
-            let v = if v.is_empty() { vec![0; 2] } else { v.to_vec() };
-            ctx.stream.clone_htod(&v).map_err(driver_err)
-        };
+        let slots = lay.max_slots;
         Ok(Buffers {
-            jbase: up(&lay.jbase)?,
-            blk: up(&lay.blk)?,
-            cnt: alloc(ctx, lay.max_pairs + 1)?,
-            base: alloc(ctx, lay.max_pairs + 1)?,
-            seg_base: alloc(ctx, lay.max_pairs + 1)?,
-            list: alloc(ctx, lay.max_entries)?,
+            idx: InverseIndex::new(ctx, lay)?,
             part_o: alloc(ctx, part_words)?,
-            part_lse: alloc(ctx, lay.max_slots)?,
-            part_scale: alloc(ctx, lay.max_slots)?,
-            part_bytes: (part_words + 2 * lay.max_slots) * 4,
-            chunks: lay.chunks,
+            part_lse: alloc(ctx, slots)?,
+            part_scale: alloc(ctx, slots)?,
+            part_bytes: (part_words + 2 * slots) * 4,
         })
     }
 }
@@ -277,51 +354,16 @@ pub(crate) fn run(ctx: &CudaContext, x: &mut DeviceInputs) -> Result<()> {
         ..
     } = x;
     let b = selb.buffers(ctx, &shape)?;
-    for ch in b.chunks.clone() {
-        let (ta, ct, ga, gcnt) = (ch.ta as i32, ch.ct as i32, ch.ga as i32, ch.gcnt as i32);
+    let kidx = IndexKernels {
+        count: &f_count,
+        scan: &f_scan,
+        fill: &f_fill,
+    };
+    for ch in b.idx.chunks.clone() {
+        b.idx.build(&s, &kidx, sel_idx, &ch)?;
+        let (ta, ct, ga) = (ch.ta as i32, ch.ct as i32, ch.ga as i32);
         let (jg_lo, nbc) = (ch.jg_lo as i32, ch.nbc as i32);
         let npairs = ch.gcnt * ch.nbc;
-        let threads_tg = ch.ct * ch.gcnt;
-        s.memset_zeros(&mut b.cnt).map_err(driver_err)?;
-        {
-            let mut l = s.launch_builder(&f_count);
-            l.arg(&*sel_idx)
-                .arg(&b.jbase)
-                .arg(&ta)
-                .arg(&ct)
-                .arg(&ga)
-                .arg(&gcnt)
-                .arg(&jg_lo)
-                .arg(&nbc)
-                .arg(&mut b.cnt);
-            // SAFETY: matches `selb_count`; one thread per (t, g) of the chunk (the rest idle).
-            unsafe { l.launch(launch(threads_tg.div_ceil(256), 256, 0)) }.map_err(driver_err)?;
-        }
-        {
-            let np = npairs as i32;
-            let mut l = s.launch_builder(&f_scan);
-            l.arg(&mut b.cnt)
-                .arg(&np)
-                .arg(&mut b.base)
-                .arg(&mut b.seg_base);
-            // SAFETY: matches `selb_scan`; one CTA of 1024 threads, npairs + 1 entries each.
-            unsafe { l.launch(launch(1, 1024, 0)) }.map_err(driver_err)?;
-        }
-        {
-            let mut l = s.launch_builder(&f_fill);
-            l.arg(&*sel_idx)
-                .arg(&b.jbase)
-                .arg(&ta)
-                .arg(&ct)
-                .arg(&ga)
-                .arg(&gcnt)
-                .arg(&jg_lo)
-                .arg(&nbc)
-                .arg(&mut b.cnt)
-                .arg(&mut b.list);
-            // SAFETY: matches `selb_fill`; the list holds every entry of the chunk.
-            unsafe { l.launch(launch(threads_tg.div_ceil(256), 256, 0)) }.map_err(driver_err)?;
-        }
         {
             // at most entries / SEG full segments plus one partial per pair
             let grid = (ch.ct * ch.gcnt * shape.nsel).div_ceil(seg) + npairs;
@@ -330,10 +372,10 @@ pub(crate) fn run(ctx: &CudaContext, x: &mut DeviceInputs) -> Result<()> {
             l.arg(&*q)
                 .arg(&k[1])
                 .arg(&v[1])
-                .arg(&b.blk)
-                .arg(&b.base)
-                .arg(&b.seg_base)
-                .arg(&b.list)
+                .arg(&b.idx.blk)
+                .arg(&b.idx.base)
+                .arg(&b.idx.seg_base)
+                .arg(&b.idx.list)
                 .arg(&np)
                 .arg(&nbc)
                 .arg(&jg_lo)
@@ -437,13 +479,7 @@ pub(crate) struct DqArgs<'a> {
 /// ([`layout_slots`], `selb_count` / `selb_scan` / `selb_fill`) with partial slots of one dQ row
 /// (`dk` f32, or f16 + an f32 scale), within the same budget ([`partial_budget`]).
 pub(crate) struct SelBlockDq {
-    chunks: Vec<Chunk>,
-    jbase: CudaSlice<i32>,
-    blk: CudaSlice<i32>,
-    cnt: CudaSlice<i32>,
-    base: CudaSlice<i32>,
-    seg_base: CudaSlice<i32>,
-    list: CudaSlice<i32>,
+    idx: InverseIndex,
     /// `[max slots, dk]` (f32, or f16 in the first half), the scales `[max slots]` (mode 2)
     part_dq: CudaSlice<f32>,
     part_scale: CudaSlice<f32>,
@@ -458,21 +494,11 @@ impl SelBlockDq {
         let lay = layout_slots(shape, cu, partial_budget(), shape.dk * eb + scale_bytes);
         let part_words = (lay.max_slots * shape.dk * eb).div_ceil(4);
         let scale_words = if scale_bytes > 0 { lay.max_slots } else { 1 };
-        let up = |v: &[i32]| -> Result<CudaSlice<i32>> {
-            let v = if v.is_empty() { vec![0; 2] } else { v.to_vec() };
-            ctx.stream.clone_htod(&v).map_err(driver_err)
-        };
         Ok(SelBlockDq {
-            jbase: up(&lay.jbase)?,
-            blk: up(&lay.blk)?,
-            cnt: alloc(ctx, lay.max_pairs + 1)?,
-            base: alloc(ctx, lay.max_pairs + 1)?,
-            seg_base: alloc(ctx, lay.max_pairs + 1)?,
-            list: alloc(ctx, lay.max_entries)?,
+            idx: InverseIndex::new(ctx, lay)?,
             part_dq: alloc(ctx, part_words)?,
             part_scale: alloc(ctx, scale_words)?,
             part_bytes: (part_words + scale_words) * 4,
-            chunks: lay.chunks,
         })
     }
 
@@ -489,53 +515,17 @@ impl SelBlockDq {
         let smem = dq_smem(shape);
         let seg = seg_positions(g);
         let s = ctx.stream.clone();
-        for ch in self.chunks.clone() {
-            let (ta, ct, ga, gcnt) = (ch.ta as i32, ch.ct as i32, ch.ga as i32, ch.gcnt as i32);
+        let kidx = IndexKernels {
+            count: f.count,
+            scan: f.scan,
+            fill: f.fill,
+        };
+        for ch in self.idx.chunks.clone() {
+            self.idx.build(&s, &kidx, a.sel_idx, &ch)?;
+            let (ta, ct, ga) = (ch.ta as i32, ch.ct as i32, ch.ga as i32);
             let (jg_lo, nbc) = (ch.jg_lo as i32, ch.nbc as i32);
             let npairs = ch.gcnt * ch.nbc;
             let np = npairs as i32;
-            let threads_tg = ch.ct * ch.gcnt;
-            s.memset_zeros(&mut self.cnt).map_err(driver_err)?;
-            {
-                let mut l = s.launch_builder(f.count);
-                l.arg(a.sel_idx)
-                    .arg(&self.jbase)
-                    .arg(&ta)
-                    .arg(&ct)
-                    .arg(&ga)
-                    .arg(&gcnt)
-                    .arg(&jg_lo)
-                    .arg(&nbc)
-                    .arg(&mut self.cnt);
-                // SAFETY: matches `selb_count`; one thread per (t, g) of the chunk.
-                unsafe { l.launch(launch(threads_tg.div_ceil(256), 256, 0)) }
-                    .map_err(driver_err)?;
-            }
-            {
-                let mut l = s.launch_builder(f.scan);
-                l.arg(&mut self.cnt)
-                    .arg(&np)
-                    .arg(&mut self.base)
-                    .arg(&mut self.seg_base);
-                // SAFETY: matches `selb_scan`; one CTA of 1024 threads.
-                unsafe { l.launch(launch(1, 1024, 0)) }.map_err(driver_err)?;
-            }
-            {
-                let mut l = s.launch_builder(f.fill);
-                l.arg(a.sel_idx)
-                    .arg(&self.jbase)
-                    .arg(&ta)
-                    .arg(&ct)
-                    .arg(&ga)
-                    .arg(&gcnt)
-                    .arg(&jg_lo)
-                    .arg(&nbc)
-                    .arg(&mut self.cnt)
-                    .arg(&mut self.list);
-                // SAFETY: matches `selb_fill`; the list holds every entry of the chunk.
-                unsafe { l.launch(launch(threads_tg.div_ceil(256), 256, 0)) }
-                    .map_err(driver_err)?;
-            }
             {
                 let grid = (ch.ct * ch.gcnt * shape.nsel).div_ceil(seg) + npairs;
                 let mut l = s.launch_builder(f.dq);
@@ -546,10 +536,10 @@ impl SelBlockDq {
                     .arg(a.gate)
                     .arg(a.lse)
                     .arg(a.dg)
-                    .arg(&self.blk)
-                    .arg(&self.base)
-                    .arg(&self.seg_base)
-                    .arg(&self.list)
+                    .arg(&self.idx.blk)
+                    .arg(&self.idx.base)
+                    .arg(&self.idx.seg_base)
+                    .arg(&self.idx.list)
                     .arg(&np)
                     .arg(&nbc)
                     .arg(&jg_lo)
