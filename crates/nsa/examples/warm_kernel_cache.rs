@@ -8,7 +8,7 @@
 #[cfg(feature = "cuda")]
 fn main() -> nsa::Result<()> {
     use nsa::cuda::backward::{compile_bwd, BwdFamily};
-    use nsa::cuda::{compile, default_mt, Elem, Family, Shape};
+    use nsa::cuda::{compile, shape_of, Family};
     let gs: Vec<usize> = std::env::args()
         .skip(1)
         .map(|a| a.parse().expect("group sizes"))
@@ -19,23 +19,7 @@ fn main() -> nsa::Result<()> {
             .heads(64)
             .kv_heads(64 / g)
             .build()?;
-        let (dk, dv) = (128, 128);
-        let shape = Shape {
-            dk,
-            dv,
-            hq: cfg.heads,
-            hkv: cfg.kv_heads,
-            cmp_l: cfg.cmp_block,
-            cmp_d: cfg.cmp_stride,
-            sel_l: cfg.sel_block,
-            nsel: cfg.sel_count,
-            ninit: cfg.init_blocks,
-            nlocal: cfg.local_blocks,
-            win: cfg.window,
-            scale: cfg.softmax_scale(dk),
-            mt: default_mt(dv),
-            elem: Elem::Bf16,
-        };
+        let shape = shape_of(&cfg, 128, 128);
         std::thread::scope(|s| -> nsa::Result<()> {
             let fwd = s.spawn(|| -> nsa::Result<()> {
                 for fam in Family::ALL {

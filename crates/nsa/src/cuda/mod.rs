@@ -321,7 +321,9 @@ pub fn check_shapes(cfg: &NsaConfig, dk: usize, dv: usize) -> Result<()> {
     Ok(())
 }
 
-fn shape_of(cfg: &NsaConfig, dk: usize, dv: usize) -> Shape {
+/// The kernels' compile-time shape for `cfg` with head dims `dk`/`dv`, in bf16 (the key of the
+/// NVRTC cache; `with_elem` for f16): what the forward, backward and decode compile for.
+pub fn shape_of(cfg: &NsaConfig, dk: usize, dv: usize) -> Shape {
     Shape {
         dk,
         dv,

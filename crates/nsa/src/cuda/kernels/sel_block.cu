@@ -56,6 +56,12 @@ __device__ __forceinline__ float f16_bits_to_f32(unsigned short h) {
     return f;
 }
 
+// Four f16 values packed in two words (a 16-bit partial row) as f32, in memory order.
+__device__ __forceinline__ float4 f16x4_to_f32(uint2 u) {
+    return make_float4(f16_bits_to_f32(u.x & 0xffffu), f16_bits_to_f32(u.x >> 16), f16_bits_to_f32(u.y & 0xffffu),
+                       f16_bits_to_f32(u.y >> 16));
+}
+
 // pair index of an entry: (g - ga) * nbc + (jbase[t] + j - jg_lo)
 
 // One thread per (t, g) of the chunk (t fastest); lanes that count the same pair add together
@@ -376,9 +382,7 @@ extern "C" __global__ void __launch_bounds__(256) selb_merge(
                 const float4 v = make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
                                              __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
 #else
-                const uint2 u = *(const uint2*)(part_o + (slot0 + r) * DV + 4 * c4);
-                const float4 v = make_float4(f16_bits_to_f32(u.x & 0xffffu), f16_bits_to_f32(u.x >> 16),
-                                             f16_bits_to_f32(u.y & 0xffffu), f16_bits_to_f32(u.y >> 16));
+                const float4 v = f16x4_to_f32(*(const uint2*)(part_o + (slot0 + r) * DV + 4 * c4));
 #endif
                 acc.x = fmaf(wr[r], v.x, acc.x);
                 acc.y = fmaf(wr[r], v.y, acc.y);

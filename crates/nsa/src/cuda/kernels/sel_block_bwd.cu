@@ -201,9 +201,7 @@ extern "C" __global__ void __launch_bounds__(256) selb_dq_merge(const int* __res
 #if SELB_DQ_PART == 0
                 const float4 v = *(const float4*)(part_dq + (slot0 + r) * DK + 4 * c4);
 #else
-                const uint2 u = *(const uint2*)(part_dq + (slot0 + r) * DK + 4 * c4);
-                const float4 v = make_float4(f16_bits_to_f32(u.x & 0xffffu), f16_bits_to_f32(u.x >> 16),
-                                             f16_bits_to_f32(u.y & 0xffffu), f16_bits_to_f32(u.y >> 16));
+                const float4 v = f16x4_to_f32(*(const uint2*)(part_dq + (slot0 + r) * DK + 4 * c4));
 #endif
                 acc.x = fmaf(wr[r], v.x, acc.x);
                 acc.y = fmaf(wr[r], v.y, acc.y);
