@@ -224,6 +224,12 @@ pub fn markdown(title: &str, records: &[BenchRecord], ours: &str) -> String {
         let mut m: Vec<&str> = records.iter().map(|r| r.machine.as_str()).collect();
         m.sort();
         m.dedup();
+        // a peer file names the GPU without our " (sm_90a)": one machine, listed once
+        let all = m.clone();
+        m.retain(|a| {
+            !all.iter()
+                .any(|b| b.len() > a.len() && b.starts_with(&format!("{a} (")))
+        });
         m
     };
     for m in machines {
@@ -446,6 +452,37 @@ mod tests {
         ];
         fill_speedups(&mut w, "dense-cpu");
         assert_eq!(w[0].speedup, Some(3.0));
+    }
+
+    #[test]
+    fn a_machine_named_with_and_without_its_arch_is_listed_once() {
+        let mut a = rec("nsa-cuda", 1.0);
+        a.machine = "NVIDIA H100 80GB HBM3 (sm_90a)".into();
+        let mut b = rec("torch-sdpa-cudnn", 2.0);
+        b.machine = "NVIDIA H100 80GB HBM3".into();
+        let mut c = rec("dense-cpu", 3.0);
+        c.machine = "NVIDIA H100".into();
+        let md = markdown("t", &[a, b, c], "nsa-cuda");
+        assert_eq!(md.matches("- machine: ").count(), 2, "{md}");
+        assert!(
+            md.contains("- machine: NVIDIA H100 80GB HBM3 (sm_90a)"),
+            "{md}"
+        );
+        assert!(md.contains("- machine: NVIDIA H100\n"), "{md}");
+    }
+
+    #[test]
+    fn results_round_trip_bit_for_bit() {
+        // `nsa bench --render` reads a results file back and writes it again
+        let mut r = rec("nsa", 7.583_375_999_999_999_5);
+        r.speedup = Some(0.666_975_320_586_114_1);
+        let text = serde_json::to_string(&vec![r.clone()]).unwrap();
+        let back: Vec<BenchRecord> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back[0].ms.to_bits(), r.ms.to_bits());
+        assert_eq!(
+            back[0].speedup.unwrap().to_bits(),
+            r.speedup.unwrap().to_bits()
+        );
     }
 
     #[test]
