@@ -9,15 +9,15 @@
 //! them, at least 1) with, for each KV group, the `G` query heads of the group as the rows of
 //! one matrix, so every key/value block a group reads is read once for all its heads:
 //!
-//! 1. [`window`]: the sliding window, one key span for the whole tile with per-row ranges;
-//! 2. [`compress`]: logits against the compressed keys visible to the tile, softmax (hard
+//! 1. `window`: the sliding window, one key span for the whole tile with per-row ranges;
+//! 2. `compress`: logits against the compressed keys visible to the tile, softmax (hard
 //!    exclusion of invisible blocks, per-row ranges), `P @ Vcmp`; the probabilities stay in
 //!    the tile's scratch;
-//! 3. [`select`]: Eq. 9-10 importance of the selection blocks from those probabilities, then a
+//! 3. `select`: Eq. 9-10 importance of the selection blocks from those probabilities, then a
 //!    streaming top-n per token: the scores of one token live only while it is chosen (O(T/l')
 //!    scratch per thread, never a `[T, T/d]` tensor); then the selected blocks' attention per
 //!    token, the `G` heads as the lanes of a thin tile reading the selected keys in place;
-//! 4. [`combine`]: the gates.
+//! 4. `combine`: the gates.
 //!
 //! All three branches run in the transposed layout of `thin` (`S^T = K Q^T`, the tile's rows
 //! as vector lanes), so no key or value is packed or copied.
@@ -29,7 +29,7 @@
 //! that selected it through an inverse index (block -> queries, built by a counting sort in
 //! token order). Hot blocks (the forced initial block is chosen by every query) are split into
 //! fixed query ranges whose partial sums are added in a fixed order, so results are bitwise
-//! identical for any number of threads. `phi` is then back-propagated by [`phi`].
+//! identical for any number of threads. `phi` is then back-propagated by the `phi` module.
 //!
 //! Decoding ([`decode`]) uses [`crate::cache`] with this module's f32 `phi` and splits every
 //! branch over key chunks (flash-decoding, merged in a fixed order); [`dense`] is the blocked
