@@ -332,6 +332,30 @@ __device__ __forceinline__ void bw_dkdv_tile(const bf16_t* Ks, const bf16_t* Vs,
 #define BW_ROWBUF ((BW_RT * QS_STRIDE + BW_RT * DOS_STRIDE) * 2 + BW_RT * 16)
 #define BW_KV_SMEM ((KT * KS_STRIDE + KT * VS_STRIDE) * 2 + 2 * BW_ROWBUF)
 
+// The metadata of a key-major row step, read where the step uses it: for its RT rows (row r:
+// virtual row rho0 + r, [N, HQ] row qrow(r)) the lse, dg = do . o and gate, then the position
+// (as int); rows past nrows get zeros and position -1. Threads tid < RT write one row each.
+template <int RT, class QRow, class TokOf, class TOf>
+__device__ __forceinline__ void bw_stage_meta(float* m, int rho0, int nrows, QRow qrow, TokOf tok_of, TOf t_of,
+                                              const float* __restrict__ lse, const float* __restrict__ dg,
+                                              const float* __restrict__ gate) {
+    const int tid = threadIdx.x;
+    if (tid < RT) {
+        if (tid < nrows) {
+            const i64 qr = qrow(tid);
+            m[tid] = lse[qr];
+            m[RT + tid] = dg[qr];
+            m[2 * RT + tid] = gate[qr];
+            ((int*)m)[3 * RT + tid] = t_of(tok_of((rho0 + tid) / G));
+        } else {
+            m[tid] = 0.f;
+            m[RT + tid] = 0.f;
+            m[2 * RT + tid] = 0.f;
+            ((int*)m)[3 * RT + tid] = -1;
+        }
+    }
+}
+
 // Runs the key-major loop over `nrows_total` virtual rows (row rho = position rho / G, head
 // g*G + rho % G) for the K/V tile whose loads were committed (bw_load_kv) before. tok_of(p):
 // packed token index of position p; t_of(tok): its seq-local position. Accumulates into dk, dv
@@ -360,21 +384,7 @@ __device__ __forceinline__ void bw_dkdv_rows(unsigned char* smem, const bf16_t* 
         load_rows_async<BW_RT, DK, QS_STRIDE, 128>(Qb(b), q, nrows, [&](int r) { return qrow(r) * DK; });
         load_rows_async<BW_RT, DV, DOS_STRIDE, 128>(dOb(b), dO, nrows, [&](int r) { return qrow(r) * DV; });
         cp_async_commit();
-        if (tid < BW_RT) {
-            float* m = meta(b);
-            if (tid < nrows) {
-                const i64 qr = qrow(tid);
-                m[tid] = lse[qr];
-                m[BW_RT + tid] = dg[qr];
-                m[2 * BW_RT + tid] = gate[qr];
-                ((int*)m)[3 * BW_RT + tid] = t_of(tok_of((rho0 + tid) / G));
-            } else {
-                m[tid] = 0.f;
-                m[BW_RT + tid] = 0.f;
-                m[2 * BW_RT + tid] = 0.f;
-                ((int*)m)[3 * BW_RT + tid] = -1;
-            }
-        }
+        bw_stage_meta<BW_RT>(meta(b), rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
     };
     if (nrows_total > 0) stage(0, 0);
     for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += BW_RT) {

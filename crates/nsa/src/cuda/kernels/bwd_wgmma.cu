@@ -245,21 +245,7 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
         };
         bw_wg_load_rows(Qb(b), dOb(b), q, dO, nrows, qrow);
         cp_async_commit();
-        if (tid < RT) {
-            float* m = meta(b);
-            if (tid < nrows) {
-                const i64 qr = qrow(tid);
-                m[tid] = lse[qr];
-                m[RT + tid] = dg[qr];
-                m[2 * RT + tid] = gate[qr];
-                ((int*)m)[3 * RT + tid] = t_of(tok_of((rho0 + tid) / G));
-            } else {
-                m[tid] = 0.f;
-                m[RT + tid] = 0.f;
-                m[2 * RT + tid] = 0.f;
-                ((int*)m)[3 * RT + tid] = -1;
-            }
-        }
+        bw_stage_meta<RT>(meta(b), rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
     };
     const u32 ks = smem_addr(sm), vs = ks + 64 * DK * 2;
     if (nrows_total > 0) stage(0, 0);
