@@ -87,6 +87,29 @@ struct Chunk {
     nbc: usize,
 }
 
+impl Chunk {
+    /// (KV head, selection block) pairs of the chunk's index.
+    fn pairs(&self) -> usize {
+        self.gcnt * self.nbc
+    }
+
+    /// (t, h) rows of the chunk (a merge warp each).
+    fn rows(&self, g: usize) -> usize {
+        self.ct * self.gcnt * g
+    }
+
+    /// CTAs of a per-segment kernel: at most entries / `seg` full segments plus one partial
+    /// segment per pair (CTAs past the chunk's segment count return at once).
+    fn segment_ctas(&self, nsel: usize, seg: usize) -> usize {
+        (self.ct * self.gcnt * nsel).div_ceil(seg) + self.pairs()
+    }
+
+    /// `(ta, ct, ga, gcnt, jg_lo, nbc)` as the kernels take them.
+    fn args(&self) -> [i32; 6] {
+        [self.ta, self.ct, self.ga, self.gcnt, self.jg_lo, self.nbc].map(|v| v as i32)
+    }
+}
+
 /// Host layout of the batch (from `cu_seqlens`) and, after the first forward, the device buffers.
 pub(crate) struct SelBlock {
     cu: Vec<usize>,
@@ -143,9 +166,8 @@ impl InverseIndex {
         sel_idx: &CudaSlice<i32>,
         ch: &Chunk,
     ) -> Result<()> {
-        let (ta, ct, ga, gcnt) = (ch.ta as i32, ch.ct as i32, ch.ga as i32, ch.gcnt as i32);
-        let (jg_lo, nbc) = (ch.jg_lo as i32, ch.nbc as i32);
-        let np = (ch.gcnt * ch.nbc) as i32;
+        let [ta, ct, ga, gcnt, jg_lo, nbc] = ch.args();
+        let np = ch.pairs() as i32;
         let threads_tg = ch.ct * ch.gcnt;
         s.memset_zeros(&mut self.cnt).map_err(driver_err)?;
         {
@@ -361,13 +383,10 @@ pub(crate) fn run(ctx: &CudaContext, x: &mut DeviceInputs) -> Result<()> {
     };
     for ch in b.idx.chunks.clone() {
         b.idx.build(&s, &kidx, sel_idx, &ch)?;
-        let (ta, ct, ga) = (ch.ta as i32, ch.ct as i32, ch.ga as i32);
-        let (jg_lo, nbc) = (ch.jg_lo as i32, ch.nbc as i32);
-        let npairs = ch.gcnt * ch.nbc;
+        let [ta, ct, ga, _, jg_lo, nbc] = ch.args();
+        let np = ch.pairs() as i32;
         {
-            // at most entries / SEG full segments plus one partial per pair
-            let grid = (ch.ct * ch.gcnt * shape.nsel).div_ceil(seg) + npairs;
-            let np = npairs as i32;
+            let grid = ch.segment_ctas(shape.nsel, seg);
             let mut l = s.launch_builder(&f_attn);
             l.arg(&*q)
                 .arg(&k[1])
@@ -389,7 +408,7 @@ pub(crate) fn run(ctx: &CudaContext, x: &mut DeviceInputs) -> Result<()> {
             unsafe { l.launch(launch(grid, 128, smem)) }.map_err(driver_err)?;
         }
         {
-            let rows = ch.ct * ch.gcnt * g;
+            let rows = ch.rows(g);
             let nr = rows as i32;
             let mut l = s.launch_builder(&f_merge);
             l.arg(&*sel_idx)
@@ -522,12 +541,10 @@ impl SelBlockDq {
         };
         for ch in self.idx.chunks.clone() {
             self.idx.build(&s, &kidx, a.sel_idx, &ch)?;
-            let (ta, ct, ga) = (ch.ta as i32, ch.ct as i32, ch.ga as i32);
-            let (jg_lo, nbc) = (ch.jg_lo as i32, ch.nbc as i32);
-            let npairs = ch.gcnt * ch.nbc;
-            let np = npairs as i32;
+            let [ta, ct, ga, _, jg_lo, nbc] = ch.args();
+            let np = ch.pairs() as i32;
             {
-                let grid = (ch.ct * ch.gcnt * shape.nsel).div_ceil(seg) + npairs;
+                let grid = ch.segment_ctas(shape.nsel, seg);
                 let mut l = s.launch_builder(f.dq);
                 l.arg(a.q)
                     .arg(a.k)
@@ -552,7 +569,7 @@ impl SelBlockDq {
                 unsafe { l.launch(launch(grid, 128, smem)) }.map_err(driver_err)?;
             }
             {
-                let rows = ch.ct * ch.gcnt * g;
+                let rows = ch.rows(g);
                 let nr = rows as i32;
                 let mut l = s.launch_builder(f.merge);
                 l.arg(a.sel_idx)
