@@ -1,5 +1,6 @@
 //! Standalone timing of the CUDA forward pass (until `nsa bench --device cuda` is wired):
-//! `cargo run -p nsa --features cuda --release --example cuda_bench -- [T,...] [--g-sweep] [--dk192]`
+//! `cargo run -p nsa --features cuda --release --example cuda_bench -- [T,...] [--g-sweep] [--dk192] [--g-list=16,4,1]`
+//! (`--g-list`: those group sizes, HKV = 64 / G, at every T given, in place of G = 16)
 //! Prints per-kernel medians (CUDA events) and the effective rates against the counted work.
 
 #[cfg(feature = "cuda")]
@@ -19,9 +20,16 @@ fn main() -> nsa::Result<()> {
     };
     let ctx = CudaContext::new(0)?;
     println!("device: {} ({})", ctx.device_name()?, ctx.arch());
+    let g_list: Vec<usize> = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--g-list="))
+        .map(|l| l.split(',').map(|s| s.parse().expect("G values")).collect())
+        .unwrap_or_else(|| vec![16]);
     let mut shapes: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // T, HQ, HKV, dk, dv
     for &t in &ts {
-        shapes.push((t, 64, 4, 128, 128));
+        for &g in &g_list {
+            shapes.push((t, 64, 64 / g, 128, 128));
+        }
     }
     if args.iter().any(|a| a == "--dk192") {
         for &t in &ts {

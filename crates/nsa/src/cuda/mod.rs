@@ -246,7 +246,15 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
     let max_chunks = p_sel * shape.nsel * shape.sel_l.div_ceil(32);
     // LANE_MERGE / RING / TOP_STRIDE in cmp_attn.cu: the score ring and the top lists of cmp_topn
     let per_tile = (64 * shape.cmp_d).div_ceil(shape.sel_l) + 1;
-    let lane_merge = p_rows >= 64 && !module::define_set("-DTOPN_WARP_MERGE");
+    let lane_min = module::define_value("TOPN_LANE_MIN").unwrap_or(64);
+    let lane_merge = p_rows >= lane_min && !module::define_set("-DTOPN_WARP_MERGE");
+    // the per-row block scores: transposed [JW][rows + 4] with the lane merge (DST_STRIDE),
+    // else [rows][JW + 4] (DS_STRIDE)
+    let ds_floats = if lane_merge {
+        jw * (rows + 4)
+    } else {
+        rows * (jw + 4)
+    };
     let (ring, top_stride) = if lane_merge {
         ((jspan + per_tile).div_ceil(16) * 16, shape.nsel + 1)
     } else {
@@ -260,7 +268,7 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
             tiles(rows)
         },
         topn_smem: (rows * qs + 64 * ks) * 2
-            + rows * (jw + 4) * 4
+            + ds_floats * 4
             + p_rows * (ring + 1) * 4
             + p_rows * top_stride * 8
             + jw * (64 + 8) * 2,

@@ -31,16 +31,25 @@
 // How the running top-n lists are merged. Few positions per CTA (large G): one warp per
 // position, its 32 lanes testing 32 candidate blocks at once (most fail one ballot against the
 // n-th best), lists of TOPW = 32 entries, merges every MERGE_EVERY tiles. Many positions per
-// CTA (P_CMP >= 64, small G): one thread per position, which tests the tile's new blocks one by
-// one against its own n-th best and inserts the rare winner into its sorted list of NSEL;
-// it merges after every tile, so the score ring only needs JSPAN + PER_TILE slots (the shared
-// memory of 128 positions then allows two CTAs per SM). Measured at 64k (NOTES-cuda.md v13):
-// 2.2x faster at G = 1, 1.5x at G = 2, but 1.7x slower at G = 4 (32 positions: one busy warp),
-// hence the threshold of 64 positions. -DTOPN_WARP_MERGE forces the warp merge.
-#if P_CMP >= 64 && !defined(TOPN_WARP_MERGE)
+// CTA (P_CMP >= TOPN_LANE_MIN, default 64: small G): one thread per position, which adds the
+// tile's per-row block scores of its G heads into its own score ring (the group sum, no
+// CTA-wide pass and barrier), tests the tile's new blocks against its n-th best and inserts
+// the winners into its sorted list of NSEL, held in registers; it merges after every tile, so
+// the score ring only needs JSPAN + PER_TILE slots (the shared memory of 128 positions then
+// allows two CTAs per SM). Measured at 64k (NOTES-cuda.md v13, list in shared memory): 2.2x
+// faster at G = 1, 1.5x at G = 2, but 1.7x slower at G = 4 (32 positions: one busy warp),
+// hence the threshold. -DTOPN_WARP_MERGE forces the warp merge.
+#ifndef TOPN_LANE_MIN
+#define TOPN_LANE_MIN 64
+#endif
+#if P_CMP >= TOPN_LANE_MIN && !defined(TOPN_WARP_MERGE)
 #define LANE_MERGE 1
 #define RING (((JSPAN + PER_TILE + 15) / 16) * 16)
 #define TOP_STRIDE (NSEL + 1)   // odd: the lanes' lists fall in different banks
+// The per-row block scores transposed, [JW][DST_STRIDE]: thread p reads its G rows of column jj
+// at consecutive addresses (G = 1: conflict-free), and the MMA layout's scalar stores (8 rows x
+// 4 column pairs per instruction) fall in 32 distinct banks since DST_STRIDE = 4 (mod 32).
+#define DST_STRIDE (CMP_ROWS + 4)
 #else
 #define LANE_MERGE 0
 #define RING 128                // score slots per position (selection blocks j live at j % RING)
@@ -410,36 +419,76 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
     int j_done = 0;                          // blocks [0, j_done) are merged into the top lists
 
 #if LANE_MERGE
-    // merges candidate blocks [j_begin, j_end) into the top lists; one thread per position: its
-    // list (best first) lives at topv/topi[p * TOP_STRIDE ..], its n-th best in registers
-    float th_v = NEG_INF;
-    int th_i = INT_MAX_;
+    // One thread per position p = tid: its running top-n, best first, in registers.
+    float lv[NSEL];
+    int li[NSEL];
+#pragma unroll
+    for (int k = 0; k < NSEL; ++k) {
+        lv[k] = NEG_INF;
+        li[k] = INT_MAX_;
+    }
+    // Inserts candidate (v, j). Candidates arrive in ascending j, above every index already in
+    // the list, so (v, j) ranks before entry k iff v > lv[k] (`better` with a tie going to the
+    // entry's lower index; empty entries hold -inf, and v >= 0). Branch-free over the list, so
+    // it stays in registers: the entries from the insertion point on shift down by one.
+    auto insert = [&](float v, int j) {
+        bool b[NSEL];
+#pragma unroll
+        for (int k = 0; k < NSEL; ++k) b[k] = v > lv[k];
+#pragma unroll
+        for (int k = NSEL - 1; k > 0; --k)
+            if (b[k]) {
+                lv[k] = b[k - 1] ? lv[k - 1] : v;
+                li[k] = b[k - 1] ? li[k - 1] : j;
+            }
+        if (b[0]) {
+            lv[0] = v;
+            li[0] = j;
+        }
+    };
+    // The group sum (Eq. 10) of this tile's per-row block scores for position p, heads in a
+    // fixed order, into its score ring.
+    auto tile_sum = [&](const float* DsT, int j_lo, int nj) {
+        const int p = tid;
+        if (p >= npos) return;
+        float* ring = score + p * RING_STRIDE;
+        for (int jj = 0; jj < nj; ++jj) {
+            float sum = 0.f;
+#pragma unroll
+            for (int hh = 0; hh < G; ++hh) sum += DsT[jj * DST_STRIDE + p * G + hh];
+            ring[(j_lo + jj) % RING] += sum;
+        }
+    };
+    // Merges candidate blocks [j_begin, j_end) into position p's list, 32 at a time: a first
+    // sweep keeps in the ring only the blocks that beat the n-th best of the sweep's start (most
+    // do not), the second inserts those in ascending order (a later one may no longer qualify:
+    // the insertion then changes nothing). Empties the ring slots.
     auto merge = [&](int j_begin, int j_end) {
         const int p = tid;
         if (p >= npos) return;
         const int t = t0 + p, own = t / SEL_L;
         float* ring = score + p * RING_STRIDE;
-        float* lv = topv + p * TOP_STRIDE;
-        int* li = topi + p * TOP_STRIDE;
-        for (int j = j_begin; j < j_end; ++j) {
-            float* slot = ring + (j % RING);
-            const float sv = *slot;
-            *slot = 0.f;
-            if (j * SEL_L > t) continue;   // not admissible (the later positions' blocks)
-            const bool forced = j < NINIT || (j <= own && j > own - NLOCAL);
-            const float v = forced ? POS_INF : sv;
-            if (!better(v, j, th_v, th_i)) continue;
-            // insertion: shift the worse entries down by one (the last one drops out)
-            int k = NSEL - 1;
-            while (k > 0 && better(v, j, lv[k - 1], li[k - 1])) {
-                lv[k] = lv[k - 1];
-                li[k] = li[k - 1];
-                --k;
+        for (int jb = j_begin; jb < j_end; jb += 32) {
+            const int cnt = min(32, j_end - jb);
+            const float th = lv[NSEL - 1];
+            unsigned m = 0;
+#pragma unroll 4
+            for (int c = 0; c < cnt; ++c) {
+                const int j = jb + c;
+                float* slot = ring + (j % RING);
+                const bool forced = j < NINIT || (j <= own && j > own - NLOCAL);
+                const float v = forced ? POS_INF : *slot;
+                const bool win = j * SEL_L <= t && v > th;   // admissible and beats the n-th best
+                *slot = win ? v : 0.f;
+                m |= (unsigned)win << c;
             }
-            lv[k] = v;
-            li[k] = j;
-            th_v = lv[NSEL - 1];
-            th_i = li[NSEL - 1];
+            while (m) {
+                const int j = jb + __ffs(m) - 1;
+                m &= m - 1;
+                float* slot = ring + (j % RING);
+                insert(*slot, j);
+                *slot = 0.f;
+            }
         }
     };
 #else
@@ -613,6 +662,14 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
                     }
             }
 #endif
+#elif LANE_MERGE
+#pragma unroll
+            for (int mt = 0; mt < CMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < JW / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        Ds[(nt * 8 + gc + (e & 1)) * DST_STRIDE + TOPN_ROW(mt, e >> 1)] = d[mt][nt][e];
 #else
 #pragma unroll
             for (int mt = 0; mt < CMT; ++mt)
@@ -634,7 +691,22 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
             cp_async_commit();
         }
 #endif
+#if LANE_MERGE
+        // thread p alone owns position p's ring and list: no barrier after these (the next
+        // tile's Ds stores come after its first barrier)
 #ifndef EXP_NO_SCORE
+        tile_sum(Ds, j_lo, nj);
+#endif
+#ifndef EXP_NO_MERGE
+        {
+            const int j_fin = min((c1 * CMP_D) / SEL_L, nsel_max);
+            if (j_fin > j_done) {
+                merge(j_done, j_fin);
+                j_done = j_fin;
+            }
+        }
+#endif
+#elif !defined(EXP_NO_SCORE)
 #if !TOPN_SHFL_SUM
         // group sum (Eq. 10) into the per-position score ring, heads in a fixed order
         for (int e = tid; e < npos * nj; e += 128) {
@@ -667,6 +739,13 @@ extern "C" __global__ void __launch_bounds__(128) cmp_topn(
 #endif
     merge(j_done, nsel_max);
 #if LANE_MERGE
+    if (tid < npos) {
+#pragma unroll
+        for (int k = 0; k < NSEL; ++k) {
+            topv[tid * TOP_STRIDE + k] = lv[k];
+            topi[tid * TOP_STRIDE + k] = li[k];
+        }
+    }
     __syncthreads();   // the lists were written by thread p, the output reads them by warp
 #else
     __syncwarp();
