@@ -246,7 +246,7 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
     let max_chunks = p_sel * shape.nsel * shape.sel_l.div_ceil(32);
     // LANE_MERGE / RING / TOP_STRIDE in cmp_attn.cu: the score ring and the top lists of cmp_topn
     let per_tile = (64 * shape.cmp_d).div_ceil(shape.sel_l) + 1;
-    let lane_min = module::define_value("TOPN_LANE_MIN").unwrap_or(64);
+    let lane_min = module::define_value("TOPN_LANE_MIN").unwrap_or(16);
     let lane_merge = p_rows >= lane_min && !module::define_set("-DTOPN_WARP_MERGE");
     // the per-row block scores: transposed [JW][rows + 4] with the lane merge (DST_STRIDE),
     // else [rows][JW + 4] (DS_STRIDE)

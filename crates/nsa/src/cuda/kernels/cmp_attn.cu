@@ -31,16 +31,17 @@
 // How the running top-n lists are merged. Few positions per CTA (large G): one warp per
 // position, its 32 lanes testing 32 candidate blocks at once (most fail one ballot against the
 // n-th best), lists of TOPW = 32 entries, merges every MERGE_EVERY tiles. Many positions per
-// CTA (P_CMP >= TOPN_LANE_MIN, default 64: small G): one thread per position, which adds the
+// CTA (P_CMP >= TOPN_LANE_MIN, default 16: G <= 8): one thread per position, which adds the
 // tile's per-row block scores of its G heads into its own score ring (the group sum, no
 // CTA-wide pass and barrier), tests the tile's new blocks against its n-th best and inserts
 // the winners into its sorted list of NSEL, held in registers; it merges after every tile, so
 // the score ring only needs JSPAN + PER_TILE slots (the shared memory of 128 positions then
-// allows two CTAs per SM). Measured at 64k (NOTES-cuda.md v13, list in shared memory): 2.2x
-// faster at G = 1, 1.5x at G = 2, but 1.7x slower at G = 4 (32 positions: one busy warp),
-// hence the threshold. -DTOPN_WARP_MERGE forces the warp merge.
+// allows two CTAs per SM). Measured at 64k (NOTES-cuda.md v15), topn against the warp merge:
+// G = 1 17.2 / 87.8 ms, G = 2 16.2 / 51.1, G = 4 15.4 / 19.0, G = 8 13.2 / 14.5, but G = 16
+// 14.6 / 9.3 (8 threads each summing 16 heads), hence the threshold. -DTOPN_WARP_MERGE forces
+// the warp merge.
 #ifndef TOPN_LANE_MIN
-#define TOPN_LANE_MIN 64
+#define TOPN_LANE_MIN 16
 #endif
 #if P_CMP >= TOPN_LANE_MIN && !defined(TOPN_WARP_MERGE)
 #define LANE_MERGE 1
