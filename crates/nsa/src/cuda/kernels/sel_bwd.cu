@@ -2,8 +2,10 @@
 // differentiated, gradients flow through the attention over the selected tokens s <= t).
 //
 // sel_bwd_dq       row-major, group-centric as the forward's sel_attn: one CTA = KV group g and
-//                  16 / G positions (or one position over G / 16 warps), walking the union of
-//                  their selected blocks twice (statistics, then dQ); adds into dq.
+//                  BS_P = min(32, 64 / G) positions (4 warps; G >= 64: one position over G / 16
+//                  warps), walking the union of their selected blocks (statistics, then dQ; one
+//                  pass with saved statistics) through BS_STAGES K/V buffers; a warp none of
+//                  whose positions chose a tile skips it. Adds into dq.
 // Inverse index (deterministic, no floating-point atomics): for each (KV head g, selection block
 // jg, numbered across the packed batch) the ascending list of the tokens that selected it.
 //   sel_index_count       integer counts per (token chunk, g, jg)
@@ -19,7 +21,23 @@
 // sel_dkdv_reduce  ... which this kernel adds up in segment order.
 // Every order of summation is fixed by the data, so the gradients are bitwise reproducible.
 
+// Positions per CTA (the host's plan::sel_positions mirrors BS_P, and its smem_of BS_STAGES).
+// Default: the forward's P_SEL packing, min(32, 64 / G) positions = 4 warps (2 at G = 1; BS_P <=
+// 32: the union merge keeps one lane per position and 32-bit `chose` masks), and two K/V
+// buffers when dk + dv <= 256 (the next tile loads while this one is used; at 128/128 two
+// 4-warp CTAs per SM either way, by registers). -DSEL_DQ_ONE_WARP: the layout before
+// (16 / G positions or one position = one warp at G <= 16, one K/V buffer), for A/B timing.
+#ifdef SEL_DQ_ONE_WARP
 #define BS_P (G >= 16 ? 1 : 16 / G)
+#define BS_STAGES 1
+#else
+#define BS_P (G >= 64 ? 1 : (64 / G > 32 ? 32 : 64 / G))
+#ifdef SEL_DQ_STAGES
+#define BS_STAGES SEL_DQ_STAGES
+#else
+#define BS_STAGES ((DK + DV) <= 256 ? 2 : 1)
+#endif
+#endif
 #define BS_WARPS ((BS_P * G + 15) / 16)
 #define BS_ROWS (BS_WARPS * 16)
 #define BS_THREADS (BS_WARPS * 32)
@@ -34,9 +52,9 @@ __device__ __forceinline__ void sel_bwd_dq_body(
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* dOs = Qs + BS_ROWS * QS_STRIDE;
-    bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;   // one tile (see BW_QSTAGES)
-    bf16_t* Vs = Ks + KT * KS_STRIDE;
-    int* idx_s = (int*)(Vs + KT * VS_STRIDE);   // [BS_P][NSEL]
+    bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;            // [BS_STAGES][KT][KS_STRIDE]
+    bf16_t* Vs = Ks + BS_STAGES * KT * KS_STRIDE;       // [BS_STAGES][KT][VS_STRIDE]
+    int* idx_s = (int*)(Vs + BS_STAGES * KT * VS_STRIDE);   // [BS_P][NSEL]
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z;
@@ -68,14 +86,23 @@ __device__ __forceinline__ void sel_bwd_dq_body(
         tt[i] = t0 + pp[i];
         qrow[i] = valid[i] ? qoff(r) : 0;
     }
+    // positions of this warp's valid rows (warp-uniform): a tile none of them chose is skipped
+    unsigned warp_pos = 0;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+        if (valid[i]) warp_pos |= 1u << pp[i];
+    warp_pos = __reduce_or_sync(0xffffffff, warp_pos);
     // P-way merge of the sorted block lists (lane p < BS_P holds position p's next block), then
     // the block's key tiles; every warp walks the same sequence, so the barriers inside match.
+    // fn runs only for the tiles the warp's positions chose (`active`, set by the mask of the
+    // tile about to be used): a skipped tile costs the warp the merge step and the barriers.
     auto for_tiles = [&](auto fn) {
         int ptr = 0;
         int cur = lane < BS_P ? idx_s[lane * NSEL] : INT_MAX_;
         int k0 = 0, bend = 0;
         unsigned chose = 0;
-        bw_pipeline<BS_THREADS, 1>(
+        bool active = false;
+        bw_pipeline<BS_THREADS, BS_STAGES>(
             Ks, Vs, ks, vs, g,
             [&](BwTile& t) {
                 if (k0 + KT < bend) {
@@ -100,6 +127,7 @@ __device__ __forceinline__ void sel_bwd_dq_body(
                 return true;
             },
             [&](const BwTile& t, int (&lo)[2], int (&hi)[2]) {
+                active = (t.chose & warp_pos) != 0;
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
                     const bool sel = valid[i] && ((t.chose >> pp[i]) & 1u);
@@ -107,7 +135,9 @@ __device__ __forceinline__ void sel_bwd_dq_body(
                     hi[i] = sel ? min(max(tt[i] + 1 - t.k0, 0), t.nk) : 0;
                 }
             },
-            fn);
+            [&](const int (&lo)[2], const int (&hi)[2], const bf16_t* Ks_, const bf16_t* Vs_) {
+                if (active) fn(lo, hi, Ks_, Vs_);
+            });
     };
     bw_rows_dq<true, SAVED>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
