@@ -80,7 +80,7 @@ fn wgmma_kernels(arch: &str, dk: usize, dv: usize) -> bool {
     arch == "sm_90a" && matches!(dk, 64 | 128) && matches!(dv, 64 | 128)
 }
 
-fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, wgmma: bool) -> BwdSmem {
+fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wgmma: bool) -> BwdSmem {
     let (qs, ks, vs, ds) = (dk + 8, dk + 8, dv + 8, dv + 8);
     let kvt = plan::KT * (ks + vs) * 2;
     // BW_QSTAGES: the compressed / window row-major kernels double-buffer their K/V tiles when
@@ -91,7 +91,7 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, wgmma: bool) -> BwdSmem 
     let sel_rows = (p * g).div_ceil(16) * 16;
     BwdSmem {
         rows64: plan::BQ_ROWS * (qs + ds) * 2 + stages * kvt,
-        rows_sel: sel_dq_smem(dk, dv, g, nsel, p, plan::sel_stages(dk, dv)),
+        rows_sel: sel_dq_smem(dk, dv, g, nsel, sel_l, p, plan::sel_stages(dk, dv)),
         sel_threads: sel_rows * 2,
         kv: if wgmma {
             // 1 KB of alignment slack, the unpadded swizzled K/V tile and two row buffers
@@ -104,10 +104,23 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, wgmma: bool) -> BwdSmem 
 
 /// Dynamic shared memory of `sel_bwd_dq` (kernels/sel_bwd.cu) with `p` positions per CTA and
 /// `stages` K/V tiles: q / do of the CTA's rows (padded to warps of 16), the tiles, the
-/// positions' block lists.
-fn sel_dq_smem(dk: usize, dv: usize, g: usize, nsel: usize, p: usize, stages: usize) -> usize {
+/// positions' block lists and the list of their union's key tiles (`BS_MAX_TILES` entries of
+/// first key, length, mask; and its count).
+fn sel_dq_smem(
+    dk: usize,
+    dv: usize,
+    g: usize,
+    nsel: usize,
+    sel_l: usize,
+    p: usize,
+    stages: usize,
+) -> usize {
     let rows = (p * g).div_ceil(16) * 16;
-    rows * (dk + 8 + dv + 8) * 2 + stages * plan::KT * (dk + 8 + dv + 8) * 2 + p * nsel * 4
+    let max_tiles = p * nsel * sel_l.div_ceil(plan::KT);
+    rows * (dk + 8 + dv + 8) * 2
+        + stages * plan::KT * (dk + 8 + dv + 8) * 2
+        + p * nsel * 4
+        + (3 * max_tiles + 1) * 4
 }
 
 /// Milliseconds per backward kernel (CUDA events); `sel_index` is the inverse-index build
@@ -228,7 +241,14 @@ impl DeviceBackward {
                 limit: 31,
             });
         }
-        let smem = smem_of(dk, dv, g, nsel, wgmma_kernels(&ctx.arch, dk, dv));
+        let smem = smem_of(
+            dk,
+            dv,
+            g,
+            nsel,
+            shape.sel_l,
+            wgmma_kernels(&ctx.arch, dk, dv),
+        );
         let need = smem.rows64.max(smem.rows_sel).max(smem.kv);
         if need > ctx.max_smem {
             return Err(NsaError::Unsupported(format!(
@@ -959,22 +979,23 @@ mod tests {
                 for one_warp in [false, true] {
                     for stages in [1, 2] {
                         let p = plan::sel_positions_of(g, one_warp);
-                        let b = sel_dq_smem(dk, dv, g, 16, p, stages);
+                        let b = sel_dq_smem(dk, dv, g, 16, 64, p, stages);
                         assert!(b <= 232_448, "dk {dk} dv {dv} G {g}: {b} bytes");
                     }
                 }
             }
         }
-        // dk = dv = 128, G = 16: 4 warps (64 rows of q / do) and two K/V tiles = 104.7 KB (two
-        // CTAs per SM); the one-warp layout 16 rows and one tile = 43.6 KB
+        // dk = dv = 128, G = 16, l' = 64: 4 warps (64 rows of q / do), two K/V tiles and a list
+        // of up to 64 tiles = 105.5 KB (two CTAs per SM); the one-warp layout 16 rows, one tile
+        // and up to 16 tiles = 43.8 KB
         let p = plan::sel_positions_of(16, false);
         let two = plan::sel_stages_of(128, 128, false, None);
-        assert_eq!(sel_dq_smem(128, 128, 16, 16, p, two), 104_704);
+        assert_eq!(sel_dq_smem(128, 128, 16, 16, 64, p, two), 104_704 + 772);
         let p1 = plan::sel_positions_of(16, true);
         let one = plan::sel_stages_of(128, 128, true, None);
-        assert_eq!(sel_dq_smem(128, 128, 16, 16, p1, one), 43_584);
+        assert_eq!(sel_dq_smem(128, 128, 16, 16, 64, p1, one), 43_584 + 196);
         // smem_of uses the same layout as the kernel build (NSA_CUDA_DEFINES)
-        let s = smem_of(128, 128, 16, 16, false);
+        let s = smem_of(128, 128, 16, 16, 64, false);
         let rows = (plan::sel_positions(16) * 16).div_ceil(16) * 16;
         assert_eq!(s.sel_threads, rows * 2);
         assert_eq!(
@@ -984,6 +1005,7 @@ mod tests {
                 128,
                 16,
                 16,
+                64,
                 plan::sel_positions(16),
                 plan::sel_stages(128, 128)
             )

@@ -39,6 +39,8 @@
 #endif
 #endif
 #define BS_WARPS ((BS_P * G + 15) / 16)
+// key tiles of the union of the CTA's block lists, at most (smem list, see sel_bwd_dq_body)
+#define BS_MAX_TILES (BS_P * NSEL * ((SEL_L + KT - 1) / KT))
 #define BS_ROWS (BS_WARPS * 16)
 #define BS_THREADS (BS_WARPS * 32)
 #define INT_MAX_ 0x7fffffff
@@ -55,6 +57,10 @@ __device__ __forceinline__ void sel_bwd_dq_body(
     bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;            // [BS_STAGES][KT][KS_STRIDE]
     bf16_t* Vs = Ks + BS_STAGES * KT * KS_STRIDE;       // [BS_STAGES][KT][VS_STRIDE]
     int* idx_s = (int*)(Vs + BS_STAGES * KT * VS_STRIDE);   // [BS_P][NSEL]
+    int* tl_k0 = idx_s + BS_P * NSEL;                        // [BS_MAX_TILES] first key of the tile
+    int* tl_nk = tl_k0 + BS_MAX_TILES;                       // [BS_MAX_TILES] its length
+    unsigned* tl_mask = (unsigned*)(tl_nk + BS_MAX_TILES);   // [BS_MAX_TILES] positions that chose it
+    int* n_tiles = (int*)(tl_mask + BS_MAX_TILES);
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z;
@@ -74,65 +80,74 @@ __device__ __forceinline__ void sel_bwd_dq_body(
         idx_s[e] = v < 0 ? INT_MAX_ : v;
     }
     __syncthreads();
+    // P-way merge of the sorted block lists into the union's key tiles, ascending (warp 0; lane
+    // p < BS_P holds position p's next block); both passes walk this list, every warp the same
+    // sequence, so the barriers inside bw_pipeline match.
+    if (warp == 0) {
+        int ptr = 0, count = 0;
+        int cur = lane < BS_P ? idx_s[lane * NSEL] : INT_MAX_;
+        while (true) {
+            int b = cur;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
+            if (b == INT_MAX_) break;
+            const unsigned chose = __ballot_sync(0xffffffff, lane < BS_P && cur == b);
+            if (lane < BS_P && cur == b) {
+                ++ptr;
+                cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
+            }
+            const int bend = min((b + 1) * SEL_L, tmax + 1);
+            for (int k0 = b * SEL_L; k0 < bend; k0 += KT) {
+                if (lane == 0) {
+                    tl_k0[count] = k0;
+                    tl_nk[count] = min(KT, bend - k0);
+                    tl_mask[count] = chose;
+                }
+                ++count;
+            }
+        }
+        if (lane == 0) *n_tiles = count;
+    }
+    __syncthreads();
+    const int ntl = *n_tiles;
 
-    int tt[2], pp[2];
+    // per row: its position's bit (0 for a row past the CTA's), the keys < kend it sees
+    int kend[2];
+    unsigned pbit[2];
     i64 qrow[2];
     bool valid[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int r = row0 + gr + 8 * i;
         valid[i] = r < nrows;
-        pp[i] = r / G;
-        tt[i] = t0 + pp[i];
+        pbit[i] = valid[i] ? 1u << (r / G) : 0u;
+        kend[i] = t0 + r / G + 1;
         qrow[i] = valid[i] ? qoff(r) : 0;
     }
     // positions of this warp's valid rows (warp-uniform): a tile none of them chose is skipped
-    unsigned warp_pos = 0;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-        if (valid[i]) warp_pos |= 1u << pp[i];
-    warp_pos = __reduce_or_sync(0xffffffff, warp_pos);
-    // P-way merge of the sorted block lists (lane p < BS_P holds position p's next block), then
-    // the block's key tiles; every warp walks the same sequence, so the barriers inside match.
-    // fn runs only for the tiles the warp's positions chose (`active`, set by the mask of the
-    // tile about to be used): a skipped tile costs the warp the merge step and the barriers.
+    const unsigned warp_pos = __reduce_or_sync(0xffffffff, pbit[0] | pbit[1]);
+    // the tiles of the list; fn runs only for those the warp's positions chose (`active`, set by
+    // the mask of the tile about to be used): a skipped tile costs the warp the barriers only.
     auto for_tiles = [&](auto fn) {
-        int ptr = 0;
-        int cur = lane < BS_P ? idx_s[lane * NSEL] : INT_MAX_;
-        int k0 = 0, bend = 0;
-        unsigned chose = 0;
+        int c = 0;
         bool active = false;
         bw_pipeline<BS_THREADS, BS_STAGES>(
             Ks, Vs, ks, vs, g,
             [&](BwTile& t) {
-                if (k0 + KT < bend) {
-                    k0 += KT;
-                } else {
-                    int b = cur;
-#pragma unroll
-                    for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
-                    if (b == INT_MAX_) return false;
-                    chose = __ballot_sync(0xffffffff, lane < BS_P && cur == b);
-                    if (lane < BS_P && cur == b) {
-                        ++ptr;
-                        cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
-                    }
-                    k0 = b * SEL_L;
-                    bend = min((b + 1) * SEL_L, tmax + 1);
-                }
-                t.row = start + k0;
-                t.k0 = k0;
-                t.nk = min(KT, bend - k0);
-                t.chose = chose;
+                if (c >= ntl) return false;
+                t.k0 = tl_k0[c];
+                t.nk = tl_nk[c];
+                t.chose = tl_mask[c];
+                t.row = start + t.k0;
+                ++c;
                 return true;
             },
             [&](const BwTile& t, int (&lo)[2], int (&hi)[2]) {
                 active = (t.chose & warp_pos) != 0;
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
-                    const bool sel = valid[i] && ((t.chose >> pp[i]) & 1u);
                     lo[i] = 0;
-                    hi[i] = sel ? min(max(tt[i] + 1 - t.k0, 0), t.nk) : 0;
+                    hi[i] = (t.chose & pbit[i]) ? min(max(kend[i] - t.k0, 0), t.nk) : 0;
                 }
             },
             [&](const int (&lo)[2], const int (&hi)[2], const bf16_t* Ks_, const bf16_t* Vs_) {
