@@ -978,7 +978,7 @@ mod tests {
             for g in [1, 2, 3, 4, 8, 16, 24, 32, 64] {
                 for one_warp in [false, true] {
                     for stages in [1, 2] {
-                        let p = plan::sel_positions_of(g, one_warp);
+                        let p = plan::sel_positions_of(g, one_warp, 64);
                         let b = sel_dq_smem(dk, dv, g, 16, 64, p, stages);
                         assert!(b <= 232_448, "dk {dk} dv {dv} G {g}: {b} bytes");
                     }
@@ -988,10 +988,10 @@ mod tests {
         // dk = dv = 128, G = 16, l' = 64: 4 warps (64 rows of q / do), two K/V tiles and a list
         // of up to 64 tiles = 105.5 KB (two CTAs per SM); the one-warp layout 16 rows, one tile
         // and up to 16 tiles = 43.8 KB
-        let p = plan::sel_positions_of(16, false);
+        let p = plan::sel_positions_of(16, false, 64);
         let two = plan::sel_stages_of(128, 128, false, None);
         assert_eq!(sel_dq_smem(128, 128, 16, 16, 64, p, two), 104_704 + 772);
-        let p1 = plan::sel_positions_of(16, true);
+        let p1 = plan::sel_positions_of(16, true, 64);
         let one = plan::sel_stages_of(128, 128, true, None);
         assert_eq!(sel_dq_smem(128, 128, 16, 16, 64, p1, one), 43_584 + 196);
         // smem_of uses the same layout as the kernel build (NSA_CUDA_DEFINES)

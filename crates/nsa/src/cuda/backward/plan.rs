@@ -35,20 +35,27 @@ pub struct BwdPlan {
 }
 
 /// Positions per CTA of `sel_bwd_dq` (`BS_P` in kernels/sel_bwd.cu): the forward's packing,
-/// `min(32, 64 / G)` (4 warps; one position over G / 16 warps at G >= 64), or with
-/// `-DSEL_DQ_ONE_WARP` in `NSA_CUDA_DEFINES` the layout before (`16 / G`, one at G >= 16).
+/// `min(32, 64 / G)` (4 warps; one position over G / 16 warps at G >= 64); with
+/// `-DSEL_DQ_ROWS=R` in `NSA_CUDA_DEFINES` `min(32, R / G)`, with `-DSEL_DQ_ONE_WARP` the
+/// layout before (`16 / G`, one at G >= 16).
 pub fn sel_positions(g: usize) -> usize {
-    sel_positions_of(g, crate::cuda::module::define_set("-DSEL_DQ_ONE_WARP"))
+    use crate::cuda::module::{define_set, define_value};
+    sel_positions_of(
+        g,
+        define_set("-DSEL_DQ_ONE_WARP"),
+        define_value("SEL_DQ_ROWS").unwrap_or(64),
+    )
 }
 
-/// [`sel_positions`] for an explicit layout (`one_warp`: `-DSEL_DQ_ONE_WARP`).
-pub fn sel_positions_of(g: usize, one_warp: bool) -> usize {
+/// [`sel_positions`] for an explicit layout (`one_warp`: `-DSEL_DQ_ONE_WARP`; `rows`: the
+/// rows aimed at, `SEL_DQ_ROWS`).
+pub fn sel_positions_of(g: usize, one_warp: bool, rows: usize) -> usize {
     let g = g.max(1);
     match (one_warp, g) {
         (true, g) if g >= 16 => 1,
         (true, g) => 16 / g,
-        (false, g) if g >= 64 => 1,
-        (false, g) => (64 / g).min(32),
+        (false, g) if g >= rows => 1,
+        (false, g) => (rows / g).min(32),
     }
 }
 
@@ -154,7 +161,7 @@ mod tests {
     fn sel_positions_fill_at_most_four_warps_and_one_lane_each() {
         for g in 1..=64usize {
             for one_warp in [false, true] {
-                let p = sel_positions_of(g, one_warp);
+                let p = sel_positions_of(g, one_warp, 64);
                 // the union merge holds one position per lane, `chose` is a 32-bit mask
                 assert!((1..=32).contains(&p), "G {g}: {p} positions");
                 let warps = (p * g).div_ceil(16);
@@ -170,10 +177,14 @@ mod tests {
                 }
             }
         }
-        assert_eq!(sel_positions_of(16, false), 4);
-        assert_eq!(sel_positions_of(16, true), 1);
-        assert_eq!(sel_positions_of(1, false), 32);
-        assert_eq!(sel_positions_of(64, false), 1);
+        assert_eq!(sel_positions_of(16, false, 64), 4);
+        assert_eq!(sel_positions_of(16, true, 64), 1);
+        assert_eq!(sel_positions_of(1, false, 64), 32);
+        assert_eq!(sel_positions_of(64, false, 64), 1);
+        // SEL_DQ_ROWS = 32: two warps
+        assert_eq!(sel_positions_of(16, false, 32), 2);
+        assert_eq!(sel_positions_of(32, false, 32), 1);
+        assert_eq!(sel_positions_of(64, false, 32), 1);
     }
 
     #[test]

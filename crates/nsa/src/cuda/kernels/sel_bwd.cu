@@ -25,13 +25,20 @@
 // Default: the forward's P_SEL packing, min(32, 64 / G) positions = 4 warps (2 at G = 1; BS_P <=
 // 32: the union merge keeps one lane per position and 32-bit `chose` masks), and two K/V
 // buffers when dk + dv <= 256 (the next tile loads while this one is used; at 128/128 two
-// 4-warp CTAs per SM either way, by registers). -DSEL_DQ_ONE_WARP: the layout before
-// (16 / G positions or one position = one warp at G <= 16, one K/V buffer), for A/B timing.
+// 4-warp CTAs per SM either way, by registers). Experiments (A/B timing):
+// -DSEL_DQ_ONE_WARP: the layout before (16 / G positions or one position = one warp at G <= 16,
+// one K/V buffer); -DSEL_DQ_ROWS=R: min(32, R / G) positions (R = 64 the default, 32: 2 warps);
+// -DSEL_DQ_STAGES=S: S K/V buffers.
 #ifdef SEL_DQ_ONE_WARP
 #define BS_P (G >= 16 ? 1 : 16 / G)
 #define BS_STAGES 1
 #else
-#define BS_P (G >= 64 ? 1 : (64 / G > 32 ? 32 : 64 / G))
+#ifdef SEL_DQ_ROWS
+#define BS_ROWS_GOAL SEL_DQ_ROWS
+#else
+#define BS_ROWS_GOAL 64
+#endif
+#define BS_P (G >= BS_ROWS_GOAL ? 1 : (BS_ROWS_GOAL / G > 32 ? 32 : BS_ROWS_GOAL / G))
 #ifdef SEL_DQ_STAGES
 #define BS_STAGES SEL_DQ_STAGES
 #else
