@@ -24,7 +24,8 @@
 //! The selection branch's dQ in the saved-statistics mode at G < 16 is block-outer
 //! (`sel_block::SelBlockDq`, kernels/sel_block_bwd.cu: the forward's chunked inverse index, one
 //! CTA per selection-block segment, partial dQ rows per (t, head, rank) merged in rank order),
-//! since the position-major `sel_bwd_dq` reads every selected K/V block for only G rows.
+//! since the position-major `sel_bwd_dq` reads every selected K/V block for only the rows of
+//! its `min(32, 64 / G)` positions that chose it.
 //!
 //! The selection branch's key-major pass goes through an inverse index built on the GPU
 //! (kernels/sel_bwd.cu): per (KV head, selection block) the ascending list of tokens that chose
@@ -79,17 +80,18 @@ fn wgmma_kernels(arch: &str, dk: usize, dv: usize) -> bool {
     arch == "sm_90a" && matches!(dk, 64 | 128) && matches!(dv, 64 | 128)
 }
 
-fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, wgmma: bool) -> BwdSmem {
+fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wgmma: bool) -> BwdSmem {
     let (qs, ks, vs, ds) = (dk + 8, dk + 8, dv + 8, dv + 8);
     let kvt = plan::KT * (ks + vs) * 2;
     // BW_QSTAGES: the compressed / window row-major kernels double-buffer their K/V tiles when
-    // dk + dv <= 256 (the one-warp selection kernel never: it would halve its occupancy)
+    // dk + dv <= 256; the selection kernel (BS_P positions, BS_STAGES buffers) by the same rule
+    // unless -DSEL_DQ_ONE_WARP / -DSEL_DQ_STAGES=N (plan::sel_positions, plan::sel_stages)
     let stages = if dk + dv <= 256 { 2 } else { 1 };
     let p = plan::sel_positions(g);
     let sel_rows = (p * g).div_ceil(16) * 16;
     BwdSmem {
         rows64: plan::BQ_ROWS * (qs + ds) * 2 + stages * kvt,
-        rows_sel: sel_rows * (qs + ds) * 2 + kvt + p * nsel * 4,
+        rows_sel: sel_dq_smem(dk, dv, g, nsel, sel_l, p, plan::sel_stages(dk, dv)),
         sel_threads: sel_rows * 2,
         kv: if wgmma {
             // 1 KB of alignment slack, the unpadded swizzled K/V tile and two row buffers
@@ -98,6 +100,27 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, wgmma: bool) -> BwdSmem 
             kvt + 2 * (32 * (qs + ds) * 2 + 32 * 16)
         },
     }
+}
+
+/// Dynamic shared memory of `sel_bwd_dq` (kernels/sel_bwd.cu) with `p` positions per CTA and
+/// `stages` K/V tiles: q / do of the CTA's rows (padded to warps of 16), the tiles, the
+/// positions' block lists and the list of their union's key tiles (`BS_MAX_TILES` entries of
+/// first key, length, mask; and its count).
+fn sel_dq_smem(
+    dk: usize,
+    dv: usize,
+    g: usize,
+    nsel: usize,
+    sel_l: usize,
+    p: usize,
+    stages: usize,
+) -> usize {
+    let rows = (p * g).div_ceil(16) * 16;
+    let max_tiles = p * nsel * sel_l.div_ceil(plan::KT);
+    rows * (dk + 8 + dv + 8) * 2
+        + stages * plan::KT * (dk + 8 + dv + 8) * 2
+        + p * nsel * 4
+        + (3 * max_tiles + 1) * 4
 }
 
 /// Milliseconds per backward kernel (CUDA events); `sel_index` is the inverse-index build
@@ -218,7 +241,14 @@ impl DeviceBackward {
                 limit: 31,
             });
         }
-        let smem = smem_of(dk, dv, g, nsel, wgmma_kernels(&ctx.arch, dk, dv));
+        let smem = smem_of(
+            dk,
+            dv,
+            g,
+            nsel,
+            shape.sel_l,
+            wgmma_kernels(&ctx.arch, dk, dv),
+        );
         let need = smem.rows64.max(smem.rows_sel).max(smem.kv);
         if need > ctx.max_smem {
             return Err(NsaError::Unsupported(format!(
@@ -935,4 +965,50 @@ pub fn backward_with<T: HostElem>(
     forward_device(ctx, &mut dev, None)?;
     backward_device_with(ctx, &dev, &mut b, mode.saves_stats(), None)?;
     b.download(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_dq_smem_fits_hopper_at_every_group_size() {
+        // 227 KB: the opt-in per-block limit of sm_90, for both layouts and 1 or 2 K/V tiles
+        for (dk, dv) in [(64, 64), (128, 64), (128, 128), (192, 128), (256, 256)] {
+            for g in [1, 2, 3, 4, 8, 16, 24, 32, 64] {
+                for one_warp in [false, true] {
+                    for stages in [1, 2] {
+                        let p = plan::sel_positions_of(g, one_warp, 64);
+                        let b = sel_dq_smem(dk, dv, g, 16, 64, p, stages);
+                        assert!(b <= 232_448, "dk {dk} dv {dv} G {g}: {b} bytes");
+                    }
+                }
+            }
+        }
+        // dk = dv = 128, G = 16, l' = 64: 4 warps (64 rows of q / do), two K/V tiles and a list
+        // of up to 64 tiles = 105.5 KB (two CTAs per SM); the one-warp layout 16 rows, one tile
+        // and up to 16 tiles = 43.8 KB
+        let p = plan::sel_positions_of(16, false, 64);
+        let two = plan::sel_stages_of(128, 128, false, None);
+        assert_eq!(sel_dq_smem(128, 128, 16, 16, 64, p, two), 104_704 + 772);
+        let p1 = plan::sel_positions_of(16, true, 64);
+        let one = plan::sel_stages_of(128, 128, true, None);
+        assert_eq!(sel_dq_smem(128, 128, 16, 16, 64, p1, one), 43_584 + 196);
+        // smem_of uses the same layout as the kernel build (NSA_CUDA_DEFINES)
+        let s = smem_of(128, 128, 16, 16, 64, false);
+        let rows = (plan::sel_positions(16) * 16).div_ceil(16) * 16;
+        assert_eq!(s.sel_threads, rows * 2);
+        assert_eq!(
+            s.rows_sel,
+            sel_dq_smem(
+                128,
+                128,
+                16,
+                16,
+                64,
+                plan::sel_positions(16),
+                plan::sel_stages(128, 128)
+            )
+        );
+    }
 }

@@ -34,12 +34,50 @@ pub struct BwdPlan {
     pub n_blocks: usize,
 }
 
-/// Positions per CTA of `sel_bwd_dq` (`BS_P`).
+/// Positions per CTA of `sel_bwd_dq` (`BS_P` in kernels/sel_bwd.cu): the forward's packing,
+/// `min(32, 64 / G)` (4 warps; one position over G / 16 warps at G >= 64); with
+/// `-DSEL_DQ_ROWS=R` in `NSA_CUDA_DEFINES` `min(32, R / G)`, with `-DSEL_DQ_ONE_WARP` the
+/// layout before (`16 / G`, one at G >= 16).
 pub fn sel_positions(g: usize) -> usize {
-    if g >= 16 {
-        1
-    } else {
-        16 / g
+    use crate::cuda::module::{define_set, define_value};
+    sel_positions_of(
+        g,
+        define_set("-DSEL_DQ_ONE_WARP"),
+        define_value("SEL_DQ_ROWS").unwrap_or(64),
+    )
+}
+
+/// [`sel_positions`] for an explicit layout (`one_warp`: `-DSEL_DQ_ONE_WARP`; `rows`: the
+/// rows aimed at, `SEL_DQ_ROWS`).
+pub fn sel_positions_of(g: usize, one_warp: bool, rows: usize) -> usize {
+    let g = g.max(1);
+    match (one_warp, g) {
+        (true, g) if g >= 16 => 1,
+        (true, g) => 16 / g,
+        (false, g) if g >= rows => 1,
+        (false, g) => (rows / g).min(32),
+    }
+}
+
+/// K/V tile buffers of `sel_bwd_dq` (`BS_STAGES`): two when dk + dv <= 256 (`-DSEL_DQ_STAGES=N`
+/// overrides), one with `-DSEL_DQ_ONE_WARP`.
+pub fn sel_stages(dk: usize, dv: usize) -> usize {
+    let one_warp = crate::cuda::module::define_set("-DSEL_DQ_ONE_WARP");
+    sel_stages_of(
+        dk,
+        dv,
+        one_warp,
+        crate::cuda::module::define_value("SEL_DQ_STAGES"),
+    )
+}
+
+/// [`sel_stages`] for an explicit layout and `SEL_DQ_STAGES` override.
+pub fn sel_stages_of(dk: usize, dv: usize, one_warp: bool, stages: Option<usize>) -> usize {
+    match (one_warp, stages) {
+        (true, _) => 1,
+        (false, Some(s)) => s,
+        (false, None) if dk + dv <= 256 => 2,
+        (false, None) => 1,
     }
 }
 
@@ -113,4 +151,72 @@ pub fn build(cfg: &NsaConfig, cu: &[usize]) -> BwdPlan {
         p.n_blocks += nb;
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sel_positions_fill_at_most_four_warps_and_one_lane_each() {
+        for g in 1..=64usize {
+            for one_warp in [false, true] {
+                let p = sel_positions_of(g, one_warp, 64);
+                // the union merge holds one position per lane, `chose` is a 32-bit mask
+                assert!((1..=32).contains(&p), "G {g}: {p} positions");
+                let warps = (p * g).div_ceil(16);
+                if one_warp {
+                    assert!(
+                        p * g <= 16 || p == 1,
+                        "G {g}: one-warp layout has {p} positions"
+                    );
+                } else {
+                    assert!(warps <= 4, "G {g}: {warps} warps");
+                    // as many positions as fit 64 rows (or 32 positions)
+                    assert!(p == 32 || (p + 1) * g > 64, "G {g}: only {p} positions");
+                }
+            }
+        }
+        assert_eq!(sel_positions_of(16, false, 64), 4);
+        assert_eq!(sel_positions_of(16, true, 64), 1);
+        assert_eq!(sel_positions_of(1, false, 64), 32);
+        assert_eq!(sel_positions_of(64, false, 64), 1);
+        // SEL_DQ_ROWS = 32: two warps
+        assert_eq!(sel_positions_of(16, false, 32), 2);
+        assert_eq!(sel_positions_of(32, false, 32), 1);
+        assert_eq!(sel_positions_of(64, false, 32), 1);
+    }
+
+    #[test]
+    fn sel_stages_follow_the_row_kernels_rule() {
+        assert_eq!(sel_stages_of(128, 128, false, None), 2);
+        assert_eq!(sel_stages_of(192, 128, false, None), 1);
+        assert_eq!(sel_stages_of(192, 128, false, Some(2)), 2);
+        assert_eq!(sel_stages_of(128, 128, true, Some(2)), 1);
+    }
+
+    #[test]
+    fn sel_rows_cover_every_position_once() {
+        // varlen batch at several group sizes: the items step by sel_positions within each
+        // sequence, heavy (late) ones first, and together hold every position exactly once
+        for (hq, hkv) in [(64, 4), (16, 2), (8, 8), (64, 1), (12, 4)] {
+            let cfg = NsaConfig::builder()
+                .heads(hq)
+                .kv_heads(hkv)
+                .build()
+                .unwrap();
+            let cu = [0usize, 37, 38, 300, 1301];
+            let p = build(&cfg, &cu);
+            let psel = sel_positions(cfg.group_size());
+            let mut seen = vec![0u32; *cu.last().unwrap()];
+            for it in p.rows_sel.chunks(4) {
+                let (start, len, t0) = (it[0] as usize, it[1] as usize, it[2] as usize);
+                assert_eq!(t0 % psel, 0);
+                for t in t0..(t0 + psel).min(len) {
+                    seen[start + t] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "HQ {hq} HKV {hkv}");
+        }
+    }
 }

@@ -174,8 +174,9 @@ __device__ __forceinline__ void bw_dq_tile(const bf16_t* Qs, const bf16_t* dOs, 
 }
 
 // K/V tile buffers of the 4-warp row-major kernels (compressed, window): 2 (the next tile loads
-// while this one is used) when two CTAs still fit an SM (dk + dv <= 256), else 1. The one-warp
-// selection kernel keeps 1: a second buffer would cut its CTAs per SM (occupancy) by half.
+// while this one is used) when two CTAs still fit an SM (dk + dv <= 256), else 1. The selection
+// dQ kernel follows the same rule (BS_STAGES, sel_bwd.cu) since it has 4 warps too; its old
+// one-warp layout (-DSEL_DQ_ONE_WARP) keeps 1: a second buffer cut its CTAs per SM from 5 to 2.
 #define BW_QSTAGES ((DK + DV) <= 256 ? 2 : 1)
 
 __device__ __forceinline__ void bw_cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }

@@ -2,8 +2,10 @@
 // differentiated, gradients flow through the attention over the selected tokens s <= t).
 //
 // sel_bwd_dq       row-major, group-centric as the forward's sel_attn: one CTA = KV group g and
-//                  16 / G positions (or one position over G / 16 warps), walking the union of
-//                  their selected blocks twice (statistics, then dQ); adds into dq.
+//                  BS_P = min(32, 64 / G) positions (4 warps; G >= 64: one position over G / 16
+//                  warps), walking the union of their selected blocks (statistics, then dQ; one
+//                  pass with saved statistics) through BS_STAGES K/V buffers; a warp none of
+//                  whose positions chose a tile skips it. Adds into dq.
 // Inverse index (deterministic, no floating-point atomics): for each (KV head g, selection block
 // jg, numbered across the packed batch) the ascending list of the tokens that selected it.
 //   sel_index_count       integer counts per (token chunk, g, jg)
@@ -19,8 +21,33 @@
 // sel_dkdv_reduce  ... which this kernel adds up in segment order.
 // Every order of summation is fixed by the data, so the gradients are bitwise reproducible.
 
+// Positions per CTA (the host's plan::sel_positions mirrors BS_P, and its smem_of BS_STAGES).
+// Default: the forward's P_SEL packing, min(32, 64 / G) positions = 4 warps (2 at G = 1; BS_P <=
+// 32: the union merge keeps one lane per position and 32-bit `chose` masks), and two K/V
+// buffers when dk + dv <= 256 (the next tile loads while this one is used; at 128/128 two
+// 4-warp CTAs per SM either way, by registers). Experiments (A/B timing):
+// -DSEL_DQ_ONE_WARP: the layout before (16 / G positions or one position = one warp at G <= 16,
+// one K/V buffer); -DSEL_DQ_ROWS=R: min(32, R / G) positions (R = 64 the default, 32: 2 warps);
+// -DSEL_DQ_STAGES=S: S K/V buffers.
+#ifdef SEL_DQ_ONE_WARP
 #define BS_P (G >= 16 ? 1 : 16 / G)
+#define BS_STAGES 1
+#else
+#ifdef SEL_DQ_ROWS
+#define BS_ROWS_GOAL SEL_DQ_ROWS
+#else
+#define BS_ROWS_GOAL 64
+#endif
+#define BS_P (G >= BS_ROWS_GOAL ? 1 : (BS_ROWS_GOAL / G > 32 ? 32 : BS_ROWS_GOAL / G))
+#ifdef SEL_DQ_STAGES
+#define BS_STAGES SEL_DQ_STAGES
+#else
+#define BS_STAGES ((DK + DV) <= 256 ? 2 : 1)
+#endif
+#endif
 #define BS_WARPS ((BS_P * G + 15) / 16)
+// key tiles of the union of the CTA's block lists, at most (smem list, see sel_bwd_dq_body)
+#define BS_MAX_TILES (BS_P * NSEL * ((SEL_L + KT - 1) / KT))
 #define BS_ROWS (BS_WARPS * 16)
 #define BS_THREADS (BS_WARPS * 32)
 #define INT_MAX_ 0x7fffffff
@@ -34,9 +61,13 @@ __device__ __forceinline__ void sel_bwd_dq_body(
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* dOs = Qs + BS_ROWS * QS_STRIDE;
-    bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;   // one tile (see BW_QSTAGES)
-    bf16_t* Vs = Ks + KT * KS_STRIDE;
-    int* idx_s = (int*)(Vs + KT * VS_STRIDE);   // [BS_P][NSEL]
+    bf16_t* Ks = dOs + BS_ROWS * DOS_STRIDE;            // [BS_STAGES][KT][KS_STRIDE]
+    bf16_t* Vs = Ks + BS_STAGES * KT * KS_STRIDE;       // [BS_STAGES][KT][VS_STRIDE]
+    int* idx_s = (int*)(Vs + BS_STAGES * KT * VS_STRIDE);   // [BS_P][NSEL]
+    int* tl_k0 = idx_s + BS_P * NSEL;                        // [BS_MAX_TILES] first key of the tile
+    int* tl_nk = tl_k0 + BS_MAX_TILES;                       // [BS_MAX_TILES] its length
+    unsigned* tl_mask = (unsigned*)(tl_nk + BS_MAX_TILES);   // [BS_MAX_TILES] positions that chose it
+    int* n_tiles = (int*)(tl_mask + BS_MAX_TILES);
 
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, t0 = it.z;
@@ -56,58 +87,79 @@ __device__ __forceinline__ void sel_bwd_dq_body(
         idx_s[e] = v < 0 ? INT_MAX_ : v;
     }
     __syncthreads();
+    // P-way merge of the sorted block lists into the union's key tiles, ascending (warp 0; lane
+    // p < BS_P holds position p's next block); both passes walk this list, every warp the same
+    // sequence, so the barriers inside bw_pipeline match.
+    if (warp == 0) {
+        int ptr = 0, count = 0;
+        int cur = lane < BS_P ? idx_s[lane * NSEL] : INT_MAX_;
+        while (true) {
+            int b = cur;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
+            if (b == INT_MAX_) break;
+            const unsigned chose = __ballot_sync(0xffffffff, lane < BS_P && cur == b);
+            if (lane < BS_P && cur == b) {
+                ++ptr;
+                cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
+            }
+            const int bend = min((b + 1) * SEL_L, tmax + 1);
+            for (int k0 = b * SEL_L; k0 < bend; k0 += KT) {
+                if (lane == 0) {
+                    tl_k0[count] = k0;
+                    tl_nk[count] = min(KT, bend - k0);
+                    tl_mask[count] = chose;
+                }
+                ++count;
+            }
+        }
+        if (lane == 0) *n_tiles = count;
+    }
+    __syncthreads();
+    const int ntl = *n_tiles;
 
-    int tt[2], pp[2];
+    // per row: its position's bit (0 for a row past the CTA's), the keys < kend it sees
+    int kend[2];
+    unsigned pbit[2];
     i64 qrow[2];
     bool valid[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int r = row0 + gr + 8 * i;
         valid[i] = r < nrows;
-        pp[i] = r / G;
-        tt[i] = t0 + pp[i];
+        pbit[i] = valid[i] ? 1u << (r / G) : 0u;
+        kend[i] = t0 + r / G + 1;
         qrow[i] = valid[i] ? qoff(r) : 0;
     }
-    // P-way merge of the sorted block lists (lane p < BS_P holds position p's next block), then
-    // the block's key tiles; every warp walks the same sequence, so the barriers inside match.
+    // positions of this warp's valid rows (warp-uniform): a tile none of them chose is skipped
+    const unsigned warp_pos = __reduce_or_sync(0xffffffff, pbit[0] | pbit[1]);
+    // the tiles of the list; fn runs only for those the warp's positions chose (`active`, set by
+    // the mask of the tile about to be used): a skipped tile costs the warp the barriers only.
     auto for_tiles = [&](auto fn) {
-        int ptr = 0;
-        int cur = lane < BS_P ? idx_s[lane * NSEL] : INT_MAX_;
-        int k0 = 0, bend = 0;
-        unsigned chose = 0;
-        bw_pipeline<BS_THREADS, 1>(
+        int c = 0;
+        bool active = false;
+        bw_pipeline<BS_THREADS, BS_STAGES>(
             Ks, Vs, ks, vs, g,
             [&](BwTile& t) {
-                if (k0 + KT < bend) {
-                    k0 += KT;
-                } else {
-                    int b = cur;
-#pragma unroll
-                    for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
-                    if (b == INT_MAX_) return false;
-                    chose = __ballot_sync(0xffffffff, lane < BS_P && cur == b);
-                    if (lane < BS_P && cur == b) {
-                        ++ptr;
-                        cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
-                    }
-                    k0 = b * SEL_L;
-                    bend = min((b + 1) * SEL_L, tmax + 1);
-                }
-                t.row = start + k0;
-                t.k0 = k0;
-                t.nk = min(KT, bend - k0);
-                t.chose = chose;
+                if (c >= ntl) return false;
+                t.k0 = tl_k0[c];
+                t.nk = tl_nk[c];
+                t.chose = tl_mask[c];
+                t.row = start + t.k0;
+                ++c;
                 return true;
             },
             [&](const BwTile& t, int (&lo)[2], int (&hi)[2]) {
+                active = (t.chose & warp_pos) != 0;
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
-                    const bool sel = valid[i] && ((t.chose >> pp[i]) & 1u);
                     lo[i] = 0;
-                    hi[i] = sel ? min(max(tt[i] + 1 - t.k0, 0), t.nk) : 0;
+                    hi[i] = (t.chose & pbit[i]) ? min(max(kend[i] - t.k0, 0), t.nk) : 0;
                 }
             },
-            fn);
+            [&](const int (&lo)[2], const int (&hi)[2], const bf16_t* Ks_, const bf16_t* Vs_) {
+                if (active) fn(lo, hi, Ks_, Vs_);
+            });
     };
     bw_rows_dq<true, SAVED>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
