@@ -85,13 +85,13 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wgmma: boo
     let kvt = plan::KT * (ks + vs) * 2;
     // BW_QSTAGES: the compressed / window row-major kernels double-buffer their K/V tiles when
     // dk + dv <= 256; the selection kernel (BS_P positions, BS_STAGES buffers) by the same rule
-    // unless -DSEL_DQ_ONE_WARP / -DSEL_DQ_STAGES=N (plan::sel_positions, plan::sel_stages)
+    // in its packed layout (G < 16 by default; plan::sel_one_warp, sel_positions, sel_stages)
     let stages = if dk + dv <= 256 { 2 } else { 1 };
     let p = plan::sel_positions(g);
     let sel_rows = (p * g).div_ceil(16) * 16;
     BwdSmem {
         rows64: plan::BQ_ROWS * (qs + ds) * 2 + stages * kvt,
-        rows_sel: sel_dq_smem(dk, dv, g, nsel, sel_l, p, plan::sel_stages(dk, dv)),
+        rows_sel: sel_dq_smem(dk, dv, g, nsel, sel_l, p, plan::sel_stages(g, dk, dv)),
         sel_threads: sel_rows * 2,
         kv: if wgmma {
             // 1 KB of alignment slack, the unpadded swizzled K/V tile and two row buffers
@@ -1007,7 +1007,7 @@ mod tests {
                 16,
                 64,
                 plan::sel_positions(16),
-                plan::sel_stages(128, 128)
+                plan::sel_stages(16, 128, 128)
             )
         );
     }

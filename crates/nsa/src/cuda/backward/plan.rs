@@ -34,21 +34,28 @@ pub struct BwdPlan {
     pub n_blocks: usize,
 }
 
-/// Positions per CTA of `sel_bwd_dq` (`BS_P` in kernels/sel_bwd.cu): the forward's packing,
-/// `min(32, 64 / G)` (4 warps; one position over G / 16 warps at G >= 64); with
-/// `-DSEL_DQ_ROWS=R` in `NSA_CUDA_DEFINES` `min(32, R / G)`, with `-DSEL_DQ_ONE_WARP` the
-/// layout before (`16 / G`, one at G >= 16).
+/// Whether `sel_bwd_dq` runs its one-warp layout at group size `g` (kernels/sel_bwd.cu): by
+/// default at G >= 16, at every G with `-DSEL_DQ_ONE_WARP`, at none with `-DSEL_DQ_PACKED`
+/// (`NSA_CUDA_DEFINES`).
+pub fn sel_one_warp(g: usize) -> bool {
+    use crate::cuda::module::define_set;
+    define_set("-DSEL_DQ_ONE_WARP") || (g >= 16 && !define_set("-DSEL_DQ_PACKED"))
+}
+
+/// Positions per CTA of `sel_bwd_dq` (`BS_P` in kernels/sel_bwd.cu): one warp's 16 rows
+/// (`16 / G`, one position at G >= 16) in the one-warp layout ([`sel_one_warp`]), else the
+/// forward's packing `min(32, R / G)` with `R = 64` (`-DSEL_DQ_ROWS=R` overrides).
 pub fn sel_positions(g: usize) -> usize {
-    use crate::cuda::module::{define_set, define_value};
+    use crate::cuda::module::define_value;
     sel_positions_of(
         g,
-        define_set("-DSEL_DQ_ONE_WARP"),
+        sel_one_warp(g),
         define_value("SEL_DQ_ROWS").unwrap_or(64),
     )
 }
 
-/// [`sel_positions`] for an explicit layout (`one_warp`: `-DSEL_DQ_ONE_WARP`; `rows`: the
-/// rows aimed at, `SEL_DQ_ROWS`).
+/// [`sel_positions`] for an explicit layout (`one_warp`: see [`sel_one_warp`]; `rows`: the
+/// rows aimed at by the packing, `SEL_DQ_ROWS`).
 pub fn sel_positions_of(g: usize, one_warp: bool, rows: usize) -> usize {
     let g = g.max(1);
     match (one_warp, g) {
@@ -59,14 +66,13 @@ pub fn sel_positions_of(g: usize, one_warp: bool, rows: usize) -> usize {
     }
 }
 
-/// K/V tile buffers of `sel_bwd_dq` (`BS_STAGES`): two when dk + dv <= 256 (`-DSEL_DQ_STAGES=N`
-/// overrides), one with `-DSEL_DQ_ONE_WARP`.
-pub fn sel_stages(dk: usize, dv: usize) -> usize {
-    let one_warp = crate::cuda::module::define_set("-DSEL_DQ_ONE_WARP");
+/// K/V tile buffers of `sel_bwd_dq` (`BS_STAGES`): one in the one-warp layout, else two when
+/// dk + dv <= 256 (`-DSEL_DQ_STAGES=N` overrides).
+pub fn sel_stages(g: usize, dk: usize, dv: usize) -> usize {
     sel_stages_of(
         dk,
         dv,
-        one_warp,
+        sel_one_warp(g),
         crate::cuda::module::define_value("SEL_DQ_STAGES"),
     )
 }

@@ -22,14 +22,17 @@
 // Every order of summation is fixed by the data, so the gradients are bitwise reproducible.
 
 // Positions per CTA (the host's plan::sel_positions mirrors BS_P, and its smem_of BS_STAGES).
-// Default: the forward's P_SEL packing, min(32, 64 / G) positions = 4 warps (2 at G = 1; BS_P <=
-// 32: the union merge keeps one lane per position and 32-bit `chose` masks), and two K/V
-// buffers when dk + dv <= 256 (the next tile loads while this one is used; at 128/128 two
-// 4-warp CTAs per SM either way, by registers). Experiments (A/B timing):
-// -DSEL_DQ_ONE_WARP: the layout before (16 / G positions or one position = one warp at G <= 16,
-// one K/V buffer); -DSEL_DQ_ROWS=R: min(32, R / G) positions (R = 64 the default, 32: 2 warps);
-// -DSEL_DQ_STAGES=S: S K/V buffers.
-#ifdef SEL_DQ_ONE_WARP
+// G >= 16: one position per CTA (G / 16 warps: one at G = 16), one K/V buffer;
+// measured at 64k, G = 16 (NOTES-cuda-bwd.md v15): 31.5 ms saved / 56.1 recompute against 35.6 /
+// 67.4 with the forward's packing below (2 CTAs of 4 warps per SM, by registers, each warp busy on
+// ~31% of the tiles its CTA walks, against 5 independent one-warp CTAs).
+// G < 16: the forward's P_SEL packing, min(32, 64 / G) positions (BS_P <= 32: the union merge
+// keeps one lane per position and 32-bit `chose` masks), two K/V buffers when dk + dv <= 256;
+// measured at G = 1 (recompute mode, where this kernel runs at G < 16): 543 ms against 663.
+// Experiments (A/B timing): -DSEL_DQ_ONE_WARP forces the one-warp layout (16 / G positions) at
+// every G, -DSEL_DQ_PACKED the packing at every G; -DSEL_DQ_ROWS=R packs min(32, R / G)
+// positions; -DSEL_DQ_STAGES=S sets the K/V buffers of the packed layout.
+#if defined(SEL_DQ_ONE_WARP) || (G >= 16 && !defined(SEL_DQ_PACKED))
 #define BS_P (G >= 16 ? 1 : 16 / G)
 #define BS_STAGES 1
 #else
