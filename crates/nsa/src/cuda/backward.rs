@@ -46,7 +46,7 @@ mod plan;
 pub use kernels::{compile_bwd, BwdCompiled, BwdFamily};
 
 use super::sel_block::{self, SelBlockDq};
-use super::{driver_err, forward_device, CudaContext, DeviceInputs, Elem, HostElem};
+use super::{driver_err, forward_device, module, CudaContext, DeviceInputs, Elem, HostElem};
 use crate::config::{NsaConfig, PhiKind};
 use crate::error::{NsaError, Result};
 use crate::inputs::{NsaGrads, NsaInputs, PhiParams};
@@ -63,24 +63,60 @@ fn segment_positions(g: usize) -> usize {
 struct BwdSmem {
     /// cmp_bwd_dq / win_bwd_dq: 64 rows of q and do, one K/V tile.
     rows64: usize,
+    /// cmp_bwd_dq_saved / win_bwd_dq_saved: `rows64`, or on wgmma its swizzled layout (larger
+    /// at dk 192 only).
+    rows64_saved: usize,
     /// sel_bwd_dq
     rows_sel: usize,
     sel_threads: usize,
     /// key-major kernels: mma.sync `BW_KV_SMEM` (K/V tile, two buffers of 32 rows of q and do),
-    /// on sm_90a with dk, dv in {64, 128} the larger wgmma `BW_WG_KV_SMEM` (64-row buffers).
+    /// on sm_90a with dk in {64, 128, 192} and dv in {64, 128} the wgmma `BW_WG_KV_SMEM`
+    /// (unpadded swizzled tiles, buffers of [`wg_kv_rows`] rows).
     kv: usize,
 }
 
-/// Rows per step of the key-major wgmma kernels (`BW_WG_RT` in kernels/bwd_wgmma.cu).
-const WG_KV_ROWS: usize = 64;
-
-/// Whether the backward's wgmma kernels (kernels/bwd_wgmma.cu, `BW_WG`) are compiled in for
-/// `arch` and these head dimensions (`-DBWD_NO_WGMMA` only shrinks what they use).
-fn wgmma_kernels(arch: &str, dk: usize, dv: usize) -> bool {
-    arch == "sm_90a" && matches!(dk, 64 | 128) && matches!(dv, 64 | 128)
+/// Rows per step of the key-major wgmma kernels (`BW_WG_RT` in kernels/bwd_wgmma.cu): 64, or 32
+/// at dk = 192 (registers: the dK accumulator alone is 96 f32 per thread there).
+fn wg_kv_rows(dk: usize) -> usize {
+    if dk == 192 {
+        32
+    } else {
+        64
+    }
 }
 
-fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wgmma: bool) -> BwdSmem {
+/// Which backward kernels run on wgmma (kernels/bwd_wgmma.cu: `BW_WG`, `BW_WG_DQ`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WgPaths {
+    /// The key-major dK/dV kernels (cmp_bwd_dkdv, win_bwd_dkdv, sel_bwd_dkdv).
+    kv: bool,
+    /// The saved-statistics row-major dQ kernels (cmp_bwd_dq_saved, win_bwd_dq_saved).
+    dq: bool,
+    /// At dk 192: the dQ kernels keep one K/V tile buffer (`-DBW_WG_DQ_1BUF`), not two.
+    dq_one_buffer: bool,
+}
+
+/// Whether the backward's wgmma kernels are compiled in for `arch` and these head dimensions:
+/// sm_90a, dk in {64, 128, 192}, dv in {64, 128}. At dk 64 / 128 `-DBWD_NO_WGMMA` only shrinks
+/// what they use (the footprints stay); at dk 192 the host mirrors the A/B switches
+/// `-DBW_WG_NO_192` (every kernel back on mma.sync, the pre-v16 footprints), `-DBWD_NO_WGMMA`
+/// (the same), `-DBW_WG_NO_192_DQ` (only the dQ kernels back on mma.sync) and `-DBW_WG_DQ_1BUF`
+/// (the dQ kernels with one K/V buffer: two CTAs per SM).
+fn wgmma_kernels(arch: &str, dk: usize, dv: usize) -> WgPaths {
+    let dims = matches!(dk, 64 | 128 | 192) && matches!(dv, 64 | 128);
+    let kv = arch == "sm_90a"
+        && dims
+        && (dk != 192
+            || !(module::define_set("-DBW_WG_NO_192") || module::define_set("-DBWD_NO_WGMMA")));
+    let dq = kv && (dk != 192 || !module::define_set("-DBW_WG_NO_192_DQ"));
+    WgPaths {
+        kv,
+        dq,
+        dq_one_buffer: module::define_set("-DBW_WG_DQ_1BUF"),
+    }
+}
+
+fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wg: WgPaths) -> BwdSmem {
     let (qs, ks, vs, ds) = (dk + 8, dk + 8, dv + 8, dv + 8);
     let kvt = plan::KT * (ks + vs) * 2;
     // BW_QSTAGES: the compressed / window row-major kernels double-buffer their K/V tiles when
@@ -89,13 +125,23 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wgmma: boo
     let stages = if dk + dv <= 256 { 2 } else { 1 };
     let p = plan::sel_positions(g);
     let sel_rows = (p * g).div_ceil(16) * 16;
+    let rows64 = plan::BQ_ROWS * (qs + ds) * 2 + stages * kvt;
     BwdSmem {
-        rows64: plan::BQ_ROWS * (qs + ds) * 2 + stages * kvt,
+        rows64,
+        // the wgmma dQ pass: 1 KB of alignment slack, the swizzled Q / dO rows and two swizzled
+        // K/V tiles (more than the padded layout only at dk + dv > 256, i.e. dk 192), one with
+        // `-DBW_WG_DQ_1BUF` at dk 192 (`BW_WG_DQ_STAGES`)
+        rows64_saved: if wg.dq {
+            let stages = if dk == 192 && wg.dq_one_buffer { 1 } else { 2 };
+            rows64.max(1024 + (plan::BQ_ROWS + stages * plan::KT) * (dk + dv) * 2)
+        } else {
+            rows64
+        },
         rows_sel: sel_dq_smem(dk, dv, g, nsel, sel_l, p, plan::sel_stages(g, dk, dv)),
         sel_threads: sel_rows * 2,
-        kv: if wgmma {
+        kv: if wg.kv {
             // 1 KB of alignment slack, the unpadded swizzled K/V tile and two row buffers
-            1024 + plan::KT * (dk + dv) * 2 + 2 * WG_KV_ROWS * ((dk + dv) * 2 + 16)
+            1024 + plan::KT * (dk + dv) * 2 + 2 * wg_kv_rows(dk) * ((dk + dv) * 2 + 16)
         } else {
             kvt + 2 * (32 * (qs + ds) * 2 + 32 * 16)
         },
@@ -249,7 +295,7 @@ impl DeviceBackward {
             shape.sel_l,
             wgmma_kernels(&ctx.arch, dk, dv),
         );
-        let need = smem.rows64.max(smem.rows_sel).max(smem.kv);
+        let need = smem.rows64_saved.max(smem.rows_sel).max(smem.kv);
         if need > ctx.max_smem {
             return Err(NsaError::Unsupported(format!(
                 "backward kernels need {need} bytes of shared memory per block, the device offers {}",
@@ -263,9 +309,9 @@ impl DeviceBackward {
             &[
                 ("selb_bwd_dq", sel_block::dq_smem(shape)),
                 ("cmp_bwd_dq", smem.rows64),
-                ("cmp_bwd_dq_saved", smem.rows64),
+                ("cmp_bwd_dq_saved", smem.rows64_saved),
                 ("win_bwd_dq", smem.rows64),
-                ("win_bwd_dq_saved", smem.rows64),
+                ("win_bwd_dq_saved", smem.rows64_saved),
                 ("sel_bwd_dq", smem.rows_sel),
                 ("sel_bwd_dq_saved", smem.rows_sel),
                 ("cmp_bwd_dkdv", smem.kv),
@@ -601,8 +647,13 @@ pub fn backward_device_with(
             None => l.arg(&mut b.lse[0]),
         };
         l.arg(&mut b.dg[0]).arg(&mut b.dq);
+        let bytes = if saved.is_some() {
+            sm.rows64_saved
+        } else {
+            sm.rows64
+        };
         // SAFETY: matches `cmp_bwd_dq`; one CTA per (row tile, KV head).
-        unsafe { l.launch(grid(b.n_rows64, hkv, 128, sm.rows64)) }.map_err(driver_err)?;
+        unsafe { l.launch(grid(b.n_rows64, hkv, 128, bytes)) }.map_err(driver_err)?;
     }
     rec(1)?;
     if b.n_cmp_kv > 0 {
@@ -680,8 +731,13 @@ pub fn backward_device_with(
             None => l.arg(&mut b.lse[2]),
         };
         l.arg(&mut b.dg[2]).arg(&mut b.dq);
+        let bytes = if saved.is_some() {
+            sm.rows64_saved
+        } else {
+            sm.rows64
+        };
         // SAFETY: matches `win_bwd_dq`.
-        unsafe { l.launch(grid(b.n_rows64, hkv, 128, sm.rows64)) }.map_err(driver_err)?;
+        unsafe { l.launch(grid(b.n_rows64, hkv, 128, bytes)) }.map_err(driver_err)?;
     }
     rec(4)?;
     {
@@ -995,7 +1051,7 @@ mod tests {
         let one = plan::sel_stages_of(128, 128, true, None);
         assert_eq!(sel_dq_smem(128, 128, 16, 16, 64, p1, one), 43_584 + 196);
         // smem_of uses the same layout as the kernel build (NSA_CUDA_DEFINES)
-        let s = smem_of(128, 128, 16, 16, 64, false);
+        let s = smem_of(128, 128, 16, 16, 64, wgmma_kernels("sm_80", 128, 128));
         let rows = (plan::sel_positions(16) * 16).div_ceil(16) * 16;
         assert_eq!(s.sel_threads, rows * 2);
         assert_eq!(
@@ -1009,6 +1065,110 @@ mod tests {
                 plan::sel_positions(16),
                 plan::sel_stages(16, 128, 128)
             )
+        );
+    }
+
+    /// Hopper (H100 / H200): shared memory per SM, the most one block may opt into, and what the
+    /// driver reserves per resident CTA.
+    const SM_SMEM: usize = 228 * 1024;
+    const BLOCK_MAX: usize = 227 * 1024;
+    const CTA_RESERVED: usize = 1024;
+
+    fn ctas_per_sm(bytes: usize) -> usize {
+        SM_SMEM / (bytes + CTA_RESERVED)
+    }
+
+    const ALL_ON: WgPaths = WgPaths {
+        kv: true,
+        dq: true,
+        dq_one_buffer: false,
+    };
+
+    #[test]
+    fn wgmma_footprints_fit_hopper_with_two_key_major_ctas_per_sm() {
+        for (dk, dv) in [
+            (64, 64),
+            (64, 128),
+            (128, 64),
+            (128, 128),
+            (192, 64),
+            (192, 128),
+        ] {
+            for g in [1, 4, 16] {
+                let s = smem_of(dk, dv, g, 16, 64, ALL_ON);
+                for bytes in [s.rows64, s.rows64_saved, s.rows_sel, s.kv] {
+                    assert!(bytes <= BLOCK_MAX, "{dk}/{dv} G {g}: {bytes} B per block");
+                }
+                // the key-major wgmma kernels were sized for two CTAs per SM (v11; 32-row
+                // steps at dk 192)
+                assert!(ctas_per_sm(s.kv) >= 2, "{dk}/{dv}: key-major {} B", s.kv);
+                // the wgmma dQ layout never shrinks the padded mma.sync one it replaces
+                assert!(s.rows64_saved >= s.rows64);
+            }
+        }
+    }
+
+    #[test]
+    fn dk192_dq_one_buffer_switch_restores_two_ctas_per_sm() {
+        let two = smem_of(192, 128, 16, 16, 64, ALL_ON);
+        let one = smem_of(
+            192,
+            128,
+            16,
+            16,
+            64,
+            WgPaths {
+                dq_one_buffer: true,
+                ..ALL_ON
+            },
+        );
+        assert_eq!(ctas_per_sm(two.rows64_saved), 1);
+        assert!(ctas_per_sm(one.rows64_saved) >= 2);
+        // the switch concerns only dk 192
+        let at128 = |dq_one_buffer| {
+            smem_of(
+                128,
+                128,
+                16,
+                16,
+                64,
+                WgPaths {
+                    dq_one_buffer,
+                    ..ALL_ON
+                },
+            )
+            .rows64_saved
+        };
+        assert_eq!(at128(true), at128(false));
+    }
+
+    #[test]
+    fn mma_sync_fallback_keeps_its_footprints() {
+        let off = WgPaths {
+            kv: false,
+            dq: false,
+            dq_one_buffer: false,
+        };
+        for (dk, dv) in [(128, 128), (192, 128)] {
+            let s = smem_of(dk, dv, 16, 16, 64, off);
+            assert_eq!(s.rows64_saved, s.rows64);
+        }
+        // wgmma only on sm_90a and for the head dimensions bwd_wgmma.cu covers
+        for (arch, dk, dv) in [
+            ("sm_80", 128, 128),
+            ("sm_90", 192, 128),
+            ("sm_90a", 256, 128),
+            ("sm_90a", 192, 96),
+        ] {
+            assert!(!wgmma_kernels(arch, dk, dv).kv, "{arch} {dk}/{dv}");
+            assert!(!wgmma_kernels(arch, dk, dv).dq, "{arch} {dk}/{dv}");
+        }
+        let at192 = wgmma_kernels("sm_90a", 192, 128);
+        let off192 = module::define_set("-DBW_WG_NO_192") || module::define_set("-DBWD_NO_WGMMA");
+        assert_eq!(at192.kv, !off192);
+        assert_eq!(
+            at192.dq,
+            !off192 && !module::define_set("-DBW_WG_NO_192_DQ")
         );
     }
 }

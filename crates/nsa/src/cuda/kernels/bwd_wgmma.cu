@@ -1,12 +1,14 @@
 // Hopper wgmma (sm_90a) path of the key-major dK/dV kernels (cmp_bwd_dkdv, win_bwd_dkdv,
 // sel_bwd_dkdv). Prepended after wgmma.cu (whose helpers it uses) to the compressed, window and
-// selection backward families by cuda/backward/kernels.rs. Used when BW_WG is 1: sm_90a, dk and dv each 64 or 128,
-// and not built with -DBWD_NO_WGMMA (then the mma.sync path of bwd_common.cu runs, as on sm_80).
+// selection backward families by cuda/backward/kernels.rs. Used when BW_WG is 1: sm_90a, dk 64,
+// 128 or 192, dv 64 or 128, and not built with -DBWD_NO_WGMMA (then the mma.sync path of
+// bwd_common.cu runs, as on sm_80); at dk 192 -DBW_WG_NO_192 restores the mma.sync kernels (the
+// pre-v16 build) and -DBW_WG_NO_192_DQ only the dQ ones.
 //
 // One CTA = one warpgroup (4 warps) and the same 64 keys and work lists as the mma.sync path
 // (host side unchanged but for the footprint: BW_WG_KV_SMEM, two buffers of BW_WG_RT = 64 query
-// rows, which `smem_of` in cuda/backward.rs mirrors). Per row step of RT rows, with warp w owning
-// keys 16w .. 16w + 15 (the wgmma accumulator rows):
+// rows, 32 at dk 192, which `smem_of` in cuda/backward.rs mirrors). Per row step of RT rows, with
+// warp w owning keys 16w .. 16w + 15 (the wgmma accumulator rows):
 //   S^T  (64 keys x RT rows) = K Q^T          SS, K-major A (K tile) and B (Q rows), m64n{RT}k16
 //   dP^T (64 keys x RT rows) = V dO^T         SS, K-major, m64n{RT}k16
 //   P^T = g * exp2(S^T * scale - lse), dS^T = P^T (dP^T - dg)   (registers, as on mma.sync)
@@ -18,10 +20,19 @@
 // The accumulator layout per warp is the mma.sync C layout, so bw_store_kv writes dK / dV
 // unchanged. Every sum runs in the same order on every run (no atomics): bitwise repeatable.
 
-#if WG_AVAILABLE && !defined(BWD_NO_WGMMA) && (DK == 64 || DK == 128) && (DV == 64 || DV == 128)
+#if WG_AVAILABLE && !defined(BWD_NO_WGMMA) && (DK == 64 || DK == 128 || (DK == 192 && !defined(BW_WG_NO_192))) && \
+    (DV == 64 || DV == 128)
 #define BW_WG 1
 #else
 #define BW_WG 0
+#endif
+// The row-major dQ pass (cmp_bwd_dq_saved, win_bwd_dq_saved) on wgmma: with BW_WG, unless dk =
+// 192 and -DBW_WG_NO_192_DQ (then only the key-major kernels run on wgmma at dk 192). The host
+// (`smem_of` in cuda/backward.rs) mirrors both switches in its footprints.
+#if BW_WG && !(DK == 192 && defined(BW_WG_NO_192_DQ))
+#define BW_WG_DQ 1
+#else
+#define BW_WG_DQ 0
 #endif
 
 #if BW_WG
@@ -29,9 +40,15 @@
 // Query rows per key-major row step on wgmma: 64 (default: S^T / dP^T are m64n64k16, which read
 // 4 KB of shared memory per 32 K MAC instead of n32's 3 KB per 16 K, and half the steps, barriers
 // and waits), or 32 with -DBW_WG_RT=32 (v8's step). The host's footprint (`smem_of` in
-// cuda/backward.rs) allows 64: BW_WG_KV_SMEM below.
+// cuda/backward.rs) allows 64: BW_WG_KV_SMEM below. At dk = 192 the default is 32 (and the host
+// reserves 32-row buffers): dK (96 f32 per thread) + dV (64) + S^T / dP^T (2 x 32 at 64 rows)
+// would not fit 255 registers.
 #ifndef BW_WG_RT
+#if DK == 192
+#define BW_WG_RT 32
+#else
 #define BW_WG_RT 64
+#endif
 #endif
 #if BW_WG_RT != 32 && BW_WG_RT != 64
 #error "BW_WG_RT must be 32 or 64"
@@ -66,13 +83,41 @@ __device__ __forceinline__ void bw_wg_ss_n(float (&d)[4][4], unsigned long long 
 }
 
 // C (64 x D) += A (64 x 16, registers) * B (16 x D, MN-major smem descriptor): one wgmma of the
-// accumulator's width (the overload picks n64 or n128 by the array size).
+// accumulator's width (the overload picks n64, n128 or, at dk = 192, n192 by the array size).
 __device__ __forceinline__ void bw_wg_rs(float (&c)[16][4], const u32 (&a)[4], unsigned long long b) {
     wg_rs_n128<1, 1>(c, a, b);
 }
 __device__ __forceinline__ void bw_wg_rs(float (&c)[8][4], const u32 (&a)[4], unsigned long long b) {
     wg_rs_n64<1, 1>(c, a, b);
 }
+#if DK == 192
+// D (m64 x n192, f32) (+)= A (64 x 16, registers: the m16n8k16 A fragment of warp w's rows) *
+// B (16 x n192, smem descriptor): dK += dS^T Q and dQ += dS K at dk = 192 (one wgmma reads the A
+// fragments once; MN-major B spans three 64-element column blocks LBO bytes apart, as n128 two).
+template <int SCALE_D, int TRANS_B>
+__device__ __forceinline__ void bw_wg_rs_n192(float (&d)[24][4], const u32 (&a)[4], unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n192k16.f32." ELEM_PTX "." ELEM_PTX " "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95}, {%96,%97,%98,%99}, %100, p, 1, 1, %102;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]),
+          "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]), "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]),
+          "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]), "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]),
+          "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]), "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]),
+          "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]), "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(SCALE_D), "n"(TRANS_B));
+}
+__device__ __forceinline__ void bw_wg_rs(float (&c)[24][4], const u32 (&a)[4], unsigned long long b) {
+    bw_wg_rs_n192<1, 1>(c, a, b);
+}
+#endif
 
 // S (64 x BW_WG_RT) = A B^T over D: A the swizzled [64 x D] key-side tile at `a0`, B the swizzled
 // [BW_WG_RT x D] row tile at `b0` (both K-major). Issues D / 16 wgmmas (caller fences / commits).
@@ -295,9 +340,17 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
 //   S  (64 rows x 64 keys) = Q K^T     SS, K-major, m64n64k16 (wg_qk)
 //   dP (64 rows x 64 keys) = dO V^T    SS, K-major, m64n64k16
 //   dS = g * P * (dP - dg)             registers
-//   dQ += dS K                         RS, K tile read MN-major, m64n{64,128}k16
-// Shared memory (from the 1024-aligned base): Q [64 x DK], dO [64 x DV], two K/V tile buffers.
+//   dQ += dS K                         RS, K tile read MN-major, m64n{64,128,192}k16
+// Shared memory (from the 1024-aligned base): Q [64 x DK], dO [64 x DV], BW_WG_DQ_STAGES K/V
+// tile buffers: two (default), or one with -DBW_WG_DQ_1BUF at dk = 192, where Q, dO and two
+// tiles take 120 KB (+1 KB of alignment slack: one CTA per SM), with one tile 80 KB (two CTAs
+// per SM, each tile's load exposed within its CTA). The host's `smem_of` mirrors the switch.
 #define BW_WG_Q_BYTES (64 * (DK + DV) * 2)
+#if DK == 192 && defined(BW_WG_DQ_1BUF)
+#define BW_WG_DQ_STAGES 1
+#else
+#define BW_WG_DQ_STAGES 2
+#endif
 
 // S (64 x 64) = A B^T over D: A the swizzled [64 x D] tile at `a0`, B the swizzled [64 x D] tile
 // at `b0` (both K-major). Issues D / 16 wgmmas (caller fences / commits).
@@ -361,9 +414,27 @@ __device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_
                                      [&](int r) { return (i64)r * HKV * DV; });
         cp_async_commit();
     };
-    BwTile cur, nxt;
+    BwTile cur;
     bool have = next(cur);
     __syncthreads();   // earlier users of the buffers are done
+#if BW_WG_DQ_STAGES == 1
+    // one K/V buffer: each tile loads once the previous tile's products (dQ reads K) are done
+    // in every warp; the CTA's load latency is hidden only by other CTAs on the SM
+    while (have) {
+        load(cur, 0);
+        cp_async_wait_all();
+        fence_proxy_async();
+        __syncthreads();   // tile cur is visible
+        int lo[2], hi[2];
+        mask(cur, lo, hi);
+        const u32 ks = smem_addr(Kb(0));
+        fn(lo, hi, ks, ks + 64 * DK * 2, []() {});
+        wg_wait<0>();
+        __syncthreads();   // every warp's products of tile cur are done: the buffer is free
+        have = next(cur);
+    }
+#else
+    BwTile nxt;
     if (have) load(cur, 0);
     int b = 0;
 #ifdef BW_DQ_DEFER
@@ -405,6 +476,7 @@ __device__ __forceinline__ void bw_wg_pipeline(unsigned char* kvbuf, const bf16_
         b ^= 1;
     }
 #endif
+#endif  // BW_WG_DQ_STAGES
 }
 
 // dQ of one key tile on wgmma (bw_dq_tile's math). Q / dO: the swizzled tiles at qs / dos, or

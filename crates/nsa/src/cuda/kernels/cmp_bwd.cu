@@ -78,7 +78,7 @@ __device__ __forceinline__ void cmp_bwd_dq_body(
     bw_rows_dq<false, SAVED>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
-#if BW_WG
+#if BW_WG_DQ
 // cmp_bwd_dq_body<true> on wgmma (bw_wg_rows_dq): the same items, rows, tiles and masks.
 __device__ __forceinline__ void cmp_bwd_dq_wg(const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc,
                                               const bf16_t* __restrict__ vc, const bf16_t* __restrict__ dO,
@@ -258,7 +258,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dq_saved(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
     float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
-#if BW_WG
+#if BW_WG_DQ
     cmp_bwd_dq_wg(q, kc, vc, dO, gate, items, lse_out, dg_out, dq_out);
 #else
     cmp_bwd_dq_body<true>(q, kc, vc, dO, gate, items, lse_out, dg_out, dq_out);

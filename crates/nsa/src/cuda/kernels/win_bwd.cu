@@ -70,7 +70,7 @@ __device__ __forceinline__ void win_bwd_dq_body(
     bw_rows_dq<true, SAVED>(Qs, dOs, row0, qrow, valid, gate, lse_out, dg_out, dq_out, for_tiles);
 }
 
-#if BW_WG
+#if BW_WG_DQ
 // win_bwd_dq_body<true> on wgmma (bw_wg_rows_dq): the same items, rows, tiles and masks.
 __device__ __forceinline__ void win_bwd_dq_wg(const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw,
                                               const bf16_t* __restrict__ vw, const bf16_t* __restrict__ dO,
@@ -176,7 +176,7 @@ extern "C" __global__ void __launch_bounds__(128) win_bwd_dq_saved(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw, const bf16_t* __restrict__ vw,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
     float* __restrict__ lse_out, float* __restrict__ dg_out, float* __restrict__ dq_out) {
-#if BW_WG
+#if BW_WG_DQ
     win_bwd_dq_wg(q, kw, vw, dO, gate, items, lse_out, dg_out, dq_out);
 #else
     win_bwd_dq_body<true>(q, kw, vw, dO, gate, items, lse_out, dg_out, dq_out);
