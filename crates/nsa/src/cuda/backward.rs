@@ -92,7 +92,7 @@ struct WgPaths {
     kv: bool,
     /// The saved-statistics row-major dQ kernels (cmp_bwd_dq_saved, win_bwd_dq_saved).
     dq: bool,
-    /// At dk 192: the dQ kernels keep one K/V tile buffer (`-DBW_WG_DQ_1BUF`), not two.
+    /// At dk 192: the dQ kernels keep one K/V tile buffer (the default), not two (`-DBW_WG_DQ_2BUF`).
     dq_one_buffer: bool,
 }
 
@@ -100,8 +100,8 @@ struct WgPaths {
 /// sm_90a, dk in {64, 128, 192}, dv in {64, 128}. At dk 64 / 128 `-DBWD_NO_WGMMA` only shrinks
 /// what they use (the footprints stay); at dk 192 the host mirrors the A/B switches
 /// `-DBW_WG_NO_192` (every kernel back on mma.sync, the pre-v16 footprints), `-DBWD_NO_WGMMA`
-/// (the same), `-DBW_WG_NO_192_DQ` (only the dQ kernels back on mma.sync) and `-DBW_WG_DQ_1BUF`
-/// (the dQ kernels with one K/V buffer: two CTAs per SM).
+/// (the same), `-DBW_WG_NO_192_DQ` (only the dQ kernels back on mma.sync) and `-DBW_WG_DQ_2BUF`
+/// (the dQ kernels with two K/V buffers: one CTA per SM; the default is one buffer).
 fn wgmma_kernels(arch: &str, dk: usize, dv: usize) -> WgPaths {
     let dims = matches!(dk, 64 | 128 | 192) && matches!(dv, 64 | 128);
     let kv = arch == "sm_90a"
@@ -112,7 +112,7 @@ fn wgmma_kernels(arch: &str, dk: usize, dv: usize) -> WgPaths {
     WgPaths {
         kv,
         dq,
-        dq_one_buffer: module::define_set("-DBW_WG_DQ_1BUF"),
+        dq_one_buffer: !module::define_set("-DBW_WG_DQ_2BUF"),
     }
 }
 
@@ -129,8 +129,8 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wg: WgPath
     BwdSmem {
         rows64,
         // the wgmma dQ pass: 1 KB of alignment slack, the swizzled Q / dO rows and two swizzled
-        // K/V tiles (more than the padded layout only at dk + dv > 256, i.e. dk 192), one with
-        // `-DBW_WG_DQ_1BUF` at dk 192 (`BW_WG_DQ_STAGES`)
+        // K/V tiles (more than the padded layout only at dk + dv > 256, i.e. dk 192), one tile
+        // at dk 192 unless `-DBW_WG_DQ_2BUF` (`BW_WG_DQ_STAGES`)
         rows64_saved: if wg.dq {
             let stages = if dk == 192 && wg.dq_one_buffer { 1 } else { 2 };
             rows64.max(1024 + (plan::BQ_ROWS + stages * plan::KT) * (dk + dv) * 2)

@@ -342,11 +342,13 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
 //   dS = g * P * (dP - dg)             registers
 //   dQ += dS K                         RS, K tile read MN-major, m64n{64,128,192}k16
 // Shared memory (from the 1024-aligned base): Q [64 x DK], dO [64 x DV], BW_WG_DQ_STAGES K/V
-// tile buffers: two (default), or one with -DBW_WG_DQ_1BUF at dk = 192, where Q, dO and two
-// tiles take 120 KB (+1 KB of alignment slack: one CTA per SM), with one tile 80 KB (two CTAs
-// per SM, each tile's load exposed within its CTA). The host's `smem_of` mirrors the switch.
+// tile buffers: two, but one at dk = 192, where Q, dO and two tiles would take 120 KB (+1 KB of
+// alignment slack: one CTA per SM); with one tile 80 KB, two CTAs per SM, each tile's load
+// exposed within its CTA but hidden by the other CTA. Measured at 64k, 192/128 (NOTES-cuda-bwd.md
+// v16): cmp_dq 23.5 -> 21.6 ms, win_dq 8.7 -> 6.7 with one buffer. -DBW_WG_DQ_2BUF restores two
+// at dk = 192. The host's `smem_of` mirrors the switch.
 #define BW_WG_Q_BYTES (64 * (DK + DV) * 2)
-#if DK == 192 && defined(BW_WG_DQ_1BUF)
+#if DK == 192 && !defined(BW_WG_DQ_2BUF)
 #define BW_WG_DQ_STAGES 1
 #else
 #define BW_WG_DQ_STAGES 2
