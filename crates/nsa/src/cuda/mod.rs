@@ -217,6 +217,27 @@ fn cmp_double_buffered() -> bool {
     !module::define_set("-DCMP_SINGLE_BUFFER")
 }
 
+/// `cmp_attn` runs on wgmma (cmp_attn.cu's `CMP_USE_WGMMA`): sm_90a, dk a multiple of 64 up to
+/// 256, dv 64 or 128, unless `-DCMP_NO_WGMMA` or `-DCMP_SINGLE_BUFFER`.
+fn cmp_uses_wgmma(shape: &Shape, arch: &str) -> bool {
+    let off = module::define_set("-DCMP_NO_WGMMA") || module::define_set("-DCMP_SINGLE_BUFFER");
+    arch == "sm_90a"
+        && !off
+        && shape.dk.is_multiple_of(64)
+        && shape.dk <= 256
+        && (shape.dv == 64 || shape.dv == 128)
+}
+
+/// K/V stages of the forward's wgmma loops (`FWD_WG_STAGES` in wgmma.cu): one when dk + dv > 256
+/// (two CTAs per SM at dk 192), unless `-DFWD_WG_2STAGE`, else two.
+fn fwd_wg_stages(shape: &Shape) -> usize {
+    if shape.dk + shape.dv > 256 && !module::define_set("-DFWD_WG_2STAGE") {
+        1
+    } else {
+        2
+    }
+}
+
 /// `win_attn` runs on wgmma (win_attn.cu's `WIN_USE_WGMMA`): sm_90a, dk a multiple of 64 up to
 /// 256, dv 64 or 128, unless `NSA_CUDA_DEFINES` holds `-DCMP_NO_WGMMA` or `-DWIN_NO_WGMMA`. The
 /// kernel traps when launched with less shared memory than its layout needs.
@@ -261,8 +282,12 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
         (128, 32)
     };
     Footprint {
-        // two K/V stages in `cmp_attn` (see cmp_double_buffered)
-        cmp_smem: if cmp_double_buffered() {
+        // two K/V stages in `cmp_attn` (see cmp_double_buffered) unless its wgmma loop keeps
+        // one (then it fits the padded single-stage footprint: 1 KB of alignment slack is less
+        // than the padding of the rows)
+        cmp_smem: if cmp_double_buffered()
+            && !(cmp_uses_wgmma(shape, arch) && fwd_wg_stages(shape) == 1)
+        {
             tiles(rows) + 64 * (ks + vs) * 2
         } else {
             tiles(rows)
@@ -279,9 +304,10 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
             + 16,
         sel_threads: sel_warps * 32,
         sel_positions: p_sel,
-        // wgmma: 1 KB alignment slack, the swizzled Q tile, two unpadded K/V stages (WIN_WG_SMEM)
+        // wgmma: 1 KB alignment slack, the swizzled Q tile, FWD_WG_STAGES unpadded K/V stages
+        // (WIN_WG_SMEM)
         win_smem: if win_uses_wgmma(shape, arch) {
-            1024 + (rows * shape.dk + 2 * 64 * (shape.dk + shape.dv)) * 2
+            1024 + (rows * shape.dk + fwd_wg_stages(shape) * 64 * (shape.dk + shape.dv)) * 2
         } else {
             tiles(rows)
         },

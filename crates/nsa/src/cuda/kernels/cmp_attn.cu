@@ -150,17 +150,20 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     // two K/V stages, the next tile loading while the current one is computed (-DCMP_SINGLE_BUFFER
     // restores the one-stage loop below, for comparisons)
     auto issue = [&](int c0) {
-        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & 1;
+        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & (FWD_WG_STAGES - 1);
         load_rows_async<KT, DK, KS_STRIDE, 128>(Ks + stage * (KT * KS_STRIDE + KT * VS_STRIDE), kc + krow(c0), nk,
                                                 [&](int r) { return (i64)r * HKV * DK; });
         load_rows_async<KT, DV, VS_STRIDE, 128>(Ks + stage * (KT * KS_STRIDE + KT * VS_STRIDE) + KT * KS_STRIDE, vc + vrow(c0), nk,
                                                 [&](int r) { return (i64)r * HKV * DV; });
         cp_async_commit();
     };
-    if (ncmp > 0) issue(0);
+    if (FWD_WG_STAGES == 2 && ncmp > 0) issue(0);
     for (int c0 = 0; c0 < ncmp; c0 += KT) {
-        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & 1;
-        if (c0 + KT < ncmp) {
+        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & (FWD_WG_STAGES - 1);
+        if (FWD_WG_STAGES == 1) {   // the previous tile's readers passed the loop's last barrier
+            issue(c0);
+            cp_async_wait_all();
+        } else if (c0 + KT < ncmp) {
             issue(c0 + KT);
             cp_async_wait_one();
         } else {
@@ -261,7 +264,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     float* __restrict__ lse_out, bf16_t* __restrict__ o_save) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char* Qs = align1024(smem_raw);             // [CMP_ROWS x DK]
-    unsigned char* KVs = Qs + CMP_ROWS * DK * 2;         // 2 stages of K [KT x DK], V [KT x DV]
+    unsigned char* KVs = Qs + CMP_ROWS * DK * 2;         // FWD_WG_STAGES x (K [KT x DK], V [KT x DV])
     constexpr int K_BYTES = KT * DK * 2, STAGE_BYTES = KT * (DK + DV) * 2;
 
     const int4 it = items[blockIdx.x];
@@ -295,17 +298,20 @@ extern "C" __global__ void __launch_bounds__(128) cmp_attn(
     float o[CMT][DV / 8][4];
     zero_acc(o);
     auto issue = [&](int c0) {
-        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & 1;
+        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & (FWD_WG_STAGES - 1);
         load_tile_sw128<KT, DK, 128>(KVs + stage * STAGE_BYTES, kc + krow(c0), nk,
                                      [&](int r) { return (i64)r * HKV * DK; });
         load_tile_sw128<KT, DV, 128>(KVs + stage * STAGE_BYTES + K_BYTES, vc + vrow(c0), nk,
                                      [&](int r) { return (i64)r * HKV * DV; });
         cp_async_commit();
     };
-    if (ncmp > 0) issue(0);
+    if (FWD_WG_STAGES == 2 && ncmp > 0) issue(0);
     for (int c0 = 0; c0 < ncmp; c0 += KT) {
-        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & 1;
-        if (c0 + KT < ncmp) {
+        const int nk = min(KT, ncmp - c0), stage = (c0 / KT) & (FWD_WG_STAGES - 1);
+        if (FWD_WG_STAGES == 1) {   // the previous tile's readers passed the loop's last barrier
+            issue(c0);
+            cp_async_wait_all();
+        } else if (c0 + KT < ncmp) {
             issue(c0 + KT);
             cp_async_wait_one();
         } else {

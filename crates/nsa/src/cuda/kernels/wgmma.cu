@@ -28,6 +28,17 @@
 #define WG_AVAILABLE 0
 #endif
 
+// K/V stages of the forward's wgmma attention loops (cmp_attn pass 1, win_attn): two (the next
+// tile loads while this one is computed), but one when dk + dv > 256 (dk 192 / dv 128): there a
+// 128-row Q tile and two stages take 129 KB, one CTA per SM, where one stage takes 89 KB, two
+// CTAs per SM, each tile's load exposed within its CTA and overlapped by the other CTA's work.
+// -DFWD_WG_2STAGE keeps two stages (cuda/mod.rs `fwd_wg_stages` mirrors both).
+#if (DK + DV) > 256 && !defined(FWD_WG_2STAGE)
+#define FWD_WG_STAGES 1
+#else
+#define FWD_WG_STAGES 2
+#endif
+
 #if WG_AVAILABLE
 
 #ifndef ELEM_PTX   // the element type's PTX name (common.cu defines it with ELEM_F16)

@@ -180,13 +180,14 @@ __device__ __forceinline__ void win_wg_tile(u32 qa, u32 ka, u32 va, bool need_ma
     for (int mt = 0; mt < WMT; ++mt) wg_pin(o[mt]);
 }
 
-// Shared memory of the wgmma kernel: 1 KB of alignment slack, the swizzled Q tile and two K/V
-// stages (cuda/mod.rs reserves exactly this).
-#define WIN_WG_SMEM (1024 + WIN_ROWS * DK * 2 + 2 * KT * (DK + DV) * 2)
+// Shared memory of the wgmma kernel: 1 KB of alignment slack, the swizzled Q tile and
+// FWD_WG_STAGES K/V stages (wgmma.cu; cuda/mod.rs reserves exactly this).
+#define WIN_WG_SMEM (1024 + WIN_ROWS * DK * 2 + FWD_WG_STAGES * KT * (DK + DV) * 2)
 
 // The window on wgmma: the CTA's 128 threads are one warpgroup; row tile mt (64 rows) belongs to
 // all four warps (warp w: rows mt*64 + 16w .. +15). Q, K and V tiles are 128B-swizzled and
-// unpadded; the next K/V tile loads (cp.async) while the current one is computed.
+// unpadded; the next K/V tile loads (cp.async) while the current one is computed (one stage at
+// dk + dv > 256: FWD_WG_STAGES in wgmma.cu).
 extern "C" __global__ void __launch_bounds__(128) win_attn(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw, const bf16_t* __restrict__ vw,
     const float* __restrict__ gate, const int4* __restrict__ items, float* __restrict__ out,
@@ -198,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(128) win_attn(
         if (dyn < WIN_WG_SMEM) __trap();
     }
     unsigned char* Qs = align1024(smem_raw);             // [WIN_ROWS x DK]
-    unsigned char* KVs = Qs + WIN_ROWS * DK * 2;         // 2 stages of K [KT x DK], V [KT x DV]
+    unsigned char* KVs = Qs + WIN_ROWS * DK * 2;         // FWD_WG_STAGES x (K [KT x DK], V [KT x DV])
     constexpr int K_BYTES = KT * DK * 2, STAGE_BYTES = KT * (DK + DV) * 2;
 
     const int4 it = items[blockIdx.x];
@@ -232,17 +233,20 @@ extern "C" __global__ void __launch_bounds__(128) win_attn(
     const i64 kv_base = (i64)(start + kbeg) * HKV + g;
     auto issue = [&](int j) {
         const int nk = min(KT, kend - kbeg - j * KT);
-        unsigned char* st_ = KVs + (j & 1) * STAGE_BYTES;
+        unsigned char* st_ = KVs + (j & (FWD_WG_STAGES - 1)) * STAGE_BYTES;
         load_tile_sw128<KT, DK, 128>(st_, kw + (kv_base + (i64)j * KT * HKV) * DK, nk,
                                      [&](int r) { return (i64)r * HKV * DK; });
         load_tile_sw128<KT, DV, 128>(st_ + K_BYTES, vw + (kv_base + (i64)j * KT * HKV) * DV, nk,
                                      [&](int r) { return (i64)r * HKV * DV; });
         cp_async_commit();
     };
-    issue(0);   // ntiles >= 1: every row sees at least its own key
+    if (FWD_WG_STAGES == 2) issue(0);   // ntiles >= 1: every row sees at least its own key
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = kbeg + j * KT;
-        if (j + 1 < ntiles) {
+        if (FWD_WG_STAGES == 1) {   // the previous tile's readers passed the loop's last barrier
+            issue(j);
+            cp_async_wait_all();
+        } else if (j + 1 < ntiles) {
             issue(j + 1);
             cp_async_wait_one();
         } else {
@@ -256,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(128) win_attn(
         // every row sees the whole tile iff it starts inside the last row's window and ends at or
         // before the first row's position (then it is also a full tile)
         const bool need_mask = k0 < tmax - WIN + 1 || k0 + KT - 1 > t0;
-        const u32 ka = smem_addr(KVs + (j & 1) * STAGE_BYTES);
+        const u32 ka = smem_addr(KVs + (j & (FWD_WG_STAGES - 1)) * STAGE_BYTES);
 #ifndef WIN_NO_NARROW
         // a last tile of at most 16 keys (G = 8, 16, 32, 64 at w = 512: 519 keys per 8 positions
         // at G = 16 leave 7) runs as m64n16 scores and one k16 step of P V (-DWIN_NO_NARROW: a
