@@ -53,17 +53,13 @@ def ratio(a, b):
     return "-" if a is None or b is None else f"{b['ms'] / a['ms']:.1f}x"
 
 
-def gpu_tables():
-    out = []
-    fwd, f1 = load("h100-fwd")
-    bwd, f2 = load("h100-bwd")
-    dec, f3 = load("h100-decode")
-    if not (f1 or f2 or f3):
-        return out
-    out.append(f"GPU, B=1, HQ=64, HKV=4, dk=dv=128, bf16, ms (median); from {', '.join(f1 + f2)}:\n")
+def length_table(fwd, bwd, dk, dv, source):
+    """NSA forward / backward against the dense and NSA peers over the context lengths."""
+    dims = f"dk=dv={dk}" if dk == dv else f"dk={dk}, dv={dv}"
+    out = [f"GPU, B=1, HQ=64, HKV=4, {dims}, bf16, ms (median); {source}:\n"]
     out.append("| T | NSA fwd | cuDNN fwd | flash fwd | fla-nsa fwd | NSA bwd | cuDNN bwd | fla-nsa bwd | NSA fwd speedup vs cuDNN |")
     out.append("|---|---|---|---|---|---|---|---|---|")
-    shape = dict(batch=1, heads=64, kv_heads=4, dk=128, dv=128)
+    shape = dict(batch=1, heads=64, kv_heads=4, dk=dk, dv=dv)
     for t in (8192, 16384, 32768, 65536, 131072):
         nf = pick(fwd, op="forward", impl="nsa-cuda", T=t, **shape)
         cf = pick(fwd, op="forward", impl="torch-sdpa-cudnn", T=t, **shape)
@@ -73,6 +69,19 @@ def gpu_tables():
         cb = pick(bwd, op="backward", impl="torch-sdpa-cudnn", T=t, **shape)
         lb = pick(bwd, op="backward", impl="fla-nsa", T=t, **shape)
         out.append(f"| {t // 1024}k | {ms(nf)} | {ms(cf)} | {ms(ff)} | {ms(lf)} | {ms(nb)} | {ms(cb)} | {ms(lb)} | {ratio(nf, cf)} |")
+    return out
+
+
+def gpu_tables():
+    out = []
+    fwd, f1 = load("h100-fwd")
+    bwd, f2 = load("h100-bwd")
+    dec, f3 = load("h100-decode")
+    if not (f1 or f2 or f3):
+        return out
+    out += length_table(fwd, bwd, 128, 128, f"from {', '.join(f1 + f2)}")
+    out.append("")
+    out += length_table(fwd, bwd, 192, 128, "the paper's head dims")
     out.append("\nGPU, GQA group size G at T=64k (HQ=64, HKV=64/G, dk=dv=128), ms (median):\n")
     out.append("| G | NSA fwd | cuDNN fwd | NSA bwd | cuDNN bwd | NSA fwd speedup vs cuDNN | NSA bwd speedup vs cuDNN |")
     out.append("|---|---|---|---|---|---|---|")
