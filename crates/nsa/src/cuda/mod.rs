@@ -228,6 +228,16 @@ fn cmp_uses_wgmma(shape: &Shape, arch: &str) -> bool {
         && (shape.dv == 64 || shape.dv == 128)
 }
 
+/// K/V chunk stages of `sel_attn` (`SEL_STAGES` in sel_attn.cu): one when dk + dv > 256 unless
+/// `-DSEL_2STAGE`, else two.
+fn sel_stages(shape: &Shape) -> usize {
+    if shape.dk + shape.dv > 256 && !module::define_set("-DSEL_2STAGE") {
+        1
+    } else {
+        2
+    }
+}
+
 /// K/V stages of the forward's wgmma loops (`FWD_WG_STAGES` in wgmma.cu): one when dk + dv > 256
 /// (two CTAs per SM at dk 192), unless `-DFWD_WG_2STAGE`, else two.
 fn fwd_wg_stages(shape: &Shape) -> usize {
@@ -297,8 +307,9 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
             + p_rows * (ring + 1) * 4
             + p_rows * top_stride * 8
             + jw * (64 + 8) * 2,
-        // Q rows, two stages of 32 K/V keys, the index lists and the chunk list (sel_attn.cu)
-        sel_smem: (sel_warps * 16 * qs + 2 * 32 * ks + 2 * 32 * vs) * 2
+        // Q rows, SEL_STAGES stages of 32 K/V keys, the index lists and the chunk list
+        // (sel_attn.cu)
+        sel_smem: (sel_warps * 16 * qs + sel_stages(shape) * 32 * (ks + vs)) * 2
             + p_sel * shape.nsel * 4
             + 3 * max_chunks * 4
             + 16,

@@ -24,16 +24,26 @@
 #define SK 32                                              // keys per chunk
 #define MAX_CHUNKS (P_SEL * NSEL * ((SEL_L + SK - 1) / SK))
 #define INT_MAX_ 0x7fffffff
+// K/V chunk stages: two, or one at dk + dv > 256 with a register bound for four CTAs per SM
+// (dk 192: two stages and 134 registers allow three; -DSEL_2STAGE keeps two stages and no bound;
+// cuda/mod.rs `sel_stages` mirrors it).
+#if (DK + DV) > 256 && !defined(SEL_2STAGE)
+#define SEL_STAGES 1
+#define SEL_BOUNDS __launch_bounds__(SEL_THREADS, 4)
+#else
+#define SEL_STAGES 2
+#define SEL_BOUNDS __launch_bounds__(SEL_THREADS)
+#endif
 
-extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
+extern "C" __global__ void SEL_BOUNDS sel_attn(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
     const float* __restrict__ gate, const int4* __restrict__ items, const int* __restrict__ sel_idx,
     float* __restrict__ out, float* __restrict__ lse_save, bf16_t* __restrict__ o_save) {
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
-    bf16_t* Ks = Qs + SEL_ROWS * QS_STRIDE;         // [2][SK][KS_STRIDE]
-    bf16_t* Vs = Ks + 2 * SK * KS_STRIDE;           // [2][SK][VS_STRIDE]
-    int* idx_s = (int*)(Vs + 2 * SK * VS_STRIDE);   // [P_SEL][NSEL]
+    bf16_t* Ks = Qs + SEL_ROWS * QS_STRIDE;                  // [SEL_STAGES][SK][KS_STRIDE]
+    bf16_t* Vs = Ks + SEL_STAGES * SK * KS_STRIDE;           // [SEL_STAGES][SK][VS_STRIDE]
+    int* idx_s = (int*)(Vs + SEL_STAGES * SK * VS_STRIDE);   // [P_SEL][NSEL]
     int* ch_k0 = idx_s + P_SEL * NSEL;              // [MAX_CHUNKS] first key of the chunk
     int* ch_nk = ch_k0 + MAX_CHUNKS;                // [MAX_CHUNKS] its length
     unsigned* ch_mask = (unsigned*)(ch_nk + MAX_CHUNKS);   // [MAX_CHUNKS] positions that chose it
@@ -111,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
     warp_pos = __reduce_or_sync(0xffffffff, warp_pos);
 
     auto issue = [&](int c) {
-        const int k0 = ch_k0[c], nk = ch_nk[c], stage = c & 1;
+        const int k0 = ch_k0[c], nk = ch_nk[c], stage = c & (SEL_STAGES - 1);
         load_rows_async<SK, DK, KS_STRIDE, SEL_THREADS>(Ks + stage * SK * KS_STRIDE,
                                                         ks + ((i64)(start + k0) * HKV + g) * DK, nk,
                                                         [&](int r) { return (i64)r * HKV * DK; });
@@ -120,9 +130,12 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
                                                         [&](int r) { return (i64)r * HKV * DV; });
         cp_async_commit();
     };
-    if (nch > 0) issue(0);
+    if (SEL_STAGES == 2 && nch > 0) issue(0);
     for (int c = 0; c < nch; ++c) {
-        if (c + 1 < nch) {
+        if (SEL_STAGES == 1) {   // the previous chunk's readers passed the loop's last barrier
+            issue(c);
+            cp_async_wait_all();
+        } else if (c + 1 < nch) {
             issue(c + 1);
             cp_async_wait_one();
         } else {
@@ -138,7 +151,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) sel_attn(
                 const bool sel = valid[h] && ((chose >> pp[h]) & 1u);
                 hi[h] = sel ? min(max(tt[h] + 1 - k0, 0), nk) : 0;
             }
-            const int stage = c & 1;
+            const int stage = c & (SEL_STAGES - 1);
             attn_tile<1, SK>(Qs, Ks + stage * SK * KS_STRIDE, Vs + stage * SK * VS_STRIDE, row0, lo, hi, st, o);
         }
         __syncthreads();
