@@ -390,3 +390,37 @@ __device__ __forceinline__ void finish_branch_rows(const i64 (&qrow)[2 * MT], Ro
         store_rows_bf16<MT>(ds, inv, o);
     }
 }
+
+// The union of P positions' selected-block lists (`idx[p * NSEL + i]`, ascending, padded with
+// 0x7fffffff), in ascending block order, cut into chunks of at most CHUNK keys that stop at tmax:
+// chunk i = (first key k0s[i], length nks[i], the bit set masks[i] of the positions that chose
+// its block). A P-way merge with lane p < P holding position p's next block; warp 0 calls it,
+// lane 0 writes the arrays; returns the number of chunks (in every lane). Shared by the forward's
+// sel_attn and the backward's sel_bwd_dq, which walk the same union.
+template <int P, int CHUNK>
+__device__ __forceinline__ int sel_union_chunks(const int* idx, int tmax, int* k0s, int* nks, unsigned* masks) {
+    const int lane = threadIdx.x & 31;
+    int ptr = 0, count = 0;
+    int cur = lane < P ? idx[lane * NSEL] : 0x7fffffff;
+    while (true) {
+        int b = cur;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
+        if (b == 0x7fffffff) break;
+        const unsigned chose = __ballot_sync(0xffffffff, lane < P && cur == b);
+        if (lane < P && cur == b) {
+            ++ptr;
+            cur = ptr < NSEL ? idx[lane * NSEL + ptr] : 0x7fffffff;
+        }
+        const int bend = min((b + 1) * SEL_L, tmax + 1);
+        for (int k0 = b * SEL_L; k0 < bend; k0 += CHUNK) {
+            if (lane == 0) {
+                k0s[count] = k0;
+                nks[count] = min(CHUNK, bend - k0);
+                masks[count] = chose;
+            }
+            ++count;
+        }
+    }
+    return count;
+}

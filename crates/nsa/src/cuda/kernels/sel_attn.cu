@@ -71,28 +71,7 @@ extern "C" __global__ void SEL_BOUNDS sel_attn(
     // the union of the positions' blocks, ascending, as chunks (warp 0; lane p < P_SEL holds
     // position p's next block)
     if (warp == 0) {
-        int ptr = 0, count = 0;
-        int cur = lane < P_SEL ? idx_s[lane * NSEL] : INT_MAX_;
-        while (true) {
-            int b = cur;
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
-            if (b == INT_MAX_) break;
-            const unsigned chose = __ballot_sync(0xffffffff, lane < P_SEL && cur == b);
-            if (lane < P_SEL && cur == b) {
-                ++ptr;
-                cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
-            }
-            const int bend = min((b + 1) * SEL_L, tmax + 1);
-            for (int k0 = b * SEL_L; k0 < bend; k0 += SK) {
-                if (lane == 0) {
-                    ch_k0[count] = k0;
-                    ch_nk[count] = min(SK, bend - k0);
-                    ch_mask[count] = chose;
-                }
-                ++count;
-            }
-        }
+        const int count = sel_union_chunks<P_SEL, SK>(idx_s, tmax, ch_k0, ch_nk, ch_mask);
         if (lane == 0) *n_chunks = count;
     }
     __syncthreads();

@@ -94,28 +94,7 @@ __device__ __forceinline__ void sel_bwd_dq_body(
     // p < BS_P holds position p's next block); both passes walk this list, every warp the same
     // sequence, so the barriers inside bw_pipeline match.
     if (warp == 0) {
-        int ptr = 0, count = 0;
-        int cur = lane < BS_P ? idx_s[lane * NSEL] : INT_MAX_;
-        while (true) {
-            int b = cur;
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) b = min(b, __shfl_xor_sync(0xffffffff, b, off));
-            if (b == INT_MAX_) break;
-            const unsigned chose = __ballot_sync(0xffffffff, lane < BS_P && cur == b);
-            if (lane < BS_P && cur == b) {
-                ++ptr;
-                cur = ptr < NSEL ? idx_s[lane * NSEL + ptr] : INT_MAX_;
-            }
-            const int bend = min((b + 1) * SEL_L, tmax + 1);
-            for (int k0 = b * SEL_L; k0 < bend; k0 += KT) {
-                if (lane == 0) {
-                    tl_k0[count] = k0;
-                    tl_nk[count] = min(KT, bend - k0);
-                    tl_mask[count] = chose;
-                }
-                ++count;
-            }
-        }
+        const int count = sel_union_chunks<BS_P, KT>(idx_s, tmax, tl_k0, tl_nk, tl_mask);
         if (lane == 0) *n_tiles = count;
     }
     __syncthreads();
