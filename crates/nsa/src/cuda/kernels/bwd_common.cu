@@ -119,13 +119,7 @@ __device__ __forceinline__ void bw_fwd_tile(const bf16_t* Qs, const bf16_t* Ks, 
         }
 #pragma unroll
     for (int i = 0; i < 2; ++i) l[i] = l[i] * alpha[i] + rs[i];
-#pragma unroll
-    for (int nt = 0; nt < DV / 8; ++nt) {
-        o[nt][0] *= alpha[0];
-        o[nt][1] *= alpha[0];
-        o[nt][2] *= alpha[1];
-        o[nt][3] *= alpha[1];
-    }
+    scale_acc_rows<DV>(o, alpha[0], alpha[1]);
     bw_mm_pm<DV, KT>(o, s, Vs, VS_STRIDE);
 }
 

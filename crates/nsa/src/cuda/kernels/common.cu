@@ -209,6 +209,19 @@ __device__ __forceinline__ void qk_tile(const bf16_t* Qs, const bf16_t* Ks, int 
     }
 }
 
+// The online-softmax correction of an m16 accumulator tile: row gr (elements 0, 1 of each n8
+// block) times a0, row gr + 8 (elements 2, 3) times a1.
+template <int D>
+__device__ __forceinline__ void scale_acc_rows(float (&o)[D / 8][4], float a0, float a1) {
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+        o[nt][0] *= a0;
+        o[nt][1] *= a0;
+        o[nt][2] *= a1;
+        o[nt][3] *= a1;
+    }
+}
+
 // One key tile of flash attention for the warp's rows: S = Q K^T (tensor cores), masked by
 // [lo, hi) per row (key index in the tile), the online softmax update, and O += P V.
 template <int MT, int NK = KT>
@@ -257,14 +270,7 @@ __device__ __forceinline__ void attn_tile(const bf16_t* Qs, const bf16_t* Ks, co
 #pragma unroll
     for (int i = 0; i < 2 * MT; ++i) st.l[i] = st.l[i] * alpha[i] + rs[i];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; ++nt) {
-            o[mt][nt][0] *= alpha[2 * mt];
-            o[mt][nt][1] *= alpha[2 * mt];
-            o[mt][nt][2] *= alpha[2 * mt + 1];
-            o[mt][nt][3] *= alpha[2 * mt + 1];
-        }
+    for (int mt = 0; mt < MT; ++mt) scale_acc_rows<DV>(o[mt], alpha[2 * mt], alpha[2 * mt + 1]);
 #pragma unroll
     for (int kc = 0; kc < NK / 16; ++kc) {
         u32 a[MT][4];

@@ -457,15 +457,7 @@ __device__ __forceinline__ void dec_tile(const bf16_t* Qs, const DecQ& qf, const
 #pragma unroll
     for (int i = 0; i < 2; ++i) st.l[i] = st.l[i] * alpha[i] + rs[i];
     // once the running maxima settle most tiles change none of them: skip the DV/2 multiplies
-    if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; ++nt) {
-            st.o[nt][0] *= alpha[0];
-            st.o[nt][1] *= alpha[0];
-            st.o[nt][2] *= alpha[1];
-            st.o[nt][3] *= alpha[1];
-        }
-    }
+    if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) scale_acc_rows<DV>(st.o, alpha[0], alpha[1]);
 #pragma unroll
     for (int kc = 0; kc < DEC_KW / 16; ++kc) {
         u32 a[4];

@@ -235,13 +235,7 @@ __device__ __forceinline__ void wg_softmax_step(float (&s)[NK / 8][4], RowStats<
         }
 #pragma unroll
     for (int h = 0; h < 2; ++h) st.l[2 * mt + h] = st.l[2 * mt + h] * alpha[h] + rs[h];
-#pragma unroll
-    for (int nt = 0; nt < DV / 8; ++nt) {
-        o[nt][0] *= alpha[0];
-        o[nt][1] *= alpha[0];
-        o[nt][2] *= alpha[1];
-        o[nt][3] *= alpha[1];
-    }
+    scale_acc_rows<DV>(o, alpha[0], alpha[1]);
 #pragma unroll
     for (int kc = 0; kc < NK / 16; ++kc) {
         p[kc][0] = pack_bf16x2(s[2 * kc][0], s[2 * kc][1]);
