@@ -62,6 +62,25 @@ __device__ __forceinline__ float4 f16x4_to_f32(uint2 u) {
                        f16_bits_to_f32(u.y >> 16));
 }
 
+// The merges' weighted sum of a row's rank partials, four columns at a time: sum over the ranks
+// r with wr[r] != 0, in ascending rank order, of wr[r] * load(r) (`load` reads rank r's four
+// partial values in their storage format). Shared by selb_merge and selb_dq_merge.
+template <class Load>
+__device__ __forceinline__ float4 selb_weighted_sum4(const float (&wr)[NSEL], Load load) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int r = 0; r < NSEL; ++r) {
+        if (wr[r] != 0.f) {
+            const float4 v = load(r);
+            acc.x = fmaf(wr[r], v.x, acc.x);
+            acc.y = fmaf(wr[r], v.y, acc.y);
+            acc.z = fmaf(wr[r], v.z, acc.z);
+            acc.w = fmaf(wr[r], v.w, acc.w);
+        }
+    }
+    return acc;
+}
+
 // pair index of an entry: (g - ga) * nbc + (jbase[t] + j - jg_lo)
 
 // One thread per (t, g) of the chunk (t fastest); lanes that count the same pair add together
@@ -371,25 +390,17 @@ extern "C" __global__ void __launch_bounds__(256) selb_merge(
     const i64 qrow = (i64)t * HQ + g * G + hh;
     const float gt = gate[qrow] * inv;
     for (int c4 = lane; c4 < DV / 4; c4 += 32) {
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int r = 0; r < NSEL; ++r) {
-            if (wr[r] != 0.f) {
+        const float4 acc = selb_weighted_sum4(wr, [&](int r) {
 #if SELB_PART == 0
-                const float4 v = *(const float4*)(part_o + (slot0 + r) * DV + 4 * c4);
+            return *(const float4*)(part_o + (slot0 + r) * DV + 4 * c4);
 #elif SELB_PART == 1
-                const uint2 u = *(const uint2*)(part_o + (slot0 + r) * DV + 4 * c4);
-                const float4 v = make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
-                                             __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+            const uint2 u = *(const uint2*)(part_o + (slot0 + r) * DV + 4 * c4);
+            return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                               __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
 #else
-                const float4 v = f16x4_to_f32(*(const uint2*)(part_o + (slot0 + r) * DV + 4 * c4));
+            return f16x4_to_f32(*(const uint2*)(part_o + (slot0 + r) * DV + 4 * c4));
 #endif
-                acc.x = fmaf(wr[r], v.x, acc.x);
-                acc.y = fmaf(wr[r], v.y, acc.y);
-                acc.z = fmaf(wr[r], v.z, acc.z);
-                acc.w = fmaf(wr[r], v.w, acc.w);
-            }
-        }
+        });
         float4* po = (float4*)(out + qrow * DV) + c4;
         float4 ov = *po;
         ov.x = fmaf(gt, acc.x, ov.x);

@@ -194,21 +194,13 @@ extern "C" __global__ void __launch_bounds__(256) selb_dq_merge(const int* __res
     for (int r = 0; r < NSEL; ++r) wr[r] = __shfl_sync(0xffffffff, w, r);
     const i64 qrow = (i64)t * HQ + g * G + hh;
     for (int c4 = lane; c4 < DK / 4; c4 += 32) {
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int r = 0; r < NSEL; ++r) {
-            if (wr[r] != 0.f) {
+        const float4 acc = selb_weighted_sum4(wr, [&](int r) {
 #if SELB_DQ_PART == 0
-                const float4 v = *(const float4*)(part_dq + (slot0 + r) * DK + 4 * c4);
+            return *(const float4*)(part_dq + (slot0 + r) * DK + 4 * c4);
 #else
-                const float4 v = f16x4_to_f32(*(const uint2*)(part_dq + (slot0 + r) * DK + 4 * c4));
+            return f16x4_to_f32(*(const uint2*)(part_dq + (slot0 + r) * DK + 4 * c4));
 #endif
-                acc.x = fmaf(wr[r], v.x, acc.x);
-                acc.y = fmaf(wr[r], v.y, acc.y);
-                acc.z = fmaf(wr[r], v.z, acc.z);
-                acc.w = fmaf(wr[r], v.w, acc.w);
-            }
-        }
+        });
         float4* po = (float4*)(dq_out + qrow * DK) + c4;
         float4 ov = *po;
         ov.x += acc.x;
