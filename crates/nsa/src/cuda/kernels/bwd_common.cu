@@ -429,3 +429,56 @@ __device__ __forceinline__ void bw_load_kv(unsigned char* smem, const bf16_t* __
                                             [&](int r) { return (i64)r * HKV * DV; });
     cp_async_commit();
 }
+
+// ---- selection dQ partials (block-outer paths: sel_block_bwd.cu's selb_bwd_dq and sel_bwd.cu's
+// fused sel_bwd_dkdv_dq write them, sel_block_bwd.cu's selb_dq_merge adds them up) ----
+// One partial per slot (t, h, rank r of the block in t's list): dQ_r = dS K of that block alone,
+// unscaled. Format (SELB_DQ_PART, through NSA_CUDA_DEFINES; the host sizes the buffer from the
+// same define, sel_block.rs dq_part_mode): 0 = f32 rows of DK; 2 (the default) = f16 of
+// dQ_r / max|dQ_r| with the row's max |dQ_r| as an f32 scale per slot (the forward's SELB_PART = 2
+// format): half the partial bytes, sel_dq 5-6 ms less than f32 at 64k (NOTES-cuda-bwd.md v14).
+#ifndef SELB_DQ_PART
+#define SELB_DQ_PART 2
+#endif
+
+#if SELB_DQ_PART == 0
+typedef float dqpart_t;
+#else
+typedef unsigned short dqpart_t;
+#endif
+
+// Writes the thread's two rows of dQ_r (the accumulator layout of mma.sync and wgmma alike: rows
+// gr and gr + 8 of the warp's 16 in dq[.][0..1] and dq[.][2..3], columns 8 nt + gc, + 1) to their
+// slots; rows with valid[h] false are skipped. The f16 format's row max runs over the quad
+// (lane = threadIdx.x % 32, gc = (lane % 4) * 2).
+__device__ __forceinline__ void bw_store_dq_partial(const float (&dq)[DK / 8][4], const bool (&valid)[2],
+                                                    const i64 (&slot)[2], dqpart_t* part_dq,
+                                                    float* part_scale, int lane, int gc) {
+    float mul[2] = {1.f, 1.f};
+#if SELB_DQ_PART == 2
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float a = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < DK / 8; ++nt) a = fmaxf(a, fmaxf(fabsf(dq[nt][2 * h]), fabsf(dq[nt][2 * h + 1])));
+        a = fmaxf(a, __shfl_xor_sync(0xffffffff, a, 1));
+        a = fmaxf(a, __shfl_xor_sync(0xffffffff, a, 2));
+        mul[h] = a > 0.f ? 1.f / a : 0.f;   // dQ_r / max|dQ_r|: in [-1, 1]
+        if (valid[h] && (lane & 3) == 0) part_scale[slot[h]] = a;
+    }
+#endif
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (!valid[h]) continue;
+        dqpart_t* dst = part_dq + slot[h] * DK;
+#pragma unroll
+        for (int nt = 0; nt < DK / 8; ++nt) {
+            const float x = dq[nt][2 * h] * mul[h], y = dq[nt][2 * h + 1] * mul[h];
+#if SELB_DQ_PART == 0
+            *(float2*)(dst + nt * 8 + gc) = make_float2(x, y);
+#else
+            *(u32*)(dst + nt * 8 + gc) = pack_f16x2(x, y);
+#endif
+        }
+    }
+}

@@ -208,10 +208,13 @@ __device__ __forceinline__ void bw_wg_load_rows(unsigned char* qdst, unsigned ch
 // returns with this step's dV / dK still in flight (the caller waits after the last step).
 // Row metadata (lse, dg, gate, t; BW_WG_RT each) is read from shared memory where it is used: the
 // thread's columns of S^T are the row pairs nt * 8 + gc, + 1 (one 8-byte load per pair).
-template <bool DEFER, class Ok, class Mid>
+// ds_hook(dst) sees dS^T (f32, this thread's part, layout of S^T) once dK is issued (the fused
+// selection kernel stores it for its dQ; the other callers pass bw_no_ds_hook).
+template <bool DEFER, class Ok, class Mid, class DsHook>
 __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos, const float* rlse,
                                                 const float* rdg, const float* rgate, const int* rt, Ok ok,
-                                                Mid mid, float (&dk)[DK / 8][4], float (&dv)[DV / 8][4]) {
+                                                Mid mid, float (&dk)[DK / 8][4], float (&dv)[DV / 8][4],
+                                                DsHook ds_hook) {
     constexpr int NT = BW_WG_RT / 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, gc = (lane & 3) * 2;
     const int key0 = warp * 16;
@@ -258,12 +261,20 @@ __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos,
     wg_fence();
     bw_wg_acc<DK>(dk, da, qs);
     wg_commit();
+    ds_hook(dpt);
     if (!DEFER) {
         wg_wait<0>();
         wg_pin(dk);
         wg_pin(dv);
     }
 }
+
+// The ds_hook of the key-major callers that need no dS^T.
+struct BwNoDsHook {
+    template <class T>
+    __device__ __forceinline__ void operator()(const T&) const {}
+};
+#define bw_no_ds_hook BwNoDsHook()
 
 // bw_dkdv_rows on wgmma: the K/V tile (bw_wg_load_kv, committed before) at `sm`, the same
 // virtual rows in steps of BW_WG_RT, double-buffered, metadata and masks.
@@ -310,7 +321,7 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
                 __syncthreads();   // every warp's step i - 1 products are done: buffer b ^ 1 is free
                 if (rho0 + RT < nrows_total) stage(rho0 + RT, b ^ 1);
             },
-            dk, dv);
+            dk, dv, bw_no_ds_hook);
     }
     wg_wait<0>();
     wg_pin(dk);
@@ -328,7 +339,7 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
         __syncthreads();       // step i's rows and metadata are visible
         const float* m = meta(b);
         bw_wg_dkdv_step<false>(ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + RT, m + 2 * RT,
-                               (const int*)(m + 3 * RT), ok, []() {}, dk, dv);
+                               (const int*)(m + 3 * RT), ok, []() {}, dk, dv, bw_no_ds_hook);
         __syncthreads();   // buffer b is free for step i + 2
     }
 #endif

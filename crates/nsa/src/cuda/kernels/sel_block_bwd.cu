@@ -17,20 +17,8 @@
 // on its own row and goes to its own slot, the merge order is fixed: bitwise repeatable, no
 // floating-point atomics.
 //
-// Partial format (SELB_DQ_PART, through NSA_CUDA_DEFINES; the host sizes the buffer from the same
-// define, sel_block.rs dq_part_mode): 0 = f32 rows of DK; 2 (the default) = f16 of dQ_r / max|dQ_r|
-// with the row's max |dQ_r| as an f32 scale per slot (the forward's SELB_PART = 2 format): half the
-// partial bytes, sel_dq 5-6 ms less than f32 at 64k (bench/NOTES-cuda-bwd.md v14).
-
-#ifndef SELB_DQ_PART
-#define SELB_DQ_PART 2
-#endif
-
-#if SELB_DQ_PART == 0
-typedef float dqpart_t;
-#else
-typedef unsigned short dqpart_t;
-#endif
+// Partial format: SELB_DQ_PART and bw_store_dq_partial in bwd_common.cu (shared with sel_bwd.cu's
+// fused sel_bwd_dkdv_dq, whose partials selb_dq_merge adds up as well).
 
 // bytes of one Q / dO / row-metadata stage (the metadata: lse, dg, gate of 64 rows)
 #define SELB_DQ_STAGE ((64 * QS_STRIDE + 64 * DOS_STRIDE) * 2 + 64 * 3 * 4)
@@ -138,34 +126,7 @@ extern "C" __global__ void __launch_bounds__(128) selb_bwd_dq(
                     }
                 bw_mm_pm<DK, SELB_KT>(dq, sc, Kt, KS_STRIDE);
             }
-            // the two rows' partials
-            float mul[2] = {1.f, 1.f};
-#if SELB_DQ_PART == 2
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float a = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < DK / 8; ++nt) a = fmaxf(a, fmaxf(fabsf(dq[nt][2 * h]), fabsf(dq[nt][2 * h + 1])));
-                a = fmaxf(a, __shfl_xor_sync(0xffffffff, a, 1));
-                a = fmaxf(a, __shfl_xor_sync(0xffffffff, a, 2));
-                mul[h] = a > 0.f ? 1.f / a : 0.f;   // dQ_r / max|dQ_r|: in [-1, 1]
-                if (valid[h] && (lane & 3) == 0) part_scale[slot[h]] = a;
-            }
-#endif
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                if (!valid[h]) continue;
-                dqpart_t* dst = part_dq + slot[h] * DK;
-#pragma unroll
-                for (int nt = 0; nt < DK / 8; ++nt) {
-                    const float x = dq[nt][2 * h] * mul[h], y = dq[nt][2 * h + 1] * mul[h];
-#if SELB_DQ_PART == 0
-                    *(float2*)(dst + nt * 8 + gc) = make_float2(x, y);
-#else
-                    *(u32*)(dst + nt * 8 + gc) = pack_f16x2(x, y);
-#endif
-                }
-            }
+            bw_store_dq_partial(dq, valid, slot, part_dq, part_scale, lane, gc);
         }
         __syncthreads();   // stage b is refilled by the next gather
     }
