@@ -12,6 +12,9 @@
 #   peers-decode  dense + fla decode peers (~3 min)
 #   decode  our decode sweep, dk 128 and 192 (~2 min)
 #   cpu     our CPU sweeps (16 threads) + torch CPU forward+backward at 16k/32k (~9.5 min)
+#   fused   the opt-in fused selection backward (NSA_SEL_DQ_PATH=fused, NOTES-cuda-bwd.md v17):
+#           its GPU test, the whole backward suite on that path, then the per-kernel backward at
+#           64k, default and fused back to back, G = 16, 8, 4, 2, 1 (~5 min)
 # Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
 # (override with PEERS_GPU / PEERS_GPU_BWD / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB). Peer
 # forward+backward times are the sums of their forward and backward medians (`nsa bench` adds
@@ -109,5 +112,19 @@ if has cpu; then
     --lengths 32768 --no-dense --reps 1 --name cpu-fwd-bwd-32k --out-dir "$R" \
     --peers "$R/peers-cpu-fb-long.json" > "$R/cpu-fb-32k.log" 2>&1
   tail -3 "$R/cpu-fb-32k.log"
+fi
+if has fused; then
+  timeout 100 $P/tests/cuda_backward --test-threads=16 --nocapture bwd_fused_selection_path \
+    > "$R/fused-test.log" 2>&1
+  grep -E "test result|panicked|rel RMS .*(dq|dk_slc|dv_slc)" "$R/fused-test.log" | tail -24
+  NSA_SEL_DQ_PATH=fused timeout 150 $P/tests/cuda_backward --test-threads=16 \
+    > "$R/fused-suite.log" 2>&1
+  grep -E "test result|panicked" "$R/fused-suite.log" | tail -6
+  for path in default fused; do
+    if [[ $path == fused ]]; then export NSA_SEL_DQ_PATH=fused; else unset NSA_SEL_DQ_PATH; fi
+    timeout 120 $P/bin/cuda_bench_bwd 65536 --g-list=16,8,4,2,1 > "$R/bwd-$path.log" 2>&1
+    echo "== $path"; tail -12 "$R/bwd-$path.log"
+  done
+  unset NSA_SEL_DQ_PATH
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" results

@@ -5,7 +5,7 @@
 //! block selection (SPEC: the choice is not differentiated; bf16 scoring may swap near-tied
 //! blocks, which the forward tests check tie-aware), so both differentiate the same function.
 
-use nsa::cuda::backward::{self as bwd, BwdFamily, BwdMode};
+use nsa::cuda::backward::{self as bwd, BwdFamily, BwdMode, SelDqPath};
 use nsa::cuda::{self, Shape};
 use nsa::reference::{compress, phi::Phi, row};
 use nsa::testing::{max_abs, rel_rms};
@@ -350,12 +350,29 @@ fn run_case_with(
     mode: BwdMode,
     hidden: usize,
 ) {
+    let path = SelDqPath::from_env();
+    run_case_path(name, cfg, seqlens, dk, dv, shared, mode, hidden, path)
+}
+
+/// [`run_case_with`] with the selection dQ on `path`.
+#[allow(clippy::too_many_arguments)]
+fn run_case_path(
+    name: &str,
+    cfg: &NsaConfig,
+    seqlens: &[usize],
+    dk: usize,
+    dv: usize,
+    shared: bool,
+    mode: BwdMode,
+    hidden: usize,
+    path: SelDqPath,
+) {
     let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
     let sd = seed();
     let x = NsaInputs::random(cfg, seqlens, dk, dv, shared, sd).map(bf16);
     let phi = PhiParams::random(cfg, dk, dv, hidden, sd ^ 0xf1);
     let d_o = random_do(x.num_tokens() * cfg.heads * dv, sd ^ 0x5eed);
-    let got = cuda::backward::backward_with(&ctx, cfg, &x, &phi, &d_o, mode).unwrap();
+    let got = cuda::backward::backward_with_path(&ctx, cfg, &x, &phi, &d_o, mode, path).unwrap();
     let fwd = cuda::forward(&ctx, cfg, &x, &phi).unwrap();
     let x64 = x.map(|v| v as f64);
     let d_o64: Vec<f64> = d_o.iter().map(|&v| v as f64).collect();
@@ -614,6 +631,67 @@ fn bwd_is_bitwise_repeatable() {
             na.len()
         );
     }
+}
+
+/// The opt-in fused selection pass (dQ partials written by the dK/dV kernel, merged in rank
+/// order): against the reference at G = 16 with lists split over segments, G = 4 varlen with
+/// shared K/V and odd lengths, G = 1, dk = dv = 64 and l' = 32; bitwise repeatable; and a typed
+/// error where it is not built (dk 192).
+#[test]
+fn bwd_fused_selection_path() {
+    let fused = SelDqPath::Fused;
+    let (sv, ph) = (BwdMode::SavedStats, 0);
+    let c = cfg(32, 2).build().unwrap();
+    run_case_path("g16-fused", &c, &[1100], 128, 128, false, sv, ph, fused);
+    let c = cfg(8, 2).build().unwrap();
+    run_case_path(
+        "g4-fused-varlen",
+        &c,
+        &[700, 31, 5],
+        128,
+        64,
+        true,
+        sv,
+        ph,
+        fused,
+    );
+    let c = cfg(4, 4).build().unwrap();
+    run_case_path("g1-fused", &c, &[333], 64, 64, false, sv, ph, fused);
+    let c = cfg(16, 2)
+        .cmp_block(32)
+        .cmp_stride(16)
+        .sel_block(32)
+        .build()
+        .unwrap();
+    run_case_path("g8-fused-l32", &c, &[901], 128, 128, false, sv, ph, fused);
+
+    let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
+    let sd = seed();
+    let c = cfg(32, 2).build().unwrap();
+    let x = NsaInputs::random(&c, &[1500, 333], 128, 128, false, sd).map(bf16);
+    let phi = PhiParams::random(&c, 128, 128, 0, sd ^ 0xf1);
+    let d_o = random_do(x.num_tokens() * c.heads * 128, sd ^ 0x5eed);
+    let run = || cuda::backward::backward_with_path(&ctx, &c, &x, &phi, &d_o, sv, fused);
+    let (a, b) = (run().unwrap(), run().unwrap());
+    for ((name, ga), (_, gb)) in named_all(&a, &c, 128, 128)
+        .iter()
+        .zip(&named_all(&b, &c, 128, 128))
+    {
+        let same = ga
+            .iter()
+            .zip(gb.iter())
+            .all(|(u, v)| u.to_bits() == v.to_bits());
+        assert!(same, "fused: {name} differs between two runs");
+    }
+    let x = NsaInputs::random(&c, &[300], 192, 128, false, sd).map(bf16);
+    let phi = PhiParams::random(&c, 192, 128, 0, sd ^ 0xf1);
+    let d_o = random_do(x.num_tokens() * c.heads * 128, sd ^ 0x5eed);
+    let err = cuda::backward::backward_with_path(&ctx, &c, &x, &phi, &d_o, sv, fused);
+    assert!(
+        matches!(err, Err(nsa::NsaError::Unsupported(_))),
+        "dk 192 fused: {:?}",
+        err.map(|_| ())
+    );
 }
 
 #[test]

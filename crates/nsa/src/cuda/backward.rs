@@ -42,6 +42,7 @@ pub mod bench;
 mod kernels;
 mod phi;
 mod plan;
+mod sel_fused;
 
 pub use kernels::{compile_bwd, BwdCompiled, BwdFamily};
 
@@ -52,6 +53,36 @@ use crate::error::{NsaError, Result};
 use crate::inputs::{NsaGrads, NsaInputs, PhiParams};
 use cudarc::driver::{self, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use kernels::BwdKernels;
+use sel_fused::SelFusedDq;
+
+/// How the saved-statistics backward computes the selection branch's dQ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SelDqPath {
+    /// The default: block-outer (`selb_bwd_dq`) for G < 16, position-major (`sel_bwd_dq`) at
+    /// G >= 16; `NSA_SEL_DQ_PATH=rows|block|fused` picks one of the others.
+    #[default]
+    Auto,
+    /// Position-major `sel_bwd_dq` at every G.
+    Rows,
+    /// Block-outer `selb_bwd_dq` + `selb_dq_merge` at every G.
+    Block,
+    /// Opt-in, not yet measured on a GPU: dQ partials written by the dK/dV pass itself
+    /// (`sel_bwd_dkdv_dq`, no second walk over the selected blocks), merged in rank order.
+    /// Needs sm_90a, dk and dv in {64, 128}, l' <= 64, n <= 32 ([`sel_fused`] module).
+    Fused,
+}
+
+impl SelDqPath {
+    /// The path `NSA_SEL_DQ_PATH` names (`rows`, `block` or `fused`), else [`SelDqPath::Auto`].
+    pub fn from_env() -> Self {
+        match std::env::var("NSA_SEL_DQ_PATH").ok().as_deref() {
+            Some("rows") => SelDqPath::Rows,
+            Some("block") => SelDqPath::Block,
+            Some("fused") => SelDqPath::Fused,
+            _ => SelDqPath::Auto,
+        }
+    }
+}
 
 /// Tokens of one inverse-index segment: `max(64, 16384 / G)` (16k query rows per CTA).
 fn segment_positions(g: usize) -> usize {
@@ -249,6 +280,14 @@ pub struct DeviceBackward {
     selb_dq_on: bool,
     /// Its chunk plan, index and partial buffers (allocated on the first such backward).
     selb_dq: Option<SelBlockDq>,
+    /// Whether the saved-statistics backward takes the fused selection pass ([`SelDqPath::Fused`]).
+    fused_on: bool,
+    /// Whether this configuration has the fused kernel ([`sel_fused::available`]).
+    fused_ok: bool,
+    /// Its partial buffers (allocated on the first such backward).
+    fused: Option<SelFusedDq>,
+    /// The inputs' kernel shape (families loaded later: [`DeviceBackward::set_sel_dq_path`]).
+    shape: module::Shape,
     /// Segments and partial slots of the last run's inverse index.
     pub last_segments: usize,
     pub last_partial_slots: usize,
@@ -287,14 +326,8 @@ impl DeviceBackward {
                 limit: 31,
             });
         }
-        let smem = smem_of(
-            dk,
-            dv,
-            g,
-            nsel,
-            shape.sel_l,
-            wgmma_kernels(&ctx.arch, dk, dv),
-        );
+        let wg = wgmma_kernels(&ctx.arch, dk, dv);
+        let smem = smem_of(dk, dv, g, nsel, shape.sel_l, wg);
         let need = smem.rows64_saved.max(smem.rows_sel).max(smem.kv);
         if need > ctx.max_smem {
             return Err(NsaError::Unsupported(format!(
@@ -302,23 +335,18 @@ impl DeviceBackward {
                 ctx.max_smem
             )));
         }
+        let fused_ok = sel_fused::available(wg.kv, dk, dv, shape.sel_l, nsel)
+            && sel_fused::smem(dk, dv) <= ctx.max_smem;
+        let path = SelDqPath::from_env();
+        if path == SelDqPath::Fused && !fused_ok {
+            return Err(fused_unsupported(&ctx.arch, shape));
+        }
         let selb_dq_on = sel_block::dq_enabled(shape, ctx.max_smem);
         let kernels = BwdKernels::load(
             ctx,
             shape,
-            &[
-                ("selb_bwd_dq", sel_block::dq_smem(shape)),
-                ("cmp_bwd_dq", smem.rows64),
-                ("cmp_bwd_dq_saved", smem.rows64_saved),
-                ("win_bwd_dq", smem.rows64),
-                ("win_bwd_dq_saved", smem.rows64_saved),
-                ("sel_bwd_dq", smem.rows_sel),
-                ("sel_bwd_dq_saved", smem.rows_sel),
-                ("cmp_bwd_dkdv", smem.kv),
-                ("win_bwd_dkdv", smem.kv),
-                ("sel_bwd_dkdv", smem.kv),
-            ],
-            selb_dq_on,
+            &bwd_smem_limits(shape, smem),
+            selb_dq_on || path == SelDqPath::Fused,
         )?;
         let p = plan::build(cfg, cu_seqlens);
         let nb = p.n_blocks;
@@ -383,7 +411,44 @@ impl DeviceBackward {
             cu: cu_seqlens.to_vec(),
             selb_dq_on,
             selb_dq: None,
+            fused_on: path == SelDqPath::Fused,
+            fused_ok,
+            fused: None,
+            shape: shape.clone(),
         })
+    }
+
+    /// Chooses how the saved-statistics backward computes the selection dQ (the recompute mode
+    /// always runs `sel_bwd_dq`, whose statistics pass the dK/dV pass reads); loads the kernels
+    /// it needs. [`SelDqPath::Fused`] on a configuration without the fused kernel, or
+    /// [`SelDqPath::Block`] where the block-outer kernel does not fit, is an
+    /// [`NsaError::Unsupported`].
+    pub fn set_sel_dq_path(&mut self, ctx: &CudaContext, path: SelDqPath) -> Result<()> {
+        let shape = self.shape.clone();
+        let block_fits = sel_block::dq_fits(&shape, ctx.max_smem);
+        let (block, fused) = match path {
+            SelDqPath::Auto => (sel_block::dq_enabled(&shape, ctx.max_smem), false),
+            SelDqPath::Rows => (false, false),
+            SelDqPath::Block if block_fits => (true, false),
+            SelDqPath::Block => {
+                return Err(NsaError::Unsupported(format!(
+                    "the block-outer selection dQ does not fit this shape (l' {}, n {}, {} bytes of shared memory)",
+                    shape.sel_l,
+                    shape.nsel,
+                    sel_block::dq_smem(&shape)
+                )))
+            }
+            SelDqPath::Fused if self.fused_ok => (false, true),
+            SelDqPath::Fused => return Err(fused_unsupported(&ctx.arch, &shape)),
+        };
+        if block || fused {
+            let limits = bwd_smem_limits(&shape, self.smem);
+            self.kernels
+                .ensure(ctx, &shape, BwdFamily::SelBlock, &limits)?;
+        }
+        self.selb_dq_on = block;
+        self.fused_on = fused;
+        Ok(())
     }
 
     /// Uploads the upstream gradient `[N, HQ, dv]` (rounded to the inputs' element type).
@@ -511,7 +576,32 @@ impl DeviceBackward {
     /// backward or when the backward uses `sel_bwd_dq`).
     pub fn sel_dq_partial_bytes(&self) -> usize {
         self.selb_dq.as_ref().map_or(0, |d| d.part_bytes)
+            + self.fused.as_ref().map_or(0, |d| d.part_bytes)
     }
+}
+
+/// The dynamic shared memory each backward kernel needs above the default 48 KB.
+fn bwd_smem_limits(shape: &module::Shape, smem: BwdSmem) -> Vec<(&'static str, usize)> {
+    vec![
+        ("selb_bwd_dq", sel_block::dq_smem(shape)),
+        ("cmp_bwd_dq", smem.rows64),
+        ("cmp_bwd_dq_saved", smem.rows64_saved),
+        ("win_bwd_dq", smem.rows64),
+        ("win_bwd_dq_saved", smem.rows64_saved),
+        ("sel_bwd_dq", smem.rows_sel),
+        ("sel_bwd_dq_saved", smem.rows_sel),
+        ("cmp_bwd_dkdv", smem.kv),
+        ("win_bwd_dkdv", smem.kv),
+        ("sel_bwd_dkdv", smem.kv),
+        ("sel_bwd_dkdv_dq", sel_fused::smem(shape.dk, shape.dv)),
+    ]
+}
+
+fn fused_unsupported(arch: &str, shape: &module::Shape) -> NsaError {
+    NsaError::Unsupported(format!(
+        "the fused selection backward needs sm_90a, dk and dv in {{64, 128}}, l' <= 64 and n <= 32 (here {arch}, dk {}, dv {}, l' {}, n {})",
+        shape.dk, shape.dv, shape.sel_l, shape.nsel
+    ))
 }
 
 fn grid(x: usize, y: usize, threads: usize, smem: usize) -> LaunchConfig {
@@ -819,6 +909,12 @@ pub fn backward_device_with(
         unsafe { l.launch(grid(b.nchunks, hkv, 32, 0)) }.map_err(driver_err)?;
     }
     let summary = s.clone_dtoh(&b.summary).map_err(driver_err)?;
+    let fused = saved.is_some() && b.fused_on;
+    let seg_base_host = if fused {
+        s.clone_dtoh(&b.seg_base).map_err(driver_err)?
+    } else {
+        Vec::new()
+    };
     s.synchronize().map_err(driver_err)?;
     let (nsegs, npslots) = (summary[0].max(0) as usize, summary[1].max(0) as usize);
     b.last_segments = nsegs;
@@ -831,7 +927,9 @@ pub fn backward_device_with(
     }
     rec(6)?;
     // ---- selection: dQ and statistics ----
-    if let (Some(sv), true) = (saved, b.selb_dq_on) {
+    if fused {
+        // the fused pass below writes the selection dQ with dK / dV
+    } else if let (Some(sv), true) = (saved, b.selb_dq_on) {
         // block-outer for small G (kernels/sel_block_bwd.cu): adds into dq as sel_bwd_dq does
         if b.selb_dq.is_none() {
             b.selb_dq = Some(SelBlockDq::new(ctx, &x.shape, &b.cu)?);
@@ -882,7 +980,43 @@ pub fn backward_device_with(
     // ---- selection: dK, dV through the inverse index ----
     s.memset_zeros(&mut b.dk[1]).map_err(driver_err)?;
     s.memset_zeros(&mut b.dv[1]).map_err(driver_err)?;
-    if nsegs > 0 {
+    if let (Some(sv), true) = (saved, fused) {
+        if b.fused.is_none() {
+            b.fused = Some(SelFusedDq::new(
+                ctx, b.n_tokens, b.hq, hkv, b.dk_dim, b.dv_dim, b.nsel,
+            )?);
+        }
+        let k = &b.kernels;
+        let f = sel_fused::FusedKernels {
+            fused: k.get("sel_bwd_dkdv_dq")?,
+            merge: k.get("selb_dq_merge")?,
+        };
+        let args = sel_fused::FusedArgs {
+            q: &x.q,
+            k: &x.k[1],
+            v: &x.v[1],
+            d_o: &b.d_o,
+            gate: &x.gates[1],
+            lse: &sv.lse[0],
+            dg: &b.dg[1],
+            sel_idx: &x.sel_idx,
+            blocks: &b.blocks,
+            total: &b.total,
+            base: &b.base,
+            seg_base: &b.seg_base,
+            pslot_base: &b.pslot_base,
+            list: &b.list,
+            seg_base_host: &seg_base_host,
+            nb: b.nb,
+            seg_len: b.seg_len,
+            dq: &mut b.dq,
+            dk: &mut b.dk[1],
+            dv: &mut b.dv[1],
+            pk: &mut b.pk,
+            pv: &mut b.pv,
+        };
+        b.fused.as_mut().expect("just set").run(ctx, &f, args)?;
+    } else if nsegs > 0 {
         let f = b.func("sel_bwd_dkdv")?;
         let mut l = s.launch_builder(&f);
         l.arg(&x.q)
@@ -1009,10 +1143,25 @@ pub fn backward_with<T: HostElem>(
     d_o: &[f32],
     mode: BwdMode,
 ) -> Result<NsaGrads<f32>> {
+    backward_with_path(ctx, cfg, x, phi, d_o, mode, SelDqPath::from_env())
+}
+
+/// [`backward_with`] with the selection dQ computed on `sel_dq`
+/// ([`DeviceBackward::set_sel_dq_path`]; tests of the paths other than the default).
+pub fn backward_with_path<T: HostElem>(
+    ctx: &CudaContext,
+    cfg: &NsaConfig,
+    x: &NsaInputs<T>,
+    phi: &PhiParams<f32>,
+    d_o: &[f32],
+    mode: BwdMode,
+    sel_dq: SelDqPath,
+) -> Result<NsaGrads<f32>> {
     phi.validate(cfg, x.dk, x.dv)?;
     let mut dev = DeviceInputs::upload(ctx, cfg, x)?;
     dev.set_phi(ctx, phi)?;
     let mut b = DeviceBackward::new(ctx, &dev, &x.cu_seqlens)?;
+    b.set_sel_dq_path(ctx, sel_dq)?;
     b.upload_do(ctx, d_o)?;
     b.poison(ctx)?;
     if mode.saves_stats() {

@@ -24,7 +24,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKern
 use std::sync::Arc;
 
 /// Partial-buffer budget (bytes): 2 GiB unless `NSA_SEL_PARTIAL_MB` says otherwise.
-fn partial_budget() -> usize {
+pub(crate) fn partial_budget() -> usize {
     std::env::var("NSA_SEL_PARTIAL_MB")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -436,12 +436,12 @@ pub(crate) fn run(ctx: &CudaContext, x: &mut DeviceInputs) -> Result<()> {
 
 /// Partial dQ format, `-DSELB_DQ_PART=N` in NSA_CUDA_DEFINES (sel_block_bwd.cu; the same default):
 /// 0 = f32 rows, 2 (the default) = f16 of dQ_r / max|dQ_r| with an f32 scale per slot.
-fn dq_part_mode() -> u32 {
+pub(crate) fn dq_part_mode() -> u32 {
     super::module::define_value("SELB_DQ_PART").unwrap_or(2) as u32
 }
 
 /// Bytes of one element of a partial dQ row.
-fn dq_elem_bytes() -> usize {
+pub(crate) fn dq_elem_bytes() -> usize {
     if dq_part_mode() == 0 {
         4
     } else {
@@ -457,12 +457,18 @@ pub(crate) fn dq_smem(shape: &Shape) -> usize {
     shape.sel_l * (shape.dk + 8 + shape.dv + 8) * 2 + 2 * stage + seg_positions(g) * 4
 }
 
+/// Whether `selb_bwd_dq` is built for this shape (l' a multiple of 32, n <= 32) and its shared
+/// memory fits the device.
+pub(crate) fn dq_fits(shape: &Shape, max_smem: usize) -> bool {
+    shape.sel_l.is_multiple_of(32) && shape.nsel <= 32 && dq_smem(shape) <= max_smem
+}
+
 /// Whether the saved-statistics backward computes the selection dQ on this path (else
 /// `sel_bwd_dq_saved`): by default for G < 16; `NSA_SEL_DQ_PATH=rows|block` forces either
 /// (experiments and tests). The recompute mode always uses `sel_bwd_dq` (it needs that kernel's
 /// statistics pass).
 pub(crate) fn dq_enabled(shape: &Shape, max_smem: usize) -> bool {
-    let fits = shape.sel_l.is_multiple_of(32) && shape.nsel <= 32 && dq_smem(shape) <= max_smem;
+    let fits = dq_fits(shape, max_smem);
     match std::env::var("NSA_SEL_DQ_PATH").ok().as_deref() {
         Some("rows") => false,
         Some("block") => fits,

@@ -19,7 +19,8 @@ pub enum BwdFamily {
     Cmp,
     /// Sliding-window branch.
     Win,
-    /// Selection branch: dQ/statistics, inverse index, dK/dV, partial reduction.
+    /// Selection branch: dQ/statistics, inverse index, dK/dV (and the opt-in fused dK/dV +
+    /// dQ partials, `sel_bwd_dkdv_dq`), partial reduction.
     Sel,
     /// phi = linear / mlp backward: strided f32 GEMMs, column sums, the scatter to raw K/V.
     Phi,
@@ -86,6 +87,7 @@ impl BwdFamily {
                 "sel_index_fill",
                 "sel_bwd_dkdv",
                 "sel_dkdv_reduce",
+                "sel_bwd_dkdv_dq",
             ],
             BwdFamily::Phi => &["phi_bwd_gemm", "phi_bwd_colsum", "phi_bwd_scatter"],
             BwdFamily::SelBlock => &[
@@ -145,25 +147,51 @@ impl BwdKernels {
         smem: &[(&str, usize)],
         with_selb: bool,
     ) -> Result<Self> {
-        let mut fns = HashMap::new();
+        let mut k = BwdKernels {
+            fns: HashMap::new(),
+        };
         for fam in BwdFamily::ALL {
-            if fam == BwdFamily::SelBlock && !with_selb {
-                continue;
-            }
-            let c = compile_bwd(fam, shape, &ctx.arch, &[])?;
-            let m = ctx
-                .ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin))
-                .map_err(driver_err)?;
-            for &name in fam.kernels() {
-                let f = m.load_function(name).map_err(driver_err)?;
-                if let Some(&(_, bytes)) = smem.iter().find(|(n, _)| *n == name) {
-                    raise_smem_limit(&f, bytes)?;
-                }
-                fns.insert(name, f);
+            if fam != BwdFamily::SelBlock || with_selb {
+                k.load_family(ctx, shape, fam, smem)?;
             }
         }
-        Ok(BwdKernels { fns })
+        Ok(k)
+    }
+
+    /// Compiles (through the disk cache) and loads `fam` unless it is loaded already.
+    pub fn ensure(
+        &mut self,
+        ctx: &CudaContext,
+        shape: &Shape,
+        fam: BwdFamily,
+        smem: &[(&str, usize)],
+    ) -> Result<()> {
+        if fam.kernels().iter().all(|n| self.fns.contains_key(n)) {
+            return Ok(());
+        }
+        self.load_family(ctx, shape, fam, smem)
+    }
+
+    fn load_family(
+        &mut self,
+        ctx: &CudaContext,
+        shape: &Shape,
+        fam: BwdFamily,
+        smem: &[(&str, usize)],
+    ) -> Result<()> {
+        let c = compile_bwd(fam, shape, &ctx.arch, &[])?;
+        let m = ctx
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin))
+            .map_err(driver_err)?;
+        for &name in fam.kernels() {
+            let f = m.load_function(name).map_err(driver_err)?;
+            if let Some(&(_, bytes)) = smem.iter().find(|(n, _)| *n == name) {
+                raise_smem_limit(&f, bytes)?;
+            }
+            self.fns.insert(name, f);
+        }
+        Ok(())
     }
 
     /// The kernel `name` (one of the families' `kernels()`).

@@ -338,6 +338,172 @@ extern "C" __global__ void sel_dkdv_reduce(const int4* __restrict__ blocks, int 
     }
 }
 
+// ---- fused selection backward (opt-in: NSA_SEL_DQ_PATH=fused; NOTES-cuda-bwd.md v17) ----
+// sel_bwd_dkdv_dq: sel_bwd_dkdv's key-major walk (one CTA = one segment of the list of KV head g
+// and selection block j; wgmma row steps of 64 rows) that also computes every row's dQ for this
+// block, where the position-major sel_bwd_dq recomputes S and dP with the K/V blocks gathered
+// again per position. Per row step, after bw_wg_dkdv_step (dV += P^T dO, dK += dS^T Q):
+//   dS (64 rows x 64 keys) from the step's dS^T registers into shared memory (bf16, padded rows),
+//   dQ_r (64 x DK) = dS K          RS wgmma, A fragments of dS, the K tile read MN-major,
+// written unscaled to the partial slot of (t, h, rank of j in t's list) in the SELB_DQ_PART format
+// (bw_store_dq_partial); selb_dq_merge (SelBlock family) then adds SCALE_NAT * sum_r dQ_r in rank
+// order to dq. No atomics, every order fixed: bitwise repeatable as the two kernels it replaces.
+// The host launches it per range of KV heads [ga, ga + gcnt) (segments seg0 ..), the partial
+// buffer holding the slots ((g - ga) * n_tok + t) * G + h % G) * NSEL + rank (int: the host keeps
+// them below 2^31). Needs the wgmma path with 64-row steps and one key tile per block (SEL_L <=
+// KT); elsewhere the kernel traps and the host never launches it (sel_fused.rs mirrors this).
+#if BW_WG && BW_WG_RT == 64 && SEL_L <= KT
+#define SEL_FUSED 1
+#define SEL_FUSED_DS_STRIDE (64 + 8)   // dS row stride (bf16): conflict-free stores and fragment loads
+// BW_WG_KV_SMEM, then the slots of the two row buffers and the dS tile
+#define SEL_FUSED_SMEM (BW_WG_KV_SMEM + 2 * 64 * 4 + 64 * SEL_FUSED_DS_STRIDE * 2)
+
+// bw_wg_dkdv_rows' walk (without the deferred dV / dK: dQ follows each step) with the dQ
+// partials of every row; j: the block's index in its sequence (what sel_idx holds).
+template <class TokOf, class TOf, class Ok>
+__device__ __forceinline__ void sel_wg_fused_rows(unsigned char* sm, const bf16_t* __restrict__ q,
+                                                  const bf16_t* __restrict__ dO, const float* __restrict__ lse,
+                                                  const float* __restrict__ dg, const float* __restrict__ gate,
+                                                  const int* __restrict__ sel_idx, int g, int j, int ga, int n_tok,
+                                                  int nrows_total, TokOf tok_of, TOf t_of, Ok ok,
+                                                  float (&dk)[DK / 8][4], float (&dv)[DV / 8][4],
+                                                  dqpart_t* __restrict__ part_dq, float* __restrict__ part_scale) {
+    constexpr int RT = 64;
+    u32 dyn_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    if (dyn_smem < SEL_FUSED_SMEM) __trap();   // the host's footprint (sel_fused.rs) is out of date
+    unsigned char* rowbuf = sm + BW_WG_KV_BYTES;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, gc = (lane & 3) * 2;
+    auto Qb = [&](int b) { return rowbuf + b * BW_WG_ROW_BYTES; };
+    auto dOb = [&](int b) { return Qb(b) + RT * DK * 2; };
+    auto meta = [&](int b) { return (float*)(rowbuf + 2 * BW_WG_ROW_BYTES + b * RT * 16); };
+    int* slots = (int*)(rowbuf + 2 * BW_WG_ROW_BYTES + 2 * RT * 16);   // [2][RT], -1: no row
+    bf16_t* dss = (bf16_t*)(slots + 2 * RT);                            // [64 rows][SEL_FUSED_DS_STRIDE]
+    auto stage = [&](int rho0, int b) {
+        const int nrows = min(RT, nrows_total - rho0);
+        auto qrow = [&](int r) {
+            const int rho = rho0 + r;
+            return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
+        };
+        bw_wg_load_rows(Qb(b), dOb(b), q, dO, nrows, qrow);
+        cp_async_commit();
+        bw_stage_meta<RT>(meta(b), rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
+        if (tid < RT) {
+            int sl = -1;
+            if (tid < nrows) {
+                const int rho = rho0 + tid, tok = tok_of(rho / G);
+                const int* si = sel_idx + ((i64)tok * HKV + g) * NSEL;
+                int rank = 0;
+#pragma unroll
+                for (int r = 0; r < NSEL; ++r) rank = si[r] == j ? r : rank;
+                sl = (((g - ga) * n_tok + tok) * G + rho % G) * NSEL + rank;
+            }
+            slots[b * RT + tid] = sl;
+        }
+    };
+    const u32 ks = smem_addr(sm), vs = ks + 64 * DK * 2;
+    if (nrows_total > 0) stage(0, 0);
+    for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += RT) {
+        const int b = i & 1;
+        if (rho0 + RT < nrows_total) {
+            stage(rho0 + RT, b ^ 1);
+            bw_cp_async_wait_1();
+        } else {
+            cp_async_wait_all();
+        }
+        fence_proxy_async();   // this thread's cp.async writes, before the wgmmas read them
+        __syncthreads();       // step i's rows, metadata and slots are visible
+        const float* m = meta(b);
+        // dV / dK of the step; dS^T (this warp's keys 16 warp .. + 15, all 64 rows) into dss as dS
+        bw_wg_dkdv_step<false>(ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + RT, m + 2 * RT,
+                               (const int*)(m + 3 * RT), ok, []() {}, dk, dv, [&](const float (&dst)[8][4]) {
+#pragma unroll
+                                   for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                                       for (int e = 0; e < 4; ++e)
+                                           dss[(nt * 8 + gc + (e & 1)) * SEL_FUSED_DS_STRIDE + warp * 16 + gr +
+                                               8 * (e >> 1)] = f32_to_bf16(dst[nt][e]);
+                               });
+        __syncthreads();   // every warp's keys of dS are stored
+        u32 a[4][4];
+#pragma unroll
+        for (int kc = 0; kc < 4; ++kc) bw_frag_a(a[kc], dss, SEL_FUSED_DS_STRIDE, warp * 16, kc * 16);
+        float dq[DK / 8][4];
+        bw_zero<DK>(dq);
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < 4; ++kc) bw_wg_rs(dq, a[kc], wg_desc(ks + kc * 16 * 128, 64 * 128, 1024));
+        wg_commit();
+        wg_wait<0>();
+        wg_pin(dq);
+        bool valid[2];
+        i64 slot[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int sl = slots[b * RT + warp * 16 + gr + 8 * h];
+            valid[h] = sl >= 0;
+            slot[h] = valid[h] ? sl : 0;
+        }
+        bw_store_dq_partial(dq, valid, slot, part_dq, part_scale, lane, gc);
+        __syncthreads();   // buffer b, its slots and dss are free for the next steps
+    }
+}
+#else
+#define SEL_FUSED 0
+#endif
+
+// blocks[jg] = (seq start, seq len, j, 0). One CTA per segment seg0 + blockIdx.x of the KV heads
+// ga .. (the host's launch per head range); dK / dV as sel_bwd_dkdv, dQ partials as above.
+extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv_dq(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
+    const bf16_t* __restrict__ dO, const float* __restrict__ gate, const float* __restrict__ lse,
+    const float* __restrict__ dg, const int4* __restrict__ blocks, int nb, const int* __restrict__ total,
+    const int* __restrict__ base, const int* __restrict__ seg_base, const int* __restrict__ pslot_base,
+    const int* __restrict__ list, int seg_len, const int* __restrict__ sel_idx, int seg0, int ga, int n_tok,
+    float* __restrict__ dk_out, float* __restrict__ dv_out, float* __restrict__ pk, float* __restrict__ pv,
+    dqpart_t* __restrict__ part_dq, float* __restrict__ part_scale) {
+#if SEL_FUSED
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int s = seg0 + blockIdx.x;
+    int lo = 0, hi = HKV * nb - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (seg_base[mid] <= s) lo = mid; else hi = mid - 1;
+    }
+    const int p = lo, g = p / nb, jg = p % nb;
+    const int k = s - seg_base[p], nseg = seg_base[p + 1] - seg_base[p];
+    const int4 bl = blocks[jg];
+    const int start = bl.x, len = bl.y, j = bl.z;
+    const int lbeg = base[p] + k * seg_len;
+    const int npos = min(seg_len, total[p] - k * seg_len);
+    const int kfirst = j * SEL_L;
+    const int nk = min(SEL_L, len - kfirst);
+    unsigned char* sm = align1024(smem);
+    float dk[DK / 8][4], dv[DV / 8][4];
+    bw_zero<DK>(dk);
+    bw_zero<DV>(dv);
+    auto tok_of = [&](int pos) { return list[lbeg + pos]; };
+    auto t_of = [&](int tok) { return tok - start; };
+    auto ok = [&](int key, int t) { return key < nk && kfirst + key <= t; };
+    bw_wg_load_kv(sm, ks, vs, (i64)(start + kfirst), g, nk);
+    sel_wg_fused_rows(sm, q, dO, lse, dg, gate, sel_idx, g, j, ga, n_tok, npos * G, tok_of, t_of, ok, dk, dv,
+                      part_dq, part_scale);
+    cp_async_wait_all();
+    if (nseg == 1) {
+        bw_store_kv(
+            dk, dv, nk, SCALE_NAT, [&](int key) { return dk_out + ((i64)(start + kfirst + key) * HKV + g) * DK; },
+            [&](int key) { return dv_out + ((i64)(start + kfirst + key) * HKV + g) * DV; });
+    } else {
+        const i64 slot = (i64)(pslot_base[p] + k) * SEL_L;
+        bw_store_kv(
+            dk, dv, nk, SCALE_NAT, [&](int key) { return pk + (slot + key) * DK; },
+            [&](int key) { return pv + (slot + key) * DV; });
+    }
+#else
+    __trap();   // not built for this shape / architecture: the host does not launch it
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(BS_THREADS) sel_bwd_dq(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const int4* __restrict__ items,
