@@ -942,17 +942,7 @@ pub fn backward_device_with(
             dq: k.get("selb_bwd_dq")?,
             merge: k.get("selb_dq_merge")?,
         };
-        let args = sel_block::DqArgs {
-            q: &x.q,
-            k: &x.k[1],
-            v: &x.v[1],
-            d_o: &b.d_o,
-            gate: &x.gates[1],
-            lse: &sv.lse[0],
-            dg: &b.dg[1],
-            sel_idx: &x.sel_idx,
-            dq: &mut b.dq,
-        };
+        let args = sel_rows_args(x, sv, &b.d_o, &b.dg[1], &mut b.dq);
         b.selb_dq
             .as_mut()
             .expect("just set")
@@ -992,14 +982,7 @@ pub fn backward_device_with(
             merge: k.get("selb_dq_merge")?,
         };
         let args = sel_fused::FusedArgs {
-            q: &x.q,
-            k: &x.k[1],
-            v: &x.v[1],
-            d_o: &b.d_o,
-            gate: &x.gates[1],
-            lse: &sv.lse[0],
-            dg: &b.dg[1],
-            sel_idx: &x.sel_idx,
+            rows: sel_rows_args(x, sv, &b.d_o, &b.dg[1], &mut b.dq),
             blocks: &b.blocks,
             total: &b.total,
             base: &b.base,
@@ -1009,7 +992,6 @@ pub fn backward_device_with(
             seg_base_host: &seg_base_host,
             nb: b.nb,
             seg_len: b.seg_len,
-            dq: &mut b.dq,
             dk: &mut b.dk[1],
             dv: &mut b.dv[1],
             pk: &mut b.pk,
@@ -1074,6 +1056,28 @@ pub fn backward_device_with(
         };
     }
     Ok(())
+}
+
+/// The selection branch's row tensors of the block-outer and fused dQ paths (saved-statistics
+/// mode): q, its K / V, do, gate, the forward's lse, dg_slc, sel_idx, and the dq they add into.
+fn sel_rows_args<'a>(
+    x: &'a DeviceInputs,
+    sv: &'a SavedStats,
+    d_o: &'a CudaSlice<u16>,
+    dg: &'a CudaSlice<f32>,
+    dq: &'a mut CudaSlice<f32>,
+) -> sel_block::DqArgs<'a> {
+    sel_block::DqArgs {
+        q: &x.q,
+        k: &x.k[1],
+        v: &x.v[1],
+        d_o,
+        gate: &x.gates[1],
+        lse: &sv.lse[0],
+        dg,
+        sel_idx: &x.sel_idx,
+        dq,
+    }
 }
 
 /// How the backward gets each branch's softmax statistics (row log-sum-exp, o_b, dg_b).

@@ -75,16 +75,9 @@ pub(super) struct FusedKernels<'a> {
 
 /// The device tensors the fused pass reads and writes (saved-statistics mode).
 pub(super) struct FusedArgs<'a> {
-    pub q: &'a CudaSlice<u16>,
-    pub k: &'a CudaSlice<u16>,
-    pub v: &'a CudaSlice<u16>,
-    pub d_o: &'a CudaSlice<u16>,
-    pub gate: &'a CudaSlice<f32>,
-    /// the selected branch's lse saved by the forward (log2 units)
-    pub lse: &'a CudaSlice<f32>,
-    /// dg_slc = do . o_slc (bwd_gate_dot)
-    pub dg: &'a CudaSlice<f32>,
-    pub sel_idx: &'a CudaSlice<i32>,
+    /// q, the selected branch's K / V, do, gate, saved lse, dg, sel_idx and the dq it adds into
+    /// (the block-outer dQ's arguments)
+    pub rows: sel_block::DqArgs<'a>,
     /// the inverse index of `sel_index_*` (the default path's)
     pub blocks: &'a CudaSlice<i32>,
     pub total: &'a CudaSlice<i32>,
@@ -96,7 +89,6 @@ pub(super) struct FusedArgs<'a> {
     pub seg_base_host: &'a [i32],
     pub nb: usize,
     pub seg_len: usize,
-    pub dq: &'a mut CudaSlice<f32>,
     pub dk: &'a mut CudaSlice<f32>,
     pub dv: &'a mut CudaSlice<f32>,
     pub pk: &'a mut CudaSlice<f32>,
@@ -157,6 +149,7 @@ impl SelFusedDq {
     /// `a.dq`, one KV-head range at a time.
     pub(super) fn run(&mut self, ctx: &CudaContext, f: &FusedKernels, a: FusedArgs) -> Result<()> {
         let s = &ctx.stream;
+        let r = a.rows;
         let (nb, n) = (a.nb as i32, self.n as i32);
         let seg_len = a.seg_len as i32;
         for &(ga, gcnt) in &self.chunks {
@@ -165,13 +158,13 @@ impl SelFusedDq {
             if s1 > s0 {
                 let (seg0, ga32) = (s0, ga as i32);
                 let mut l = s.launch_builder(f.fused);
-                l.arg(a.q)
-                    .arg(a.k)
-                    .arg(a.v)
-                    .arg(a.d_o)
-                    .arg(a.gate)
-                    .arg(a.lse)
-                    .arg(a.dg)
+                l.arg(r.q)
+                    .arg(r.k)
+                    .arg(r.v)
+                    .arg(r.d_o)
+                    .arg(r.gate)
+                    .arg(r.lse)
+                    .arg(r.dg)
                     .arg(a.blocks)
                     .arg(&nb)
                     .arg(a.total)
@@ -180,7 +173,7 @@ impl SelFusedDq {
                     .arg(a.pslot_base)
                     .arg(a.list)
                     .arg(&seg_len)
-                    .arg(a.sel_idx)
+                    .arg(r.sel_idx)
                     .arg(&seg0)
                     .arg(&ga32)
                     .arg(&n)
@@ -197,14 +190,14 @@ impl SelFusedDq {
             let rows = gcnt * self.n * self.g;
             let (ta, ga32, nr) = (0i32, ga as i32, rows as i32);
             let mut l = s.launch_builder(f.merge);
-            l.arg(a.sel_idx)
+            l.arg(r.sel_idx)
                 .arg(&self.part_dq)
                 .arg(&self.part_scale)
                 .arg(&ta)
                 .arg(&n)
                 .arg(&ga32)
                 .arg(&nr)
-                .arg(&mut *a.dq);
+                .arg(&mut *r.dq);
             // SAFETY: matches `selb_dq_merge`; one warp per (t, h) row of the head range.
             unsafe { l.launch(grid(rows.div_ceil(8), 1, 256, 0)) }.map_err(driver_err)?;
         }

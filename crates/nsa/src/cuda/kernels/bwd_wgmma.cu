@@ -276,6 +276,24 @@ struct BwNoDsHook {
 };
 #define bw_no_ds_hook BwNoDsHook()
 
+// Loads the virtual rows [rho0, rho0 + BW_WG_RT) of a key-major walk (row rho = position rho / G,
+// head g * G + rho % G; tok_of(position) its packed token, t_of(token) its seq-local position)
+// into the swizzled q / do buffers at qdst / ddst (one commit group) and their lse, dg, gate and t
+// into the metadata block m (bw_stage_meta).
+template <class TokOf, class TOf>
+__device__ __forceinline__ void bw_wg_stage_rows(unsigned char* qdst, unsigned char* ddst, float* m, const bf16_t* q,
+                                                const bf16_t* dO, const float* lse, const float* dg, const float* gate,
+                                                int g, int rho0, int nrows_total, TokOf tok_of, TOf t_of) {
+    const int nrows = min(BW_WG_RT, nrows_total - rho0);
+    auto qrow = [&](int r) {
+        const int rho = rho0 + r;
+        return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
+    };
+    bw_wg_load_rows(qdst, ddst, q, dO, nrows, qrow);
+    cp_async_commit();
+    bw_stage_meta<BW_WG_RT>(m, rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
+}
+
 // bw_dkdv_rows on wgmma: the K/V tile (bw_wg_load_kv, committed before) at `sm`, the same
 // virtual rows in steps of BW_WG_RT, double-buffered, metadata and masks.
 template <class TokOf, class TOf, class Ok>
@@ -294,14 +312,7 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
     auto dOb = [&](int b) { return Qb(b) + RT * DK * 2; };
     auto meta = [&](int b) { return (float*)(rowbuf + 2 * BW_WG_ROW_BYTES + b * RT * 16); };
     auto stage = [&](int rho0, int b) {
-        const int nrows = min(RT, nrows_total - rho0);
-        auto qrow = [&](int r) {
-            const int rho = rho0 + r;
-            return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
-        };
-        bw_wg_load_rows(Qb(b), dOb(b), q, dO, nrows, qrow);
-        cp_async_commit();
-        bw_stage_meta<RT>(meta(b), rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
+        bw_wg_stage_rows(Qb(b), dOb(b), meta(b), q, dO, lse, dg, gate, g, rho0, nrows_total, tok_of, t_of);
     };
     const u32 ks = smem_addr(sm), vs = ks + 64 * DK * 2;
     if (nrows_total > 0) stage(0, 0);

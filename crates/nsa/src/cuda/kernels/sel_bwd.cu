@@ -255,6 +255,54 @@ extern "C" __global__ void sel_index_fill(const int* __restrict__ sel_idx, const
     }
 }
 
+// Segment s of the inverse index (numbered over every (KV head, block) pair, `seg_base`): its
+// pair p = g * nb + jg, its number k in the pair's list and the list's segment count, the block
+// (blocks[jg] = (seq start, seq len, j, 0)), and its tokens list[lbeg .. lbeg + npos).
+struct SelSeg {
+    int p, g, k, nseg, start, len, j, lbeg, npos;
+};
+__device__ __forceinline__ SelSeg sel_segment(int s, const int4* __restrict__ blocks, int nb,
+                                              const int* __restrict__ total, const int* __restrict__ base,
+                                              const int* __restrict__ seg_base, int seg_len) {
+    int lo = 0, hi = HKV * nb - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (seg_base[mid] <= s) lo = mid; else hi = mid - 1;
+    }
+    SelSeg sg;
+    sg.p = lo;
+    sg.g = lo / nb;
+    const int jg = lo % nb;
+    sg.k = s - seg_base[lo];
+    sg.nseg = seg_base[lo + 1] - seg_base[lo];
+    const int4 bl = blocks[jg];
+    sg.start = bl.x;
+    sg.len = bl.y;
+    sg.j = bl.z;
+    sg.lbeg = base[lo] + sg.k * seg_len;
+    sg.npos = min(seg_len, total[lo] - sg.k * seg_len);
+    return sg;
+}
+
+// Writes the segment's dK (scaled) / dV of the block's keys kt0 .. kt0 + nk: into dk_out / dv_out
+// for a one-segment list, else into the segment's partial slot for sel_dkdv_reduce.
+__device__ __forceinline__ void sel_store_dkdv(const float (&dk)[DK / 8][4], const float (&dv)[DV / 8][4],
+                                               const SelSeg& sg, int kt0, int nk, const int* __restrict__ pslot_base,
+                                               float* __restrict__ dk_out, float* __restrict__ dv_out,
+                                               float* __restrict__ pk, float* __restrict__ pv) {
+    const int g = sg.g, first = sg.start + sg.j * SEL_L + kt0;
+    if (sg.nseg == 1) {
+        bw_store_kv(
+            dk, dv, nk, SCALE_NAT, [&](int key) { return dk_out + ((i64)(first + key) * HKV + g) * DK; },
+            [&](int key) { return dv_out + ((i64)(first + key) * HKV + g) * DV; });
+    } else {
+        const i64 slot = (i64)(pslot_base[sg.p] + sg.k) * SEL_L + kt0;
+        bw_store_kv(
+            dk, dv, nk, SCALE_NAT, [&](int key) { return pk + (slot + key) * DK; },
+            [&](int key) { return pv + (slot + key) * DV; });
+    }
+}
+
 // blocks[jg] = (seq start, seq len, j, 0). One CTA per segment (grid = summary[0]).
 extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ ks, const bf16_t* __restrict__ vs,
@@ -264,18 +312,8 @@ extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv(
     const int* __restrict__ list, int seg_len, float* __restrict__ dk_out, float* __restrict__ dv_out,
     float* __restrict__ pk, float* __restrict__ pv) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int s = blockIdx.x;
-    int lo = 0, hi = HKV * nb - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (seg_base[mid] <= s) lo = mid; else hi = mid - 1;
-    }
-    const int p = lo, g = p / nb, jg = p % nb;
-    const int k = s - seg_base[p], nseg = seg_base[p + 1] - seg_base[p];
-    const int4 bl = blocks[jg];
-    const int start = bl.x, len = bl.y, j = bl.z;
-    const int lbeg = base[p] + k * seg_len;
-    const int npos = min(seg_len, total[p] - k * seg_len);
+    const SelSeg sg = sel_segment(blockIdx.x, blocks, nb, total, base, seg_base, seg_len);
+    const int g = sg.g, start = sg.start, len = sg.len, j = sg.j, lbeg = sg.lbeg, npos = sg.npos;
 #if BW_WG
     unsigned char* sm = align1024(smem);   // swizzled tiles (the host gives BW_WG_KV_SMEM, see bwd_wgmma.cu)
 #endif
@@ -299,16 +337,7 @@ extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv(
         bw_dkdv_rows(smem, q, dO, lse, dg, gate, g, npos * G, tok_of, t_of, ok, dk, dv);
 #endif
         cp_async_wait_all();
-        if (nseg == 1) {
-            bw_store_kv(
-                dk, dv, nk, SCALE_NAT, [&](int key) { return dk_out + ((i64)(start + kfirst + key) * HKV + g) * DK; },
-                [&](int key) { return dv_out + ((i64)(start + kfirst + key) * HKV + g) * DV; });
-        } else {
-            const i64 slot = (i64)(pslot_base[p] + k) * SEL_L + kt0;
-            bw_store_kv(
-                dk, dv, nk, SCALE_NAT, [&](int key) { return pk + (slot + key) * DK; },
-                [&](int key) { return pv + (slot + key) * DV; });
-        }
+        sel_store_dkdv(dk, dv, sg, kt0, nk, pslot_base, dk_out, dv_out, pk, pv);
     }
 }
 
@@ -380,14 +409,8 @@ __device__ __forceinline__ void sel_wg_fused_rows(unsigned char* sm, const bf16_
     int* slots = (int*)(rowbuf + 2 * BW_WG_ROW_BYTES + 2 * RT * 16);   // [2][RT], -1: no row
     bf16_t* dss = (bf16_t*)(slots + 2 * RT);                            // [64 rows][SEL_FUSED_DS_STRIDE]
     auto stage = [&](int rho0, int b) {
+        bw_wg_stage_rows(Qb(b), dOb(b), meta(b), q, dO, lse, dg, gate, g, rho0, nrows_total, tok_of, t_of);
         const int nrows = min(RT, nrows_total - rho0);
-        auto qrow = [&](int r) {
-            const int rho = rho0 + r;
-            return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
-        };
-        bw_wg_load_rows(Qb(b), dOb(b), q, dO, nrows, qrow);
-        cp_async_commit();
-        bw_stage_meta<RT>(meta(b), rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
         if (tid < RT) {
             int sl = -1;
             if (tid < nrows) {
@@ -464,18 +487,8 @@ extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv_dq(
     dqpart_t* __restrict__ part_dq, float* __restrict__ part_scale) {
 #if SEL_FUSED
     extern __shared__ __align__(16) unsigned char smem[];
-    const int s = seg0 + blockIdx.x;
-    int lo = 0, hi = HKV * nb - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (seg_base[mid] <= s) lo = mid; else hi = mid - 1;
-    }
-    const int p = lo, g = p / nb, jg = p % nb;
-    const int k = s - seg_base[p], nseg = seg_base[p + 1] - seg_base[p];
-    const int4 bl = blocks[jg];
-    const int start = bl.x, len = bl.y, j = bl.z;
-    const int lbeg = base[p] + k * seg_len;
-    const int npos = min(seg_len, total[p] - k * seg_len);
+    const SelSeg sg = sel_segment(seg0 + blockIdx.x, blocks, nb, total, base, seg_base, seg_len);
+    const int g = sg.g, start = sg.start, len = sg.len, j = sg.j, lbeg = sg.lbeg, npos = sg.npos;
     const int kfirst = j * SEL_L;
     const int nk = min(SEL_L, len - kfirst);
     unsigned char* sm = align1024(smem);
@@ -489,16 +502,7 @@ extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv_dq(
     sel_wg_fused_rows(sm, q, dO, lse, dg, gate, sel_idx, g, j, ga, n_tok, npos * G, tok_of, t_of, ok, dk, dv,
                       part_dq, part_scale);
     cp_async_wait_all();
-    if (nseg == 1) {
-        bw_store_kv(
-            dk, dv, nk, SCALE_NAT, [&](int key) { return dk_out + ((i64)(start + kfirst + key) * HKV + g) * DK; },
-            [&](int key) { return dv_out + ((i64)(start + kfirst + key) * HKV + g) * DV; });
-    } else {
-        const i64 slot = (i64)(pslot_base[p] + k) * SEL_L;
-        bw_store_kv(
-            dk, dv, nk, SCALE_NAT, [&](int key) { return pk + (slot + key) * DK; },
-            [&](int key) { return pv + (slot + key) * DV; });
-    }
+    sel_store_dkdv(dk, dv, sg, 0, nk, pslot_base, dk_out, dv_out, pk, pv);
 #else
     __trap();   // not built for this shape / architecture: the host does not launch it
 #endif
