@@ -28,6 +28,7 @@ pub mod backward;
 pub mod bench;
 pub mod decode;
 mod module;
+mod overlap;
 mod sel_block;
 
 pub use crate::elem::{Elem, HostElem};
@@ -38,6 +39,7 @@ use crate::error::{NsaError, Result};
 use crate::inputs::{NsaInputs, NsaOutput, PhiParams, PhiWeights};
 use cudarc::driver::{self, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// Largest head dimension the kernels take (registers hold a 16 x dv accumulator per warp).
@@ -106,6 +108,11 @@ impl CudaContext {
             )));
         }
         let ctx = driver::CudaContext::new(ordinal).map_err(driver_err)?;
+        // SAFETY: before any buffer exists. The library orders its work itself: everything runs
+        // on `stream` except the overlapped forward's second stream (overlap.rs), which waits
+        // on events for what it reads and is joined back before the forward returns; no buffer
+        // is freed while that stream may still use it.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(driver_err)?;
         if major < 8 {
             return Err(NsaError::Unsupported(format!(
@@ -399,6 +406,9 @@ struct Plan {
     /// `(seq start, seq len, t0, 0)` per selection CTA.
     tiles_sel: CudaSlice<i32>,
     n_tiles_sel: usize,
+    /// Host copies of `tiles64` and `tiles_sel` (the overlapped forward's chunk plan).
+    tiles64_host: Vec<i32>,
+    tiles_sel_host: Vec<i32>,
 }
 
 fn build_plan(ctx: &CudaContext, cfg: &NsaConfig, cu: &[usize], fp: &Footprint) -> Result<Plan> {
@@ -435,6 +445,8 @@ fn build_plan(ctx: &CudaContext, cfg: &NsaConfig, cu: &[usize], fp: &Footprint) 
         tiles64: up(&tiles64)?,
         n_tiles_sel: tiles_sel.len() / 4,
         tiles_sel: up(&tiles_sel)?,
+        tiles64_host: tiles64,
+        tiles_sel_host: tiles_sel,
     })
 }
 
@@ -464,6 +476,8 @@ pub struct DeviceInputs {
     saved: Option<backward::SavedStats>,
     /// Block-outer selection path (small G): batch layout and its work buffers.
     selb: sel_block::SelBlock,
+    /// The overlapped forward's stream and chunk plan ([`DeviceInputs::set_overlap`]).
+    overlap: Option<overlap::Overlap>,
 }
 
 /// `phi` weights (linear / mlp) on the device, f32, in the layout of [`PhiWeights`]:
@@ -574,7 +588,7 @@ impl DeviceInputs {
             // SAFETY: as above.
             unsafe { s.alloc::<f32>(len) }.map_err(driver_err)
         };
-        Ok(DeviceInputs {
+        let mut x = DeviceInputs {
             cfg: cfg.clone(),
             shape,
             fp,
@@ -593,7 +607,33 @@ impl DeviceInputs {
             phi: None,
             saved: None,
             selb: sel_block::SelBlock::new(cu_seqlens),
-        })
+            overlap: None,
+        };
+        let chunks = overlap::chunks_from_env();
+        if chunks > 0 {
+            x.set_overlap(ctx, chunks)?;
+        }
+        Ok(x)
+    }
+
+    /// Makes every later [`forward_device`] pipeline its kernels over `chunks` chunks of row
+    /// tiles on two streams (the [`overlap`] module; opt-in, not yet measured on a GPU); 0
+    /// turns it off. Only with the position-major selected attention: where the block-outer
+    /// path runs (G < 16 by default) the forward stays sequential.
+    pub fn set_overlap(&mut self, ctx: &CudaContext, chunks: usize) -> Result<()> {
+        self.overlap = if chunks == 0 {
+            None
+        } else {
+            Some(overlap::Overlap::new(
+                ctx,
+                &self.plan.tiles64_host,
+                &self.plan.tiles_sel_host,
+                self.fp.positions_64,
+                self.fp.sel_positions,
+                chunks,
+            )?)
+        };
+        Ok(())
     }
 
     /// Random inputs generated on the device (benchmarks: no host copy of the activations):
@@ -857,6 +897,159 @@ fn run_phi(
     Ok(())
 }
 
+/// The forward's attention kernels of one shape.
+struct FwdKernels<'a> {
+    cmp: &'a CudaFunction,
+    topn: &'a CudaFunction,
+    sel: &'a CudaFunction,
+    win: &'a CudaFunction,
+}
+
+/// `cmp_attn` over the row tiles `tiles` (indices into `plan.tiles64`) on stream `s`.
+fn launch_cmp(
+    s: &CudaStream,
+    k: &FwdKernels,
+    x: &mut DeviceInputs,
+    tiles: Range<usize>,
+) -> Result<()> {
+    let cfg = tile_grid(tiles.len(), x.shape.hkv, x.fp.cmp_smem, 128);
+    let list = x
+        .plan
+        .tiles64
+        .slice(tiles.start * 4..tiles.end.max(tiles.start + 1) * 4);
+    let mut b = s.launch_builder(k.cmp);
+    b.arg(&x.q)
+        .arg(&x.kc)
+        .arg(&x.vc)
+        .arg(&x.gates[0])
+        .arg(&list)
+        .arg(&mut x.out)
+        .arg(&mut x.lse);
+    match x.saved.as_mut() {
+        Some(sv) => b.arg(&mut sv.o[0]),
+        None => b.arg(&NULL_PTR),
+    };
+    // SAFETY: matches `cmp_attn`; one CTA per (tile, KV head).
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(driver_err)
+}
+
+/// `cmp_topn` over the row tiles `tiles` on stream `s`.
+fn launch_topn(
+    s: &CudaStream,
+    k: &FwdKernels,
+    x: &mut DeviceInputs,
+    tiles: Range<usize>,
+) -> Result<()> {
+    let cfg = tile_grid(tiles.len(), x.shape.hkv, x.fp.topn_smem, 128);
+    let list = x
+        .plan
+        .tiles64
+        .slice(tiles.start * 4..tiles.end.max(tiles.start + 1) * 4);
+    let mut b = s.launch_builder(k.topn);
+    b.arg(&x.q)
+        .arg(&x.kc)
+        .arg(&x.lse)
+        .arg(&list)
+        .arg(&mut x.sel_idx);
+    // SAFETY: matches `cmp_topn`; the same tiles as `cmp_attn`.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(driver_err)
+}
+
+/// Position-major `sel_attn` over the items `items` of `plan.tiles_sel`, or with `Some(list)`
+/// of that (reordered) list, on stream `s`.
+fn launch_sel(
+    s: &CudaStream,
+    k: &FwdKernels,
+    x: &mut DeviceInputs,
+    reordered: Option<&CudaSlice<i32>>,
+    items: Range<usize>,
+) -> Result<()> {
+    let cfg = tile_grid(items.len(), x.shape.hkv, x.fp.sel_smem, x.fp.sel_threads);
+    let r = items.start * 4..items.end.max(items.start + 1) * 4;
+    let list = match reordered {
+        Some(l) => l.slice(r),
+        None => x.plan.tiles_sel.slice(r),
+    };
+    let mut b = s.launch_builder(k.sel);
+    b.arg(&x.q)
+        .arg(&x.k[1])
+        .arg(&x.v[1])
+        .arg(&x.gates[1])
+        .arg(&list)
+        .arg(&x.sel_idx)
+        .arg(&mut x.out);
+    match x.saved.as_mut() {
+        Some(sv) => b.arg(&mut sv.lse[0]).arg(&mut sv.o[1]),
+        None => b.arg(&NULL_PTR).arg(&NULL_PTR),
+    };
+    // SAFETY: matches `sel_attn`.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(driver_err)
+}
+
+/// `win_attn` over the row tiles `tiles` on stream `s` (completes the gated sum of its rows).
+fn launch_win(
+    s: &CudaStream,
+    k: &FwdKernels,
+    x: &mut DeviceInputs,
+    tiles: Range<usize>,
+) -> Result<()> {
+    let cfg = tile_grid(tiles.len(), x.shape.hkv, x.fp.win_smem, 128);
+    let list = x
+        .plan
+        .tiles64
+        .slice(tiles.start * 4..tiles.end.max(tiles.start + 1) * 4);
+    let mut b = s.launch_builder(k.win);
+    b.arg(&x.q)
+        .arg(&x.k[2])
+        .arg(&x.v[2])
+        .arg(&x.gates[2])
+        .arg(&list)
+        .arg(&mut x.out);
+    match x.saved.as_mut() {
+        Some(sv) => b.arg(&mut sv.lse[1]).arg(&mut sv.o[2]),
+        None => b.arg(&NULL_PTR).arg(&NULL_PTR),
+    };
+    // SAFETY: matches `win_attn`.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(driver_err)
+}
+
+/// One CTA per (work item, KV head).
+fn tile_grid(items: usize, hkv: usize, smem: usize, threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items as u32, hkv as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+/// Steps 2-5 of the forward pipelined over `ov`'s chunks (overlap.rs): stream A (`ctx.stream`)
+/// runs each chunk's compressed attention and top-n and records its event; stream B waits for
+/// it and runs the chunk's selected and window attention; A waits for B's last kernel.
+fn run_overlapped(
+    ctx: &CudaContext,
+    k: &FwdKernels,
+    x: &mut DeviceInputs,
+    ov: &overlap::Overlap,
+) -> Result<()> {
+    let (a, b) = (&ctx.stream, &ov.stream);
+    for (c, ch) in ov.chunks.iter().enumerate() {
+        if !ch.tiles.is_empty() {
+            launch_cmp(a, k, x, ch.tiles.clone())?;
+            launch_topn(a, k, x, ch.tiles.clone())?;
+        }
+        ov.ready[c].record(a).map_err(driver_err)?;
+        b.wait(&ov.ready[c]).map_err(driver_err)?;
+        if !ch.sel.is_empty() {
+            launch_sel(b, k, x, Some(&ov.tiles_sel), ch.sel.clone())?;
+        }
+        if !ch.tiles.is_empty() {
+            launch_win(b, k, x, ch.tiles.clone())?;
+        }
+    }
+    ov.done.record(b).map_err(driver_err)?;
+    a.wait(&ov.done).map_err(driver_err)
+}
+
 /// Runs the forward pass on device-resident inputs; with `times`, records events around each
 /// kernel and waits for them.
 pub fn forward_device(
@@ -872,7 +1065,6 @@ pub fn forward_device(
     let f_sel = ctx.function(Family::SelAttn, shape, fp.sel_smem)?;
     let f_win = ctx.function(Family::WinAttn, shape, fp.win_smem)?;
     let s = &ctx.stream;
-    let hkv = shape.hkv as u32;
     let events = if times.is_some() {
         let mk = || {
             ctx.ctx
@@ -939,99 +1131,40 @@ pub fn forward_device(
         .map_err(driver_err)?;
     }
     rec(1)?;
-    // 2. compressed attention + selection
-    {
-        let mut b = s.launch_builder(&f_cmp);
-        b.arg(&x.q)
-            .arg(&x.kc)
-            .arg(&x.vc)
-            .arg(&x.gates[0])
-            .arg(&x.plan.tiles64)
-            .arg(&mut x.out)
-            .arg(&mut x.lse);
-        match x.saved.as_mut() {
-            Some(sv) => b.arg(&mut sv.o[0]),
-            None => b.arg(&NULL_PTR),
-        };
-        // SAFETY: matches `cmp_attn`; one CTA per (tile, KV head).
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (x.plan.n_tiles64 as u32, hkv, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: fp.cmp_smem as u32,
-            })
+    let blockwise = sel_block::enabled(shape, ctx.max_smem);
+    let ov = x.overlap.is_some() && !blockwise;
+    let k = FwdKernels {
+        cmp: &f_cmp,
+        topn: &f_topn,
+        sel: &f_sel,
+        win: &f_win,
+    };
+    if ov {
+        // pipelined over chunks on two streams (overlap.rs): per-kernel times are not separable
+        let ovl = x.overlap.take().expect("checked");
+        let done = run_overlapped(ctx, &k, x, &ovl);
+        x.overlap = Some(ovl);
+        done?;
+        for i in 2..5 {
+            rec(i)?;
         }
-        .map_err(driver_err)?;
-    }
-    rec(2)?;
-    // 3. selection scores + top-n
-    {
-        let mut b = s.launch_builder(&f_topn);
-        b.arg(&x.q)
-            .arg(&x.kc)
-            .arg(&x.lse)
-            .arg(&x.plan.tiles64)
-            .arg(&mut x.sel_idx);
-        // SAFETY: matches `cmp_topn`; the same tiles as `cmp_attn`.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (x.plan.n_tiles64 as u32, hkv, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: fp.topn_smem as u32,
-            })
-        }
-        .map_err(driver_err)?;
-    }
-    rec(3)?;
-    // 4. selected attention: block-outer for small G (sel_block.rs), else position-major
-    if sel_block::enabled(shape, ctx.max_smem) {
-        sel_block::run(ctx, x)?;
     } else {
-        let mut b = s.launch_builder(&f_sel);
-        b.arg(&x.q)
-            .arg(&x.k[1])
-            .arg(&x.v[1])
-            .arg(&x.gates[1])
-            .arg(&x.plan.tiles_sel)
-            .arg(&x.sel_idx)
-            .arg(&mut x.out);
-        match x.saved.as_mut() {
-            Some(sv) => b.arg(&mut sv.lse[0]).arg(&mut sv.o[1]),
-            None => b.arg(&NULL_PTR).arg(&NULL_PTR),
-        };
-        // SAFETY: matches `sel_attn`.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (x.plan.n_tiles_sel as u32, hkv, 1),
-                block_dim: (fp.sel_threads as u32, 1, 1),
-                shared_mem_bytes: fp.sel_smem as u32,
-            })
+        let all = 0..x.plan.n_tiles64;
+        // 2. compressed attention + selection
+        launch_cmp(s, &k, x, all.clone())?;
+        rec(2)?;
+        // 3. selection scores + top-n
+        launch_topn(s, &k, x, all.clone())?;
+        rec(3)?;
+        // 4. selected attention: block-outer for small G (sel_block.rs), else position-major
+        if blockwise {
+            sel_block::run(ctx, x)?;
+        } else {
+            launch_sel(s, &k, x, None, 0..x.plan.n_tiles_sel)?;
         }
-        .map_err(driver_err)?;
-    }
-    rec(4)?;
-    // 5. sliding window, completing the gated sum
-    {
-        let mut b = s.launch_builder(&f_win);
-        b.arg(&x.q)
-            .arg(&x.k[2])
-            .arg(&x.v[2])
-            .arg(&x.gates[2])
-            .arg(&x.plan.tiles64)
-            .arg(&mut x.out);
-        match x.saved.as_mut() {
-            Some(sv) => b.arg(&mut sv.lse[1]).arg(&mut sv.o[2]),
-            None => b.arg(&NULL_PTR).arg(&NULL_PTR),
-        };
-        // SAFETY: matches `win_attn`.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (x.plan.n_tiles64 as u32, hkv, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: fp.win_smem as u32,
-            })
-        }
-        .map_err(driver_err)?;
+        rec(4)?;
+        // 5. sliding window, completing the gated sum
+        launch_win(s, &k, x, all)?;
     }
     rec(5)?;
     if let (Some(t), Some(ev)) = (times, &events) {
