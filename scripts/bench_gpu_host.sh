@@ -15,9 +15,10 @@
 #   fused   the opt-in fused selection backward (NSA_SEL_DQ_PATH=fused, NOTES-cuda-bwd.md v17):
 #           its GPU test, the whole backward suite on that path, then the per-kernel backward at
 #           64k, default and fused back to back, G = 16, 8, 4, 2, 1 (~5 min)
-#   overlap the opt-in overlapped forward (NSA_FWD_OVERLAP=<chunks>, NOTES-cuda.md v18): its GPU
-#           test, then the forward at 8k / 64k / 128k (128/128 and 192/128), sequential and with
-#           4, 8 and 16 chunks, back to back (~3 min)
+#   overlap the opt-in overlapped forward (NSA_FWD_OVERLAP=<chunks>, NOTES-cuda.md v18) and
+#           backward (NSA_BWD_OVERLAP=1, NOTES-cuda-bwd.md v18): their GPU tests, the forward at
+#           8k / 64k / 128k (128/128 and 192/128) sequential and with 4, 8 and 16 chunks, the
+#           backward at 64k (G = 16, 4, 1) sequential / overlapped / overlapped + fused (~6 min)
 # Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
 # (override with PEERS_GPU / PEERS_GPU_BWD / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB). Peer
 # forward+backward times are the sums of their forward and backward medians (`nsa bench` adds
@@ -138,6 +139,15 @@ if has overlap; then
     NSA_FWD_OVERLAP=$chunks timeout 40 $P/bin/cuda_bench 8192,65536,131072 > "$R/fwd-ov$chunks.log" 2>&1
     NSA_FWD_OVERLAP=$chunks timeout 40 $P/bin/cuda_bench 65536 --dk192 > "$R/fwd-ov$chunks-192.log" 2>&1
     echo "== $chunks chunks"; grep -E "total|T =|ms" "$R/fwd-ov$chunks.log" "$R/fwd-ov$chunks-192.log" | tail -8
+  done
+  timeout 120 $P/tests/cuda_backward --test-threads=16 --nocapture bwd_overlapped \
+    > "$R/bwd-overlap-test.log" 2>&1
+  grep -E "test result|panicked|bitwise" "$R/bwd-overlap-test.log" | tail -8
+  for v in "0 auto" "1 auto" "1 fused"; do
+    set -- $v
+    NSA_BWD_OVERLAP=$1 NSA_SEL_DQ_PATH=$2 timeout 100 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 \
+      > "$R/bwd-ov$1-$2.log" 2>&1
+    echo "== backward overlap $1 $2"; tail -8 "$R/bwd-ov$1-$2.log"
   done
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" results

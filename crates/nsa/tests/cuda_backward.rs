@@ -694,6 +694,82 @@ fn bwd_fused_selection_path() {
     );
 }
 
+/// The opt-in overlapped backward (selection stages on a second stream, cuda/backward/stages.rs)
+/// gives the same bits as the sequential one: rows path (G = 16, split lists), block-outer dQ
+/// (G = 4, varlen), fused selection (G = 16), and the recompute mode.
+#[test]
+fn bwd_overlapped_is_bitwise_the_sequential_one() {
+    let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
+    let sd = seed();
+    for (c, lens, mode, path) in [
+        (
+            cfg(32, 2).build().unwrap(),
+            vec![1500, 333],
+            BwdMode::SavedStats,
+            SelDqPath::Rows,
+        ),
+        (
+            cfg(8, 2).build().unwrap(),
+            vec![700, 31, 5],
+            BwdMode::SavedStats,
+            SelDqPath::Block,
+        ),
+        (
+            cfg(32, 2).build().unwrap(),
+            vec![1100],
+            BwdMode::SavedStats,
+            SelDqPath::Fused,
+        ),
+        (
+            cfg(32, 2).build().unwrap(),
+            vec![900, 65],
+            BwdMode::Recompute,
+            SelDqPath::Auto,
+        ),
+    ] {
+        let x = NsaInputs::random(&c, &lens, 128, 128, false, sd).map(bf16);
+        let d_o = random_do(x.num_tokens() * c.heads * 128, sd ^ 0x5eed);
+        let run = |overlap: bool| {
+            let mut dev = cuda::DeviceInputs::upload(&ctx, &c, &x).unwrap();
+            dev.set_phi(&ctx, &PhiParams::mean()).unwrap();
+            if mode.saves_stats() {
+                dev.enable_saving(&ctx).unwrap();
+            }
+            let mut b = bwd::DeviceBackward::new(&ctx, &dev, &x.cu_seqlens).unwrap();
+            b.set_sel_dq_path(&ctx, path).unwrap();
+            b.set_overlap(&ctx, overlap).unwrap();
+            b.upload_do(&ctx, &d_o).unwrap();
+            b.poison(&ctx).unwrap();
+            cuda::forward_device(&ctx, &mut dev, None).unwrap();
+            bwd::backward_device_with(&ctx, &dev, &mut b, mode.saves_stats(), None).unwrap();
+            b.download(&ctx).unwrap()
+        };
+        let (a, o) = (run(false), run(true));
+        for ((name, ga), (_, go)) in named_all(&a, &c, 128, 128)
+            .iter()
+            .zip(&named_all(&o, &c, 128, 128))
+        {
+            assert!(
+                ga.iter().all(|v| v.is_finite()),
+                "{lens:?}: {name} unwritten"
+            );
+            let same = ga
+                .iter()
+                .zip(go.iter())
+                .all(|(u, v)| u.to_bits() == v.to_bits());
+            assert!(
+                same,
+                "{lens:?} {path:?} {}: overlapped {name} differs",
+                mode.name()
+            );
+        }
+        println!(
+            "overlapped backward {lens:?} {path:?} {}: bitwise equal",
+            mode.name()
+        );
+    }
+}
+
 #[test]
 fn bwd_unsupported_inputs_are_typed_errors() {
     let ctx = cuda::CudaContext::new(0).expect("a CUDA device");

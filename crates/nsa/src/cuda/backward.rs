@@ -43,6 +43,7 @@ mod kernels;
 mod phi;
 mod plan;
 mod sel_fused;
+mod stages;
 
 pub use kernels::{compile_bwd, BwdCompiled, BwdFamily};
 
@@ -288,6 +289,8 @@ pub struct DeviceBackward {
     fused: Option<SelFusedDq>,
     /// The inputs' kernel shape (families loaded later: [`DeviceBackward::set_sel_dq_path`]).
     shape: module::Shape,
+    /// The overlapped backward's second stream and events ([`DeviceBackward::set_overlap`]).
+    overlap: Option<stages::Overlap>,
     /// Segments and partial slots of the last run's inverse index.
     pub last_segments: usize,
     pub last_partial_slots: usize,
@@ -415,7 +418,25 @@ impl DeviceBackward {
             fused_ok,
             fused: None,
             shape: shape.clone(),
+            overlap: if overlap_from_env() {
+                Some(stages::Overlap::new(ctx)?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// Makes later backwards overlap the selection branch's kernels (a second stream) with
+    /// the compressed and window ones (`on`), or run every kernel in order on one stream (the
+    /// default). Opt-in, not yet measured on a GPU; the gradients are the same bits either way.
+    /// `NSA_BWD_OVERLAP=1` turns it on for every [`DeviceBackward`].
+    pub fn set_overlap(&mut self, ctx: &CudaContext, on: bool) -> Result<()> {
+        self.overlap = match (on, self.overlap.take()) {
+            (true, Some(ov)) => Some(ov),
+            (true, None) => Some(stages::Overlap::new(ctx)?),
+            (false, _) => None,
+        };
+        Ok(())
     }
 
     /// Chooses how the saved-statistics backward computes the selection dQ (the recompute mode
@@ -580,6 +601,11 @@ impl DeviceBackward {
     }
 }
 
+/// Whether `NSA_BWD_OVERLAP=1` asks for the overlapped backward.
+fn overlap_from_env() -> bool {
+    std::env::var("NSA_BWD_OVERLAP").is_ok_and(|v| v == "1")
+}
+
 /// The dynamic shared memory each backward kernel needs above the default 48 KB.
 fn bwd_smem_limits(shape: &module::Shape, smem: BwdSmem) -> Vec<(&'static str, usize)> {
     vec![
@@ -677,12 +703,8 @@ pub fn backward_device_with(
     } else {
         None
     };
+    let r = stages::Run { ctx, x, saved };
     let s = &ctx.stream;
-    let hkv = b.hkv;
-    let sm = b.smem;
-    let n = b.n_tokens as i32;
-    let nseq = b.nseq as i32;
-    let nb = b.nb as i32;
     let events = if times.is_some() {
         let mut v = Vec::with_capacity(9);
         for _ in 0..9 {
@@ -703,342 +725,33 @@ pub fn backward_device_with(
         Ok(())
     };
     rec(0)?;
-    let dq_name = |base: &str| {
-        if saved.is_some() {
-            format!("{base}_saved")
-        } else {
-            base.to_string()
+    if let Some(ov) = b.overlap.take() {
+        let done = backward_overlapped(&r, b, &ov);
+        b.overlap = Some(ov);
+        done?;
+        // the stages overlap: only the total is meaningful
+        for i in 1..8 {
+            rec(i)?;
         }
-    };
-    if let Some(sv) = saved {
-        // dg_b = do . o_b for the three branches (also Delta of the dQ / dK, dV passes)
-        let f = b.func("bwd_gate_dot")?;
-        let rows = (b.n_tokens * b.hq) as i64;
-        for br in 0..3 {
-            let mut l = s.launch_builder(&f);
-            l.arg(&b.d_o).arg(&sv.o[br]).arg(&rows).arg(&mut b.dg[br]);
-            // SAFETY: matches `bwd_gate_dot`; one warp per row.
-            unsafe { l.launch(grid((rows as usize).div_ceil(8), 1, 256, 0)) }
-                .map_err(driver_err)?;
-        }
-    }
-    // ---- compressed branch ----
-    {
-        let f = b.func(&dq_name("cmp_bwd_dq"))?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&x.q)
-            .arg(&x.kc)
-            .arg(&x.vc)
-            .arg(&b.d_o)
-            .arg(&x.gates[0])
-            .arg(&b.rows64);
-        match saved {
-            Some(_) => l.arg(&x.lse),
-            None => l.arg(&mut b.lse[0]),
-        };
-        l.arg(&mut b.dg[0]).arg(&mut b.dq);
-        let bytes = if saved.is_some() {
-            sm.rows64_saved
-        } else {
-            sm.rows64
-        };
-        // SAFETY: matches `cmp_bwd_dq`; one CTA per (row tile, KV head).
-        unsafe { l.launch(grid(b.n_rows64, hkv, 128, bytes)) }.map_err(driver_err)?;
-    }
-    rec(1)?;
-    if b.n_cmp_kv > 0 {
-        let f = b.func("cmp_bwd_dkdv")?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&x.q)
-            .arg(&x.kc)
-            .arg(&x.vc)
-            .arg(&b.d_o)
-            .arg(&x.gates[0])
-            .arg(match saved {
-                Some(_) => &x.lse,
-                None => &b.lse[0],
-            })
-            .arg(&b.dg[0])
-            .arg(&b.cmp_kv)
-            .arg(&mut b.dkc)
-            .arg(&mut b.dvc)
-            .arg(&mut b.pkc)
-            .arg(&mut b.pvc);
-        // SAFETY: matches `cmp_bwd_dkdv`; one CTA per (64 compressed tokens, chunk, KV head).
-        unsafe { l.launch(grid(b.n_cmp_kv, hkv, 128, sm.kv)) }.map_err(driver_err)?;
-    }
-    if b.n_cmp_reduce > 0 {
-        let f = b.func("cmp_dkdv_reduce")?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&b.cmp_reduce)
-            .arg(&b.pkc)
-            .arg(&b.pvc)
-            .arg(&mut b.dkc)
-            .arg(&mut b.dvc);
-        // SAFETY: matches `cmp_dkdv_reduce`; one CTA per (chunked tile, KV head).
-        unsafe { l.launch(grid(b.n_cmp_reduce, hkv, 256, 0)) }.map_err(driver_err)?;
-    }
-    rec(2)?;
-    if let Some(p) = &mut b.phi {
-        p.run(
-            ctx,
-            &b.kernels,
-            x,
-            &b.dkc,
-            &b.dvc,
-            &b.seqs,
-            b.nseq,
-            &mut b.dk[0],
-            &mut b.dv[0],
-        )?;
     } else {
-        let f = b.func("cmp_mean_bwd")?;
-        let items = b.n_tokens * hkv * (b.dk_dim + b.dv_dim) / 4;
-        let mut l = s.launch_builder(&f);
-        l.arg(&b.dkc)
-            .arg(&b.dvc)
-            .arg(&b.seqs)
-            .arg(&nseq)
-            .arg(&n)
-            .arg(&mut b.dk[0])
-            .arg(&mut b.dv[0]);
-        // SAFETY: matches `cmp_mean_bwd`; one thread per (token, head, 4 elements).
-        unsafe { l.launch(grid(items.div_ceil(256), 1, 256, 0)) }.map_err(driver_err)?;
-    }
-    rec(3)?;
-    // ---- sliding window ----
-    {
-        let f = b.func(&dq_name("win_bwd_dq"))?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&x.q)
-            .arg(&x.k[2])
-            .arg(&x.v[2])
-            .arg(&b.d_o)
-            .arg(&x.gates[2])
-            .arg(&b.rows64);
-        match saved {
-            Some(sv) => l.arg(&sv.lse[1]),
-            None => l.arg(&mut b.lse[2]),
-        };
-        l.arg(&mut b.dg[2]).arg(&mut b.dq);
-        let bytes = if saved.is_some() {
-            sm.rows64_saved
-        } else {
-            sm.rows64
-        };
-        // SAFETY: matches `win_bwd_dq`.
-        unsafe { l.launch(grid(b.n_rows64, hkv, 128, bytes)) }.map_err(driver_err)?;
-    }
-    rec(4)?;
-    {
-        let f = b.func("win_bwd_dkdv")?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&x.q)
-            .arg(&x.k[2])
-            .arg(&x.v[2])
-            .arg(&b.d_o)
-            .arg(&x.gates[2])
-            .arg(match saved {
-                Some(sv) => &sv.lse[1],
-                None => &b.lse[2],
-            })
-            .arg(&b.dg[2])
-            .arg(&b.win_kv)
-            .arg(&mut b.dk[2])
-            .arg(&mut b.dv[2]);
-        // SAFETY: matches `win_bwd_dkdv`.
-        unsafe { l.launch(grid(b.n_win_kv, hkv, 128, sm.kv)) }.map_err(driver_err)?;
-    }
-    rec(5)?;
-    // ---- selection: inverse index ----
-    let npairs = (hkv * b.nb) as i32;
-    let (chunk_len, nchunks) = (b.chunk_len as i32, b.nchunks as i32);
-    let seg_len = b.seg_len as i32;
-    s.memset_zeros(&mut b.cnt).map_err(driver_err)?;
-    {
-        let f = b.func("sel_index_count")?;
-        let items = b.n_tokens * hkv * b.nsel;
-        let mut l = s.launch_builder(&f);
-        l.arg(&x.sel_idx)
-            .arg(&b.seqs)
-            .arg(&nseq)
-            .arg(&n)
-            .arg(&chunk_len)
-            .arg(&nb)
-            .arg(&mut b.cnt);
-        // SAFETY: matches `sel_index_count`; one thread per index entry.
-        unsafe { l.launch(grid(items.div_ceil(256), 1, 256, 0)) }.map_err(driver_err)?;
-    }
-    {
-        let f = b.func("sel_index_chunk_scan")?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&mut b.cnt)
-            .arg(&nchunks)
-            .arg(&npairs)
-            .arg(&mut b.total);
-        // SAFETY: matches `sel_index_chunk_scan`; one thread per pair.
-        unsafe { l.launch(grid((npairs as usize).div_ceil(128), 1, 128, 0)) }
-            .map_err(driver_err)?;
-    }
-    {
-        let f = b.func("sel_index_scan")?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&b.total)
-            .arg(&npairs)
-            .arg(&seg_len)
-            .arg(&mut b.base)
-            .arg(&mut b.seg_base)
-            .arg(&mut b.pslot_base)
-            .arg(&mut b.summary);
-        // SAFETY: matches `sel_index_scan`; exactly one CTA of 1024 threads.
-        unsafe { l.launch(grid(1, 1, 1024, 0)) }.map_err(driver_err)?;
-    }
-    {
-        let f = b.func("sel_index_fill")?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&x.sel_idx)
-            .arg(&b.seqs)
-            .arg(&nseq)
-            .arg(&n)
-            .arg(&chunk_len)
-            .arg(&nb)
-            .arg(&mut b.cnt)
-            .arg(&b.base)
-            .arg(&mut b.list);
-        // SAFETY: matches `sel_index_fill`; one warp per (chunk, KV head).
-        unsafe { l.launch(grid(b.nchunks, hkv, 32, 0)) }.map_err(driver_err)?;
-    }
-    let summary = s.clone_dtoh(&b.summary).map_err(driver_err)?;
-    let fused = saved.is_some() && b.fused_on;
-    let seg_base_host = if fused {
-        s.clone_dtoh(&b.seg_base).map_err(driver_err)?
-    } else {
-        Vec::new()
-    };
-    s.synchronize().map_err(driver_err)?;
-    let (nsegs, npslots) = (summary[0].max(0) as usize, summary[1].max(0) as usize);
-    b.last_segments = nsegs;
-    b.last_partial_slots = npslots;
-    if npslots > b.pslot_cap {
-        let cap = npslots + npslots / 4;
-        b.pk = alloc::<f32>(ctx, cap * x.shape.sel_l * b.dk_dim)?;
-        b.pv = alloc::<f32>(ctx, cap * x.shape.sel_l * b.dv_dim)?;
-        b.pslot_cap = cap;
-    }
-    rec(6)?;
-    // ---- selection: dQ and statistics ----
-    if fused {
-        // the fused pass below writes the selection dQ with dK / dV
-    } else if let (Some(sv), true) = (saved, b.selb_dq_on) {
-        // block-outer for small G (kernels/sel_block_bwd.cu): adds into dq as sel_bwd_dq does
-        if b.selb_dq.is_none() {
-            b.selb_dq = Some(SelBlockDq::new(ctx, &x.shape, &b.cu)?);
+        stages::gate_dots(&r, b, s)?;
+        stages::cmp_dq(&r, b, s)?;
+        rec(1)?;
+        stages::cmp_kv(&r, b, s)?;
+        rec(2)?;
+        stages::cmp_phi(&r, b, s)?;
+        rec(3)?;
+        stages::win_dq(&r, b, s)?;
+        rec(4)?;
+        stages::win_kv(&r, b, s)?;
+        rec(5)?;
+        let ix = stages::sel_index(&r, b, s)?;
+        rec(6)?;
+        if !(saved.is_some() && b.fused_on) {
+            stages::sel_dq(&r, b, s)?;
         }
-        let k = &b.kernels;
-        let f = sel_block::DqKernels {
-            count: k.get("selb_count")?,
-            scan: k.get("selb_scan")?,
-            fill: k.get("selb_fill")?,
-            dq: k.get("selb_bwd_dq")?,
-            merge: k.get("selb_dq_merge")?,
-        };
-        let args = sel_rows_args(x, sv, &b.d_o, &b.dg[1], &mut b.dq);
-        b.selb_dq
-            .as_mut()
-            .expect("just set")
-            .run(ctx, &x.shape, &f, args)?;
-    } else {
-        let f = b.func(&dq_name("sel_bwd_dq"))?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&x.q)
-            .arg(&x.k[1])
-            .arg(&x.v[1])
-            .arg(&b.d_o)
-            .arg(&x.gates[1])
-            .arg(&b.rows_sel)
-            .arg(&x.sel_idx);
-        match saved {
-            Some(sv) => l.arg(&sv.lse[0]),
-            None => l.arg(&mut b.lse[1]),
-        };
-        l.arg(&mut b.dg[1]).arg(&mut b.dq);
-        // SAFETY: matches `sel_bwd_dq`.
-        unsafe { l.launch(grid(b.n_rows_sel, hkv, sm.sel_threads, sm.rows_sel)) }
-            .map_err(driver_err)?;
-    }
-    rec(7)?;
-    // ---- selection: dK, dV through the inverse index ----
-    s.memset_zeros(&mut b.dk[1]).map_err(driver_err)?;
-    s.memset_zeros(&mut b.dv[1]).map_err(driver_err)?;
-    if let (Some(sv), true) = (saved, fused) {
-        if b.fused.is_none() {
-            b.fused = Some(SelFusedDq::new(
-                ctx, b.n_tokens, b.hq, hkv, b.dk_dim, b.dv_dim, b.nsel,
-            )?);
-        }
-        let k = &b.kernels;
-        let f = sel_fused::FusedKernels {
-            fused: k.get("sel_bwd_dkdv_dq")?,
-            merge: k.get("selb_dq_merge")?,
-        };
-        let args = sel_fused::FusedArgs {
-            rows: sel_rows_args(x, sv, &b.d_o, &b.dg[1], &mut b.dq),
-            blocks: &b.blocks,
-            total: &b.total,
-            base: &b.base,
-            seg_base: &b.seg_base,
-            pslot_base: &b.pslot_base,
-            list: &b.list,
-            seg_base_host: &seg_base_host,
-            nb: b.nb,
-            seg_len: b.seg_len,
-            dk: &mut b.dk[1],
-            dv: &mut b.dv[1],
-            pk: &mut b.pk,
-            pv: &mut b.pv,
-        };
-        b.fused.as_mut().expect("just set").run(ctx, &f, args)?;
-    } else if nsegs > 0 {
-        let f = b.func("sel_bwd_dkdv")?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&x.q)
-            .arg(&x.k[1])
-            .arg(&x.v[1])
-            .arg(&b.d_o)
-            .arg(&x.gates[1])
-            .arg(match saved {
-                Some(sv) => &sv.lse[0],
-                None => &b.lse[1],
-            })
-            .arg(&b.dg[1])
-            .arg(&b.blocks)
-            .arg(&nb)
-            .arg(&b.total)
-            .arg(&b.base)
-            .arg(&b.seg_base)
-            .arg(&b.pslot_base)
-            .arg(&b.list)
-            .arg(&seg_len)
-            .arg(&mut b.dk[1])
-            .arg(&mut b.dv[1])
-            .arg(&mut b.pk)
-            .arg(&mut b.pv);
-        // SAFETY: matches `sel_bwd_dkdv`; one CTA per segment (summary[0] of this run).
-        unsafe { l.launch(grid(nsegs, 1, 128, sm.kv)) }.map_err(driver_err)?;
-    }
-    if npslots > 0 {
-        let f = b.func("sel_dkdv_reduce")?;
-        let mut l = s.launch_builder(&f);
-        l.arg(&b.blocks)
-            .arg(&nb)
-            .arg(&b.seg_base)
-            .arg(&b.pslot_base)
-            .arg(&b.pk)
-            .arg(&b.pv)
-            .arg(&mut b.dk[1])
-            .arg(&mut b.dv[1]);
-        // SAFETY: matches `sel_dkdv_reduce`; one CTA per pair (most return at once).
-        unsafe { l.launch(grid(npairs as usize, 1, 256, 0)) }.map_err(driver_err)?;
+        rec(7)?;
+        stages::sel_dkdv(&r, b, s, &ix, None)?;
     }
     rec(8)?;
     if let (Some(t), Some(ev)) = (times, &events) {
@@ -1056,6 +769,60 @@ pub fn backward_device_with(
         };
     }
     Ok(())
+}
+
+/// The overlapped backward (opt-in, [`DeviceBackward::set_overlap`]; not yet measured on a GPU,
+/// bench/NOTES-cuda-bwd.md v18). Stream A (the context's) runs the gate dots, the compressed
+/// and window dQ (the `=` then the first `+=` into dq), then their dK / dV and phi; stream B (the
+/// device's highest priority) builds the selection index once the gate dots are done, runs the
+/// selection dK / dV at once, and its dQ (`+=` into dq) once A's dQ passes are done; A then waits
+/// for B. The compute-bound compressed kernels share the SMs with the L2-bound selection ones
+/// instead of taking turns. Every buffer is written by one stream, dq in the sequential order:
+/// the gradients are bitwise those of the sequential backward.
+fn backward_overlapped(
+    r: &stages::Run,
+    b: &mut DeviceBackward,
+    ov: &stages::Overlap,
+) -> Result<()> {
+    let (ctx, x) = (r.ctx, r.x);
+    let (a, sb) = (&ctx.stream, &ov.stream);
+    let fused = r.saved.is_some() && b.fused_on;
+    // buffers allocated on A before A's work: stream B uses them after waiting for `gates`
+    if fused && b.fused.is_none() {
+        b.fused = Some(SelFusedDq::new(
+            ctx, b.n_tokens, b.hq, b.hkv, b.dk_dim, b.dv_dim, b.nsel,
+        )?);
+    }
+    if r.saved.is_some() && !fused && b.selb_dq_on && b.selb_dq.is_none() {
+        b.selb_dq = Some(SelBlockDq::new(ctx, &x.shape, &b.cu)?);
+    }
+    // A: everything it runs is queued before the host waits for B's index below
+    stages::gate_dots(r, b, a)?;
+    ov.gates.record(a).map_err(driver_err)?;
+    stages::cmp_dq(r, b, a)?;
+    stages::win_dq(r, b, a)?;
+    ov.dq.record(a).map_err(driver_err)?;
+    stages::cmp_kv(r, b, a)?;
+    stages::cmp_phi(r, b, a)?;
+    stages::win_kv(r, b, a)?;
+    // B
+    sb.wait(&ov.gates).map_err(driver_err)?;
+    let ix = stages::sel_index(r, b, sb)?;
+    if r.saved.is_some() {
+        // the dK / dV pass reads only the saved statistics: it starts at once
+        stages::sel_dkdv(r, b, sb, &ix, Some(&ov.dq))?;
+        if !fused {
+            sb.wait(&ov.dq).map_err(driver_err)?;
+            stages::sel_dq(r, b, sb)?;
+        }
+    } else {
+        // recompute mode: the dQ pass writes the statistics the dK / dV pass reads
+        sb.wait(&ov.dq).map_err(driver_err)?;
+        stages::sel_dq(r, b, sb)?;
+        stages::sel_dkdv(r, b, sb, &ix, None)?;
+    }
+    ov.done.record(sb).map_err(driver_err)?;
+    a.wait(&ov.done).map_err(driver_err)
 }
 
 /// The selection branch's row tensors of the block-outer and fused dQ paths (saved-statistics

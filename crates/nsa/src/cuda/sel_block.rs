@@ -527,11 +527,12 @@ impl SelBlockDq {
         })
     }
 
-    /// Adds the selection branch's dQ to `a.dq`, chunk by chunk: index (count, scan, fill), the
-    /// per-segment partials (`selb_bwd_dq`), the merge in rank order (`selb_dq_merge`).
+    /// Adds the selection branch's dQ to `a.dq` on stream `s`, chunk by chunk: index (count,
+    /// scan, fill), the per-segment partials (`selb_bwd_dq`), the merge in rank order
+    /// (`selb_dq_merge`).
     pub(crate) fn run(
         &mut self,
-        ctx: &CudaContext,
+        s: &Arc<CudaStream>,
         shape: &Shape,
         f: &DqKernels,
         a: DqArgs,
@@ -539,14 +540,13 @@ impl SelBlockDq {
         let g = shape.hq / shape.hkv;
         let smem = dq_smem(shape);
         let seg = seg_positions(g);
-        let s = ctx.stream.clone();
         let kidx = IndexKernels {
             count: f.count,
             scan: f.scan,
             fill: f.fill,
         };
         for ch in self.idx.chunks.clone() {
-            self.idx.build(&s, &kidx, a.sel_idx, &ch)?;
+            self.idx.build(s, &kidx, a.sel_idx, &ch)?;
             let [ta, ct, ga, _, jg_lo, nbc] = ch.args();
             let np = ch.pairs() as i32;
             {

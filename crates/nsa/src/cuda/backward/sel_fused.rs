@@ -16,7 +16,7 @@
 use super::{driver_err, grid, CudaContext};
 use crate::cuda::sel_block;
 use crate::error::{NsaError, Result};
-use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 
 /// Row stride (elements) of the kernel's dS tile (`SEL_FUSED_DS_STRIDE`).
 const DS_STRIDE: usize = 64 + 8;
@@ -146,10 +146,17 @@ impl SelFusedDq {
 
     /// dK / dV of the selection branch (into `a.dk` / `a.dv`, or the partial sums of the lists
     /// with more than one segment, which `sel_dkdv_reduce` adds up after) and its dQ added to
-    /// `a.dq`, one KV-head range at a time.
-    pub(super) fn run(&mut self, ctx: &CudaContext, f: &FusedKernels, a: FusedArgs) -> Result<()> {
-        let s = &ctx.stream;
+    /// `a.rows.dq`, one KV-head range at a time, on stream `s`; the first merge into dq waits
+    /// for `dq_ready` when given.
+    pub(super) fn run(
+        &mut self,
+        s: &CudaStream,
+        f: &FusedKernels,
+        a: FusedArgs,
+        dq_ready: Option<&CudaEvent>,
+    ) -> Result<()> {
         let r = a.rows;
+        let mut waited = dq_ready.is_none();
         let (nb, n) = (a.nb as i32, self.n as i32);
         let seg_len = a.seg_len as i32;
         for &(ga, gcnt) in &self.chunks {
@@ -186,6 +193,11 @@ impl SelFusedDq {
                 // SAFETY: matches `sel_bwd_dkdv_dq`; one CTA per segment of the heads' lists.
                 unsafe { l.launch(grid((s1 - s0) as usize, 1, 128, self.smem)) }
                     .map_err(driver_err)?;
+            }
+            if !waited {
+                // the merges add into dq after the compressed and window dQ (overlapped backward)
+                s.wait(dq_ready.expect("checked")).map_err(driver_err)?;
+                waited = true;
             }
             let rows = gcnt * self.n * self.g;
             let (ta, ga32, nr) = (0i32, ga as i32, rows as i32);
