@@ -69,7 +69,7 @@ pub enum SelDqPath {
     Block,
     /// Opt-in, not yet measured on a GPU: dQ partials written by the dK/dV pass itself
     /// (`sel_bwd_dkdv_dq`, no second walk over the selected blocks), merged in rank order.
-    /// Needs sm_90a, dk and dv in {64, 128}, l' <= 64, n <= 32 ([`sel_fused`] module).
+    /// Needs sm_90a, dk and dv in {64, 128}, l' <= 64, n <= 32 (`cuda/backward/sel_fused.rs`).
     Fused,
 }
 
