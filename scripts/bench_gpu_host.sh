@@ -15,6 +15,8 @@
 #   fused   the opt-in fused selection backward (NSA_SEL_DQ_PATH=fused, NOTES-cuda-bwd.md v17):
 #           its GPU test, the whole backward suite on that path, then the per-kernel backward at
 #           64k, default and fused back to back, G = 16, 8, 4, 2, 1 (~5 min)
+#   selrows sel_attn with 128 / 256 rows per CTA (-DSEL_FWD_ROWS, NOTES-cuda.md v19): the forward
+#           suite with 256, then the forward at 8k-64k with 64 (default), 128, 256 (~3 min)
 #   overlap the opt-in overlapped forward (NSA_FWD_OVERLAP=<chunks>, NOTES-cuda.md v18) and
 #           backward (NSA_BWD_OVERLAP=1, NOTES-cuda-bwd.md v18): their GPU tests, the forward at
 #           8k / 64k / 128k (128/128 and 192/128) sequential and with 4, 8 and 16 chunks, the
@@ -130,6 +132,16 @@ if has fused; then
     echo "== $path"; tail -12 "$R/bwd-$path.log"
   done
   unset NSA_SEL_DQ_PATH
+fi
+if has selrows; then
+  NSA_CUDA_DEFINES=-DSEL_FWD_ROWS=256 timeout 150 $P/tests/cuda_forward --test-threads=16 \
+    > "$R/selrows-tests.log" 2>&1
+  grep -E "test result|panicked" "$R/selrows-tests.log" | tail -4
+  for rows in 64 128 256; do
+    NSA_CUDA_DEFINES=-DSEL_FWD_ROWS=$rows timeout 60 $P/bin/cuda_bench 8192,16384,32768,65536 \
+      > "$R/fwd-selrows$rows.log" 2>&1
+    echo "== $rows rows"; tail -6 "$R/fwd-selrows$rows.log"
+  done
 fi
 if has overlap; then
   timeout 60 $P/tests/cuda_forward --test-threads=16 --nocapture overlapped_forward \

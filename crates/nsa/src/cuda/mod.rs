@@ -274,8 +274,13 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
     let mt = shape.mt;
     let rows = 64 * mt;
     let p_rows = rows / g;
-    // P_SEL in sel_attn.cu
-    let p_sel = if g >= 64 { 1 } else { (64 / g).min(32) };
+    // P_SEL in sel_attn.cu (SEL_FWD_ROWS rows per CTA, 64 unless `-DSEL_FWD_ROWS=N`)
+    let sel_rows = module::define_value("SEL_FWD_ROWS").unwrap_or(64);
+    let p_sel = if g >= sel_rows {
+        1
+    } else {
+        (sel_rows / g).min(32)
+    };
     let sel_warps = (p_sel * g).div_ceil(16);
     let tiles = |rows: usize| (rows * qs + 64 * ks + 64 * vs) * 2;
     // JSPAN / JW in cmp_attn.cu: selection blocks one tile of 64 compressed blocks touches

@@ -17,19 +17,26 @@
 // next chunk loading while the current one is computed (a 1-warp CTA has no other warps of its
 // own to hide the load latency behind).
 
-#define P_SEL (G >= 64 ? 1 : (64 / G > 32 ? 32 : 64 / G))
+// Rows per CTA: 64 by default; -DSEL_FWD_ROWS=N (an experiment, not yet measured: NOTES-cuda.md
+// v19) packs min(32, N / G) positions, a larger union per CTA (fewer K/V bytes per position where
+// neighbours' selections overlap, i.e. short sequences) for more warps per barrier. cuda/mod.rs
+// `footprint` mirrors it.
+#ifndef SEL_FWD_ROWS
+#define SEL_FWD_ROWS 64
+#endif
+#define P_SEL (G >= SEL_FWD_ROWS ? 1 : (SEL_FWD_ROWS / G > 32 ? 32 : SEL_FWD_ROWS / G))
 #define SEL_WARPS ((P_SEL * G + 15) / 16)
 #define SEL_ROWS (SEL_WARPS * 16)
 #define SEL_THREADS (SEL_WARPS * 32)
 #define SK 32                                              // keys per chunk
 #define MAX_CHUNKS (P_SEL * NSEL * ((SEL_L + SK - 1) / SK))
 #define INT_MAX_ 0x7fffffff
-// K/V chunk stages: two, or one at dk + dv > 256 with a register bound for four CTAs per SM
-// (dk 192: two stages and 134 registers allow three; -DSEL_2STAGE keeps two stages and no bound;
-// cuda/mod.rs `sel_stages` mirrors it).
+// K/V chunk stages: two, or one at dk + dv > 256 with a register bound for four CTAs per SM of
+// 128 threads (16 warps per SM for wider CTAs; dk 192: two stages and 134 registers allow three;
+// -DSEL_2STAGE keeps two stages and no bound; cuda/mod.rs `sel_stages` mirrors it).
 #if (DK + DV) > 256 && !defined(SEL_2STAGE)
 #define SEL_STAGES 1
-#define SEL_BOUNDS __launch_bounds__(SEL_THREADS, 4)
+#define SEL_BOUNDS __launch_bounds__(SEL_THREADS, 512 / SEL_THREADS > 0 ? 512 / SEL_THREADS : 1)
 #else
 #define SEL_STAGES 2
 #define SEL_BOUNDS __launch_bounds__(SEL_THREADS)
