@@ -350,11 +350,11 @@ fn run_case_with(
     mode: BwdMode,
     hidden: usize,
 ) {
-    let path = SelDqPath::from_env();
-    run_case_path(name, cfg, seqlens, dk, dv, shared, mode, hidden, path)
+    run_case_path(name, cfg, seqlens, dk, dv, shared, mode, hidden, None)
 }
 
-/// [`run_case_with`] with the selection dQ on `path`.
+/// [`run_case_with`] with the selection dQ on `path` (None: as `NSA_SEL_DQ_PATH` and the default
+/// say).
 #[allow(clippy::too_many_arguments)]
 fn run_case_path(
     name: &str,
@@ -365,14 +365,18 @@ fn run_case_path(
     shared: bool,
     mode: BwdMode,
     hidden: usize,
-    path: SelDqPath,
+    path: Option<SelDqPath>,
 ) {
     let ctx = cuda::CudaContext::new(0).expect("a CUDA device");
     let sd = seed();
     let x = NsaInputs::random(cfg, seqlens, dk, dv, shared, sd).map(bf16);
     let phi = PhiParams::random(cfg, dk, dv, hidden, sd ^ 0xf1);
     let d_o = random_do(x.num_tokens() * cfg.heads * dv, sd ^ 0x5eed);
-    let got = cuda::backward::backward_with_path(&ctx, cfg, &x, &phi, &d_o, mode, path).unwrap();
+    let got = match path {
+        Some(p) => cuda::backward::backward_with_path(&ctx, cfg, &x, &phi, &d_o, mode, p),
+        None => cuda::backward::backward_with(&ctx, cfg, &x, &phi, &d_o, mode),
+    }
+    .unwrap();
     let fwd = cuda::forward(&ctx, cfg, &x, &phi).unwrap();
     let x64 = x.map(|v| v as f64);
     let d_o64: Vec<f64> = d_o.iter().map(|&v| v as f64).collect();
@@ -639,7 +643,7 @@ fn bwd_is_bitwise_repeatable() {
 /// error where it is not built (dk 192).
 #[test]
 fn bwd_fused_selection_path() {
-    let fused = SelDqPath::Fused;
+    let fused = Some(SelDqPath::Fused);
     let (sv, ph) = (BwdMode::SavedStats, 0);
     let c = cfg(32, 2).build().unwrap();
     run_case_path("g16-fused", &c, &[1100], 128, 128, false, sv, ph, fused);
@@ -671,6 +675,7 @@ fn bwd_fused_selection_path() {
     let x = NsaInputs::random(&c, &[1500, 333], 128, 128, false, sd).map(bf16);
     let phi = PhiParams::random(&c, 128, 128, 0, sd ^ 0xf1);
     let d_o = random_do(x.num_tokens() * c.heads * 128, sd ^ 0x5eed);
+    let fused = SelDqPath::Fused;
     let run = || cuda::backward::backward_with_path(&ctx, &c, &x, &phi, &d_o, sv, fused);
     let (a, b) = (run().unwrap(), run().unwrap());
     for ((name, ga), (_, gb)) in named_all(&a, &c, 128, 128)

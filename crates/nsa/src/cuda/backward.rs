@@ -60,7 +60,8 @@ use sel_fused::SelFusedDq;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SelDqPath {
     /// The default: block-outer (`selb_bwd_dq`) for G < 16, position-major (`sel_bwd_dq`) at
-    /// G >= 16; `NSA_SEL_DQ_PATH=rows|block|fused` picks one of the others.
+    /// G >= 16; `NSA_SEL_DQ_PATH=rows|block|fused` picks one of the others where it is built
+    /// (each falls back to the default elsewhere).
     #[default]
     Auto,
     /// Position-major `sel_bwd_dq` at every G.
@@ -340,16 +341,15 @@ impl DeviceBackward {
         }
         let fused_ok = sel_fused::available(wg.kv, dk, dv, shape.sel_l, nsel)
             && sel_fused::smem(dk, dv) <= ctx.max_smem;
-        let path = SelDqPath::from_env();
-        if path == SelDqPath::Fused && !fused_ok {
-            return Err(fused_unsupported(&ctx.arch, shape));
-        }
+        // `NSA_SEL_DQ_PATH=fused` is a preference: where the fused kernel is not built the default
+        // path runs (set_sel_dq_path(Fused) is an error there instead)
+        let fused_on = SelDqPath::from_env() == SelDqPath::Fused && fused_ok;
         let selb_dq_on = sel_block::dq_enabled(shape, ctx.max_smem);
         let kernels = BwdKernels::load(
             ctx,
             shape,
             &bwd_smem_limits(shape, smem),
-            selb_dq_on || path == SelDqPath::Fused,
+            selb_dq_on || fused_on,
         )?;
         let p = plan::build(cfg, cu_seqlens);
         let nb = p.n_blocks;
@@ -414,7 +414,7 @@ impl DeviceBackward {
             cu: cu_seqlens.to_vec(),
             selb_dq_on,
             selb_dq: None,
-            fused_on: path == SelDqPath::Fused,
+            fused_on,
             fused_ok,
             fused: None,
             shape: shape.clone(),
@@ -914,7 +914,7 @@ pub fn backward_with<T: HostElem>(
     d_o: &[f32],
     mode: BwdMode,
 ) -> Result<NsaGrads<f32>> {
-    backward_with_path(ctx, cfg, x, phi, d_o, mode, SelDqPath::from_env())
+    backward_run(ctx, cfg, x, phi, d_o, mode, None)
 }
 
 /// [`backward_with`] with the selection dQ computed on `sel_dq`
@@ -928,11 +928,27 @@ pub fn backward_with_path<T: HostElem>(
     mode: BwdMode,
     sel_dq: SelDqPath,
 ) -> Result<NsaGrads<f32>> {
+    backward_run(ctx, cfg, x, phi, d_o, mode, Some(sel_dq))
+}
+
+/// Upload, forward, backward (the selection dQ on `sel_dq` when given, else as
+/// `NSA_SEL_DQ_PATH` and the default say), download.
+fn backward_run<T: HostElem>(
+    ctx: &CudaContext,
+    cfg: &NsaConfig,
+    x: &NsaInputs<T>,
+    phi: &PhiParams<f32>,
+    d_o: &[f32],
+    mode: BwdMode,
+    sel_dq: Option<SelDqPath>,
+) -> Result<NsaGrads<f32>> {
     phi.validate(cfg, x.dk, x.dv)?;
     let mut dev = DeviceInputs::upload(ctx, cfg, x)?;
     dev.set_phi(ctx, phi)?;
     let mut b = DeviceBackward::new(ctx, &dev, &x.cu_seqlens)?;
-    b.set_sel_dq_path(ctx, sel_dq)?;
+    if let Some(path) = sel_dq {
+        b.set_sel_dq_path(ctx, path)?;
+    }
     b.upload_do(ctx, d_o)?;
     b.poison(ctx)?;
     if mode.saves_stats() {
