@@ -106,6 +106,7 @@ fn sweep_points(args: &CudaBenchArgs) -> Vec<(usize, CudaShape)> {
 pub fn run_cuda(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
     let ctx = CudaContext::new(args.device_ordinal)?;
     let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
+    let switches = nsa::cuda::experiment_switches();
     let mut out = Vec::new();
     for (t, s) in sweep_points(args) {
         let cfg = config_for(args, s)?;
@@ -133,6 +134,7 @@ pub fn run_cuda(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
             "l/d/l' {}/{}/{}, n {}, w {}, phi mean, bf16 in, f32 out, median of {}",
             cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, cfg.sel_count, cfg.window, args.reps
         )];
+        r.notes.extend(switches.iter().cloned());
         for (name, v) in [
             ("compress_ms", k.compress),
             ("cmp_ms", k.cmp),
@@ -231,6 +233,7 @@ pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> 
     };
     let ctx = CudaContext::new(args.device_ordinal)?;
     let machine = format!("{} ({})", ctx.device_name()?, ctx.arch());
+    let switches = nsa::cuda::experiment_switches();
     let mut out = Vec::new();
     for (t, s) in sweep_points(args) {
         let cfg = config_for(args, s)?;
@@ -263,6 +266,7 @@ pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> 
             "deterministic (no float atomics), {how}, median of {}",
             args.reps
         )];
+        r.notes.extend(switches.iter().cloned());
         r.extra
             .insert("bwd_mode".into(), Value::String(mode.name().into()));
         for (name, v) in [
@@ -290,6 +294,7 @@ pub fn run_cuda_backward(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> 
         fb.notes = vec![format!(
             "forward median + backward median of the same run ({how})"
         )];
+        fb.notes.extend(switches.iter().cloned());
         fb.extra
             .insert("bwd_mode".into(), Value::String(mode.name().into()));
         fb.extra.insert("peak_mem_gib".into(), peak);
@@ -330,6 +335,7 @@ pub fn run_cuda_decode(args: &CudaBenchArgs) -> nsa::Result<Vec<BenchRecord>> {
                 r.notes = vec![
                 "per step; kv_mb = K/V the branches read, bound_mb = (T/d + n*l' + w) tokens per group".into(),
             ];
+                r.notes.extend(nsa::cuda::experiment_switches());
                 for (name, v) in [
                     ("eager_ms", st.eager_us / 1e3),
                     ("kv_mb", st.bytes.kv / 1e6),

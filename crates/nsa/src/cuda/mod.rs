@@ -338,6 +338,28 @@ fn footprint(shape: &Shape, arch: &str) -> Footprint {
     }
 }
 
+/// The experiment switches set in the environment (`NAME=value`, empty when none): kernel
+/// defines and path / overlap choices that change what the GPU runs. The benchmarks write them
+/// into their records, so a number measured under a switch is never read as the default's.
+pub fn experiment_switches() -> Vec<String> {
+    [
+        "NSA_CUDA_DEFINES",
+        "NSA_SEL_PATH",
+        "NSA_SEL_DQ_PATH",
+        "NSA_SEL_PARTIAL_MB",
+        "NSA_FWD_OVERLAP",
+        "NSA_BWD_OVERLAP",
+    ]
+    .iter()
+    .filter_map(|k| {
+        std::env::var(k)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| format!("{k}={v}"))
+    })
+    .collect()
+}
+
 /// The shape limits plus `phi = mean`: what [`DeviceInputs::random`] (the benchmarks' inputs,
 /// which carry no phi weights) supports. The forward, backward and decode take any phi
 /// ([`check_shapes`] + the phi weights); every refusal is a typed `Unsupported`.
