@@ -138,6 +138,16 @@ impl CudaContext {
         })
     }
 
+    /// A second stream at the device's highest priority (the overlapped forward and backward:
+    /// its CTAs take SM slots ahead of the context stream's as they free up).
+    pub(crate) fn high_priority_stream(&self) -> Result<Arc<CudaStream>> {
+        let (_, greatest) =
+            cudarc::driver::result::stream::get_priority_range().map_err(driver_err)?;
+        self.ctx
+            .new_stream_with_priority(greatest)
+            .map_err(driver_err)
+    }
+
     /// The NVRTC architecture the kernels are compiled for (e.g. `sm_90a`).
     pub fn arch(&self) -> &str {
         &self.arch

@@ -113,12 +113,7 @@ impl Overlap {
         chunks: usize,
     ) -> Result<Self> {
         let (list, sel) = plan(tiles64, tiles_sel, positions_64, sel_positions, chunks);
-        let (_, greatest) =
-            cudarc::driver::result::stream::get_priority_range().map_err(driver_err)?;
-        let stream = ctx
-            .ctx
-            .new_stream_with_priority(greatest)
-            .map_err(driver_err)?;
+        let stream = ctx.high_priority_stream()?;
         let sel = if sel.is_empty() { vec![0; 4] } else { sel };
         let tiles_sel = ctx.stream.clone_htod(&sel).map_err(driver_err)?;
         let ev = || ctx.ctx.new_event(None).map_err(driver_err);

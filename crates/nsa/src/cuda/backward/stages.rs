@@ -44,12 +44,7 @@ pub(super) struct Overlap {
 
 impl Overlap {
     pub fn new(ctx: &CudaContext) -> Result<Self> {
-        let (_, greatest) =
-            cudarc::driver::result::stream::get_priority_range().map_err(driver_err)?;
-        let stream = ctx
-            .ctx
-            .new_stream_with_priority(greatest)
-            .map_err(driver_err)?;
+        let stream = ctx.high_priority_stream()?;
         let ev = || ctx.ctx.new_event(None).map_err(driver_err);
         Ok(Overlap {
             stream,
@@ -79,26 +74,40 @@ pub(super) fn gate_dots(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) ->
 
 /// The compressed branch's dQ (`=` into dq; with recomputed statistics also its lse and dg).
 pub(super) fn cmp_dq(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) -> Result<()> {
+    row_dq(r, b, s, 0)
+}
+
+/// The row-major dQ pass of the compressed (`branch` 0: `cmp_bwd_dq`, writes dq) or window
+/// (2: `win_bwd_dq`, adds into dq) branch: its K / V and gate, the statistics the forward saved
+/// for it (the compressed lse is the forward's own) or the ones it recomputes.
+fn row_dq(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>, branch: usize) -> Result<()> {
     let (x, saved, sm, hkv) = (r.x, r.saved, b.smem, b.hkv);
-    let f = b.func(&r.dq_name("cmp_bwd_dq"))?;
+    let (name, k, v) = if branch == 0 {
+        ("cmp_bwd_dq", &x.kc, &x.vc)
+    } else {
+        ("win_bwd_dq", &x.k[2], &x.v[2])
+    };
+    let f = b.func(&r.dq_name(name))?;
     let mut l = s.launch_builder(&f);
     l.arg(&x.q)
-        .arg(&x.kc)
-        .arg(&x.vc)
+        .arg(k)
+        .arg(v)
         .arg(&b.d_o)
-        .arg(&x.gates[0])
+        .arg(&x.gates[branch])
         .arg(&b.rows64);
-    match saved {
-        Some(_) => l.arg(&x.lse),
-        None => l.arg(&mut b.lse[0]),
+    match (saved, branch) {
+        (Some(_), 0) => l.arg(&x.lse),
+        (Some(sv), _) => l.arg(&sv.lse[1]),
+        (None, _) => l.arg(&mut b.lse[branch]),
     };
-    l.arg(&mut b.dg[0]).arg(&mut b.dq);
+    l.arg(&mut b.dg[branch]).arg(&mut b.dq);
     let bytes = if saved.is_some() {
         sm.rows64_saved
     } else {
         sm.rows64
     };
-    // SAFETY: matches `cmp_bwd_dq`; one CTA per (row tile, KV head).
+    // SAFETY: matches `cmp_bwd_dq` / `win_bwd_dq` (the same signature); one CTA per (row tile,
+    // KV head).
     unsafe { l.launch(grid(b.n_rows64, hkv, 128, bytes)) }.map_err(driver_err)?;
     Ok(())
 }
@@ -177,28 +186,7 @@ pub(super) fn cmp_phi(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) -> R
 
 /// The window branch's dQ (`+=` into dq).
 pub(super) fn win_dq(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) -> Result<()> {
-    let (x, saved, sm, hkv) = (r.x, r.saved, b.smem, b.hkv);
-    let f = b.func(&r.dq_name("win_bwd_dq"))?;
-    let mut l = s.launch_builder(&f);
-    l.arg(&x.q)
-        .arg(&x.k[2])
-        .arg(&x.v[2])
-        .arg(&b.d_o)
-        .arg(&x.gates[2])
-        .arg(&b.rows64);
-    match saved {
-        Some(sv) => l.arg(&sv.lse[1]),
-        None => l.arg(&mut b.lse[2]),
-    };
-    l.arg(&mut b.dg[2]).arg(&mut b.dq);
-    let bytes = if saved.is_some() {
-        sm.rows64_saved
-    } else {
-        sm.rows64
-    };
-    // SAFETY: matches `win_bwd_dq`.
-    unsafe { l.launch(grid(b.n_rows64, hkv, 128, bytes)) }.map_err(driver_err)?;
-    Ok(())
+    row_dq(r, b, s, 2)
 }
 
 /// The window branch's dK / dV.
