@@ -3,7 +3,7 @@
 # root on the GPU machine with gpu-pack/ (scripts/pack_gpu.sh) and .whl/ (scripts/fetch_wheels.sh)
 # carried along. WHAT is a comma-separated list of parts (default fwd,bwd,decode); run them in
 # calls of the device tool that each stay under 10 minutes, back to back on the same machine:
-#   tests   the CUDA test suites (~3.5 min)
+#   tests   the CUDA test suites (~4-5 min)
 #   peers   dense SDPA (cuDNN, flash) + fla NSA, forward and backward (~9 min)
 #   peers-bwd  the backward peers the `peers` part runs out of time for: dk 192 / dv 128 at every
 #           length, and the dense G sweep (HKV = 64 / G) at 64k (~5 min)
@@ -41,7 +41,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 lscpu | grep -E "Model name|^CPU\(s\)" >> "$R/gpu.txt"
 if has tests; then
-  OUT=$R timeout 240 bash $P/run_gpu.sh tests > "$R/gpu-tests.log" 2>&1
+  OUT=$R timeout 420 bash $P/run_gpu.sh tests > "$R/gpu-tests.log" 2>&1
   grep -E "test result|FAILED|panicked" "$R/gpu-tests.log" | head -20
 fi
 if has peers; then
