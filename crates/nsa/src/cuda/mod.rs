@@ -1061,7 +1061,8 @@ fn tile_grid(items: usize, hkv: usize, smem: usize, threads: usize) -> LaunchCon
 
 /// Steps 2-5 of the forward pipelined over `ov`'s chunks (overlap.rs): stream A (`ctx.stream`)
 /// runs each chunk's compressed attention and top-n and records its event; stream B waits for
-/// it and runs the chunk's selected and window attention; A waits for B's last kernel.
+/// it and runs the chunk's selected attention, then the window attention of the tiles no later
+/// selection touches; A waits for B's last kernel.
 fn run_overlapped(
     ctx: &CudaContext,
     k: &FwdKernels,
@@ -1079,8 +1080,8 @@ fn run_overlapped(
         if !ch.sel.is_empty() {
             launch_sel(b, k, x, Some(&ov.tiles_sel), ch.sel.clone())?;
         }
-        if !ch.tiles.is_empty() {
-            launch_win(b, k, x, ch.tiles.clone())?;
+        if !ch.win.is_empty() {
+            launch_win(b, k, x, ch.win.clone())?;
         }
     }
     ov.done.record(b).map_err(driver_err)?;

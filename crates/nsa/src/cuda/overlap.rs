@@ -30,20 +30,26 @@ pub fn chunks_from_env() -> usize {
         .unwrap_or(0)
 }
 
-/// One chunk: a range of the row tiles (`tiles64`, the compressed / top-n / window list) and
-/// the range of the reordered selection list whose positions those tiles cover.
+/// One chunk: a range of the row tiles (`tiles64`: its compressed attention and top-n), the
+/// range of the reordered selection list it runs, and the row tiles whose window attention runs
+/// right after that selection (each tile's window waits for every selection item touching its
+/// rows, so each row's sum keeps the sequential order: compressed, selected, window).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Chunk {
     pub tiles: Range<usize>,
     pub sel: Range<usize>,
+    pub win: Range<usize>,
 }
 
 /// Splits the `n64 = tiles64.len() / 4` row tiles (entries `(seq start, len, t0, cstart)`,
 /// `positions_64` positions each) into `chunks` ranges of about equal count, and reorders the
 /// selection items (`(seq start, len, t0, 0)`, `sel_positions` positions each) so that chunk c's
 /// items are contiguous. An item goes to the latest chunk among the tiles of its first and last
-/// positions: all of its positions' top-n are done when that chunk's event fires. Returns the
-/// chunks and the reordered selection list.
+/// positions: all of its positions' top-n are done when that chunk's event fires. A tile's window
+/// runs after the latest chunk holding an item that touches it (an item spans consecutive
+/// positions of one sequence, and chunk order follows position order there, so these chunks
+/// grow with the tile's and the window ranges are contiguous). Returns the chunks and the
+/// reordered selection list.
 pub(crate) fn plan(
     tiles64: &[i32],
     tiles_sel: &[i32],
@@ -63,28 +69,36 @@ pub(crate) fn plan(
         .collect();
     let p64 = positions_64 as i32;
     let mut per_chunk: Vec<Vec<i32>> = vec![Vec::new(); nc];
+    // per chunk: the latest chunk whose selection touches its rows (at least itself)
+    let mut win_after: Vec<usize> = (0..nc).collect();
     for item in tiles_sel.chunks_exact(4) {
         let (start, len, t0) = (item[0], item[1], item[2]);
         let last = (t0 + sel_positions as i32 - 1).min(len - 1);
-        let c = [t0, last]
-            .iter()
-            .map(|&t| {
-                tile_at
-                    .get(&(start, t - t % p64))
-                    .map_or(nc - 1, |&i| chunk_of_tile(i))
-            })
-            .max()
-            .unwrap_or(nc - 1);
+        let ends = [t0, last].map(|t| {
+            tile_at
+                .get(&(start, t - t % p64))
+                .map_or(nc - 1, |&i| chunk_of_tile(i))
+        });
+        let (lo, c) = (ends[0].min(ends[1]), ends[0].max(ends[1]));
         per_chunk[c].extend_from_slice(item);
+        for w in &mut win_after[lo..=c] {
+            *w = (*w).max(c);
+        }
     }
     let mut out = Vec::with_capacity(tiles_sel.len());
     let mut list = Vec::with_capacity(nc);
+    let mut win_next = 0; // the first chunk whose window is not scheduled yet
     for (c, items) in per_chunk.into_iter().enumerate() {
         let a = out.len() / 4;
         out.extend(items);
+        let w0 = win_next;
+        while win_next < nc && win_after[win_next] <= c {
+            win_next += 1;
+        }
         list.push(Chunk {
             tiles: bounds[c]..bounds[c + 1],
             sel: a..out.len() / 4,
+            win: bounds[w0]..bounds[win_next],
         });
     }
     (list, out)
@@ -155,10 +169,40 @@ mod tests {
             (vec![1000, 37, 3, 700], 8, 8, 5),         // G = 8, varlen
             (vec![333], 64, 32, 3),                    // G = 1
             (vec![500, 90], 25, 12, 4),                // G = 5 (mt 2): items straddle tiles
+            (vec![900, 133], 4, 16, 3),                // G = 16 at 256 rows: items span 4 tiles
+            (vec![300, 7], 2, 32, 50),                 // items span 16 tiles, tiny chunks
             (vec![5], 4, 4, 16),                       // more chunks than tiles
         ] {
             let (t64, tsel) = lists(&lens, p64, psel);
             let (chunks, sel) = plan(&t64, &tsel, p64, psel, nc);
+            // every tile's window runs once, after the selection of every item touching it
+            let tile_of = |start: i32, t: i32| {
+                t64.chunks_exact(4)
+                    .position(|x| x[0] == start && x[2] == t - t % p64 as i32)
+                    .unwrap()
+            };
+            let mut win_at = vec![usize::MAX; t64.len() / 4];
+            for (c, ch) in chunks.iter().enumerate() {
+                for t in ch.win.clone() {
+                    assert_eq!(win_at[t], usize::MAX, "{lens:?}: tile {t} windowed twice");
+                    win_at[t] = c;
+                }
+            }
+            assert!(
+                !win_at.contains(&usize::MAX),
+                "{lens:?}: a window never runs"
+            );
+            for (c, ch) in chunks.iter().enumerate() {
+                for it in sel[ch.sel.start * 4..ch.sel.end * 4].chunks_exact(4) {
+                    for t in it[2]..(it[2] + psel as i32).min(it[1]) {
+                        let tile = tile_of(it[0], t);
+                        assert!(
+                            win_at[tile] >= c,
+                            "{lens:?}: window of tile {tile} before its item"
+                        );
+                    }
+                }
+            }
             // the chunks tile both lists exactly, in order
             assert_eq!(chunks.first().unwrap().tiles.start, 0);
             assert_eq!(chunks.last().unwrap().tiles.end, t64.len() / 4);
