@@ -12,15 +12,16 @@
 #   peers-decode  dense + fla decode peers (~3 min)
 #   decode  our decode sweep, dk 128 and 192 (~2 min)
 #   cpu     our CPU sweeps (16 threads) + torch CPU forward+backward at 16k/32k (~9.5 min)
-#   fused   the opt-in fused selection backward (NSA_SEL_DQ_PATH=fused, NOTES-cuda-bwd.md v17):
-#           its GPU test, the whole backward suite on that path, then the per-kernel backward at
-#           64k, default and fused back to back, G = 16, 8, 4, 2, 1 (~5 min)
+#   fused   the fused selection backward (the default where built, NOTES-cuda-bwd.md v17): its
+#           GPU test, the whole backward suite, then the per-kernel backward at 64k on the paths
+#           it replaced (rows at G = 16, block-outer at G = 8..1) and on the default, back to back
+#           (~5 min)
 #   selrows sel_attn with 128 / 256 rows per CTA (-DSEL_FWD_ROWS, NOTES-cuda.md v19): the forward
 #           suite with 256, then the forward at 8k-64k with 64 (default), 128, 256 (~3 min)
 #   overlap the opt-in overlapped forward (NSA_FWD_OVERLAP=<chunks>, NOTES-cuda.md v18) and
 #           backward (NSA_BWD_OVERLAP=1, NOTES-cuda-bwd.md v18): their GPU tests, the forward at
 #           8k / 64k / 128k (128/128 and 192/128) sequential and with 4, 8 and 16 chunks, the
-#           backward at 64k (G = 16, 4, 1) sequential / overlapped / overlapped + fused (~6 min)
+#           backward at 64k (G = 16, 4, 1) sequential / overlapped (~5 min)
 # Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
 # (override with PEERS_GPU / PEERS_GPU_BWD / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB). Peer
 # forward+backward times are the sums of their forward and backward medians (`nsa bench` adds
@@ -123,15 +124,12 @@ if has fused; then
   timeout 100 $P/tests/cuda_backward --test-threads=16 --nocapture bwd_fused_selection_path \
     > "$R/fused-test.log" 2>&1
   grep -E "test result|panicked|rel RMS .*(dq|dk_slc|dv_slc)" "$R/fused-test.log" | tail -24
-  NSA_SEL_DQ_PATH=fused timeout 150 $P/tests/cuda_backward --test-threads=16 \
-    > "$R/fused-suite.log" 2>&1
+  timeout 150 $P/tests/cuda_backward --test-threads=16 > "$R/fused-suite.log" 2>&1
   grep -E "test result|panicked" "$R/fused-suite.log" | tail -6
-  for path in default fused; do
-    if [[ $path == fused ]]; then export NSA_SEL_DQ_PATH=fused; else unset NSA_SEL_DQ_PATH; fi
-    timeout 120 $P/bin/cuda_bench_bwd 65536 --g-list=16,8,4,2,1 > "$R/bwd-$path.log" 2>&1
-    echo "== $path"; tail -12 "$R/bwd-$path.log"
-  done
-  unset NSA_SEL_DQ_PATH
+  NSA_SEL_DQ_PATH=rows timeout 60 $P/bin/cuda_bench_bwd 65536 > "$R/bwd-rows.log" 2>&1
+  NSA_SEL_DQ_PATH=block timeout 100 $P/bin/cuda_bench_bwd 65536 --g-list=8,4,2,1 > "$R/bwd-block.log" 2>&1
+  timeout 120 $P/bin/cuda_bench_bwd 65536 --g-list=16,8,4,2,1 > "$R/bwd-fused.log" 2>&1
+  for f in rows block fused; do echo "== $f"; tail -6 "$R/bwd-$f.log"; done
 fi
 if has selrows; then
   NSA_CUDA_DEFINES=-DSEL_FWD_ROWS=256 timeout 150 $P/tests/cuda_forward --test-threads=16 \
@@ -155,11 +153,9 @@ if has overlap; then
   timeout 120 $P/tests/cuda_backward --test-threads=16 --nocapture bwd_overlapped \
     > "$R/bwd-overlap-test.log" 2>&1
   grep -E "test result|panicked|bitwise" "$R/bwd-overlap-test.log" | tail -8
-  for v in "0 auto" "1 auto" "1 fused"; do
-    set -- $v
-    NSA_BWD_OVERLAP=$1 NSA_SEL_DQ_PATH=$2 timeout 100 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 \
-      > "$R/bwd-ov$1-$2.log" 2>&1
-    echo "== backward overlap $1 $2"; tail -8 "$R/bwd-ov$1-$2.log"
+  for v in 0 1; do
+    NSA_BWD_OVERLAP=$v timeout 100 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/bwd-ov$v.log" 2>&1
+    echo "== backward overlap $v"; tail -8 "$R/bwd-ov$v.log"
   done
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" results
