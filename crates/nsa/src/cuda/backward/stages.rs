@@ -1,7 +1,7 @@
 //! The backward's kernel launches, one function per stage, each on the stream it is given:
-//! [`super::backward_device_with`] runs them in order on the context's stream, or (the opt-in
-//! overlapped backward, [`Overlap`]) the compressed and window stages on it and the selection
-//! stages on a second stream.
+//! [`super::backward_device_with`] runs the compressed and window stages on the context's stream
+//! and the selection stages on a second one ([`Overlap`], the default), or all in order on the
+//! context's stream.
 
 use super::sel_fused::{self, SelFusedDq};
 use super::{grid, sel_rows_args, DeviceBackward, SavedStats};
@@ -30,8 +30,8 @@ impl Run<'_> {
     }
 }
 
-/// The opt-in overlapped backward's second stream and events (`NSA_BWD_OVERLAP=1`,
-/// [`DeviceBackward::set_overlap`]).
+/// The overlapped backward's second stream and events (the default; `NSA_BWD_OVERLAP=0` or
+/// [`DeviceBackward::set_overlap`] turn it off).
 pub(super) struct Overlap {
     pub stream: Arc<CudaStream>,
     /// the gate dots are done (stream A)
