@@ -18,7 +18,7 @@
 #           (~5 min)
 #   selrows sel_attn with 128 / 256 rows per CTA (-DSEL_FWD_ROWS, NOTES-cuda.md v19): the forward
 #           suite with 256, then the forward at 8k-64k with 64 (default), 128, 256 (~3 min)
-#   overlap the opt-in overlapped forward (NSA_FWD_OVERLAP=<chunks>, NOTES-cuda.md v18) and
+#   overlap the overlapped forward (NSA_FWD_OVERLAP=<chunks>, NOTES-cuda.md v18) and
 #           backward (the default; NSA_BWD_OVERLAP=0 turns it off; NOTES-cuda-bwd.md v18): their GPU tests, the forward at
 #           8k / 64k / 128k (128/128 and 192/128) sequential and with 4, 8 and 16 chunks, the
 #           backward at 64k (G = 16, 4, 1) sequential / overlapped (~5 min)

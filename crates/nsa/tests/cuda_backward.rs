@@ -637,7 +637,7 @@ fn bwd_is_bitwise_repeatable() {
     }
 }
 
-/// The opt-in fused selection pass (dQ partials written by the dK/dV kernel, merged in rank
+/// The fused selection pass (dQ partials written by the dK/dV kernel, merged in rank
 /// order): against the reference at G = 16 with lists split over segments, G = 4 varlen with
 /// shared K/V and odd lengths, G = 1, dk = dv = 64 and l' = 32; bitwise repeatable; and a typed
 /// error where it is not built (dk 192).
@@ -699,7 +699,7 @@ fn bwd_fused_selection_path() {
     );
 }
 
-/// The opt-in overlapped backward (selection stages on a second stream, cuda/backward/stages.rs)
+/// The overlapped backward (selection stages on a second stream, cuda/backward/stages.rs)
 /// gives the same bits as the sequential one: rows path (G = 16, split lists), block-outer dQ
 /// (G = 4, varlen), fused selection (G = 16), and the recompute mode.
 #[test]

@@ -711,6 +711,18 @@ pub fn backward_device_with(
     };
     let r = stages::Run { ctx, x, saved };
     let s = &ctx.stream;
+    // the selection dQ's partial buffers, allocated on the first backward that needs them,
+    // before any stage is queued (the overlapped backward's second stream uses them after
+    // waiting for work queued later on the context's stream)
+    let fused = saved.is_some() && b.fused_on;
+    if fused && b.fused.is_none() {
+        b.fused = Some(SelFusedDq::new(
+            ctx, b.n_tokens, b.hq, b.hkv, b.dk_dim, b.dv_dim, b.nsel,
+        )?);
+    }
+    if saved.is_some() && !fused && b.selb_dq_on && b.selb_dq.is_none() {
+        b.selb_dq = Some(SelBlockDq::new(ctx, &x.shape, &b.cu)?);
+    }
     let events = if times.is_some() {
         let mut v = Vec::with_capacity(9);
         for _ in 0..9 {
@@ -753,7 +765,7 @@ pub fn backward_device_with(
         rec(5)?;
         let ix = stages::sel_index(&r, b, s)?;
         rec(6)?;
-        if !(saved.is_some() && b.fused_on) {
+        if !fused {
             stages::sel_dq(&r, b, s)?;
         }
         rec(7)?;
@@ -790,18 +802,9 @@ fn backward_overlapped(
     b: &mut DeviceBackward,
     ov: &stages::Overlap,
 ) -> Result<()> {
-    let (ctx, x) = (r.ctx, r.x);
+    let ctx = r.ctx;
     let (a, sb) = (&ctx.stream, &ov.stream);
     let fused = r.saved.is_some() && b.fused_on;
-    // buffers allocated on A before A's work: stream B uses them after waiting for `gates`
-    if fused && b.fused.is_none() {
-        b.fused = Some(SelFusedDq::new(
-            ctx, b.n_tokens, b.hq, b.hkv, b.dk_dim, b.dv_dim, b.nsel,
-        )?);
-    }
-    if r.saved.is_some() && !fused && b.selb_dq_on && b.selb_dq.is_none() {
-        b.selb_dq = Some(SelBlockDq::new(ctx, &x.shape, &b.cu)?);
-    }
     // A: everything it runs is queued before the host waits for B's index below
     stages::gate_dots(r, b, a)?;
     ov.gates.record(a).map_err(driver_err)?;

@@ -654,7 +654,7 @@ impl DeviceInputs {
     }
 
     /// Makes every later [`forward_device`] pipeline its kernels over `chunks` chunks of row
-    /// tiles on two streams (`cuda/overlap.rs`; opt-in, not yet measured on a GPU); 0
+    /// tiles on two streams (`cuda/overlap.rs`; opt-in, no gain measured on the H100); 0
     /// turns it off. Only with the position-major selected attention: where the block-outer
     /// path runs (G < 16 by default) the forward stays sequential.
     pub fn set_overlap(&mut self, ctx: &CudaContext, chunks: usize) -> Result<()> {

@@ -1,5 +1,6 @@
 //! Overlapped forward (opt-in: [`DeviceInputs::set_overlap`](super::DeviceInputs::set_overlap)
-//! or `NSA_FWD_OVERLAP=<chunks>`; not yet measured on a GPU, bench/NOTES-cuda.md v18).
+//! or `NSA_FWD_OVERLAP=<chunks>`; measured on the H100 without gain, bench/NOTES-cuda.md v18
+//! outcome: the kernels of the two streams do not co-run).
 //!
 //! The forward's kernels are bound by different units: the compressed attention and the top-n
 //! scoring by the tensor cores (~8 + 9.5 ms at 64k, G = 16), the position-major selected

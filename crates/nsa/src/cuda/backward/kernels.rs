@@ -19,8 +19,8 @@ pub enum BwdFamily {
     Cmp,
     /// Sliding-window branch.
     Win,
-    /// Selection branch: dQ/statistics, inverse index, dK/dV (and the opt-in fused dK/dV +
-    /// dQ partials, `sel_bwd_dkdv_dq`), partial reduction.
+    /// Selection branch: dQ/statistics, inverse index, dK/dV (and the fused dK/dV + dQ
+    /// partials, `sel_bwd_dkdv_dq`, the default where built), partial reduction.
     Sel,
     /// phi = linear / mlp backward: strided f32 GEMMs, column sums, the scatter to raw K/V.
     Phi,

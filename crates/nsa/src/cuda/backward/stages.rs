@@ -3,11 +3,11 @@
 //! and the selection stages on a second one ([`Overlap`], the default), or all in order on the
 //! context's stream.
 
-use super::sel_fused::{self, SelFusedDq};
+use super::sel_fused;
 use super::{grid, sel_rows_args, DeviceBackward, SavedStats};
-use crate::cuda::sel_block::{self, SelBlockDq};
+use crate::cuda::sel_block;
 use crate::cuda::{driver_err, CudaContext, DeviceInputs};
-use crate::error::Result;
+use crate::error::{NsaError, Result};
 use cudarc::driver::{CudaEvent, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
@@ -311,12 +311,9 @@ pub(super) fn sel_index(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) ->
 /// The selection branch's dQ (`+=` into dq) on the rows or block-outer path (with recomputed
 /// statistics also its lse and dg); the fused path writes it in [`sel_dkdv`].
 pub(super) fn sel_dq(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) -> Result<()> {
-    let (ctx, x, saved, sm, hkv) = (r.ctx, r.x, r.saved, b.smem, b.hkv);
+    let (x, saved, sm, hkv) = (r.x, r.saved, b.smem, b.hkv);
     if let (Some(sv), true) = (saved, b.selb_dq_on) {
         // block-outer for small G (kernels/sel_block_bwd.cu): adds into dq as sel_bwd_dq does
-        if b.selb_dq.is_none() {
-            b.selb_dq = Some(SelBlockDq::new(ctx, &x.shape, &b.cu)?);
-        }
         let k = &b.kernels;
         let f = sel_block::DqKernels {
             count: k.get("selb_count")?,
@@ -328,7 +325,7 @@ pub(super) fn sel_dq(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) -> Re
         let args = sel_rows_args(x, sv, &b.d_o, &b.dg[1], &mut b.dq);
         b.selb_dq
             .as_mut()
-            .expect("just set")
+            .ok_or_else(|| NsaError::Cuda("block-outer selection dQ buffers not allocated".into()))?
             .run(s, &x.shape, &f, args)?;
     } else {
         let f = b.func(&r.dq_name("sel_bwd_dq"))?;
@@ -361,7 +358,7 @@ pub(super) fn sel_dkdv(
     ix: &SelIndex,
     dq_ready: Option<&CudaEvent>,
 ) -> Result<()> {
-    let (ctx, x, saved, sm, hkv) = (r.ctx, r.x, r.saved, b.smem, b.hkv);
+    let (x, saved, sm, hkv) = (r.x, r.saved, b.smem, b.hkv);
     let (nsegs, npslots) = (ix.nsegs, ix.npslots);
     let nb = b.nb as i32;
     let npairs = (hkv * b.nb) as i32;
@@ -370,11 +367,6 @@ pub(super) fn sel_dkdv(
     s.memset_zeros(&mut b.dk[1]).map_err(driver_err)?;
     s.memset_zeros(&mut b.dv[1]).map_err(driver_err)?;
     if let (Some(sv), true) = (saved, fused) {
-        if b.fused.is_none() {
-            b.fused = Some(SelFusedDq::new(
-                ctx, b.n_tokens, b.hq, hkv, b.dk_dim, b.dv_dim, b.nsel,
-            )?);
-        }
         let k = &b.kernels;
         let f = sel_fused::FusedKernels {
             fused: k.get("sel_bwd_dkdv_dq")?,
@@ -398,7 +390,7 @@ pub(super) fn sel_dkdv(
         };
         b.fused
             .as_mut()
-            .expect("just set")
+            .ok_or_else(|| NsaError::Cuda("fused selection dQ buffers not allocated".into()))?
             .run(s, &f, args, dq_ready)?;
     } else if nsegs > 0 {
         let f = b.func("sel_bwd_dkdv")?;

@@ -17,7 +17,7 @@
 // next chunk loading while the current one is computed (a 1-warp CTA has no other warps of its
 // own to hide the load latency behind).
 
-// Rows per CTA: 64 by default; -DSEL_FWD_ROWS=N (an experiment, not yet measured: NOTES-cuda.md
+// Rows per CTA: 64 by default; -DSEL_FWD_ROWS=N (an experiment, measured slower: NOTES-cuda.md
 // v19) packs min(32, N / G) positions, a larger union per CTA (fewer K/V bytes per position where
 // neighbours' selections overlap, i.e. short sequences) for more warps per barrier. cuda/mod.rs
 // `footprint` mirrors it.

@@ -367,7 +367,7 @@ extern "C" __global__ void sel_dkdv_reduce(const int4* __restrict__ blocks, int 
     }
 }
 
-// ---- fused selection backward (opt-in: NSA_SEL_DQ_PATH=fused; NOTES-cuda-bwd.md v17) ----
+// ---- fused selection backward (the default where built; NOTES-cuda-bwd.md v17) ----
 // sel_bwd_dkdv_dq: sel_bwd_dkdv's key-major walk (one CTA = one segment of the list of KV head g
 // and selection block j; wgmma row steps of 64 rows) that also computes every row's dQ for this
 // block, where the position-major sel_bwd_dq recomputes S and dP with the K/V blocks gathered
