@@ -22,6 +22,14 @@
 #           backward (the default; NSA_BWD_OVERLAP=0 turns it off; NOTES-cuda-bwd.md v18): their GPU tests, the forward at
 #           8k / 64k / 128k (128/128 and 192/128) sequential and with 4, 8 and 16 chunks, the
 #           backward at 64k (G = 16, 4, 1) sequential / overlapped (~5 min)
+#   profile Nsight Compute on the 64k kernels (G = 16, 128/128): the forward's cmp_attn, cmp_topn,
+#           sel_attn, win_attn and the sequential backward's dQ, dK/dV, fused selection and merge
+#           kernels, one launch each (~3 min)
+#   sanitize compute-sanitizer racecheck and memcheck on the fused selection backward kernel only
+#           (its GPU test, the other kernels unchecked; ~5 min)
+#   kw2     the two-key-warpgroup compressed / window dK/dV kernels (NOTES-cuda-bwd.md v19): the
+#           backward suite, then the 64k backward per kernel (sequential) and overlapped, with
+#           them (default) and with -DBW_KM_ONE_WG (v16's CTAs), back to back (~5 min)
 # Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
 # (override with PEERS_GPU / PEERS_GPU_BWD / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB). Peer
 # forward+backward times are the sums of their forward and backward medians (`nsa bench` adds
@@ -156,6 +164,37 @@ if has overlap; then
   for v in 0 1; do
     NSA_BWD_OVERLAP=$v timeout 100 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/bwd-ov$v.log" 2>&1
     echo "== backward overlap $v"; tail -8 "$R/bwd-ov$v.log"
+  done
+fi
+if has profile; then
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  SECT=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+    --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats)
+  timeout 200 $NCU --clock-control none "${SECT[@]}" -k 'regex:^(cmp_attn|cmp_topn|sel_attn|win_attn)$' \
+    -c 4 $P/bin/cuda_bench 65536 > "$R/ncu-fwd.log" 2>&1
+  grep -E "^  [a-z_]+|Duration|Throughput|Pipe|Warp Cycles|Achieved Occ|Registers|Shared Memory Config" \
+    "$R/ncu-fwd.log" | head -60
+  NSA_BWD_OVERLAP=0 timeout 280 $NCU --clock-control none "${SECT[@]}" \
+    -k 'regex:^(cmp_bwd_dq_saved|cmp_bwd_dkdv|win_bwd_dq_saved|win_bwd_dkdv|sel_bwd_dkdv_dq|selb_dq_merge)$' \
+    -c 6 $P/bin/cuda_bench_bwd 65536 --g-list=16 > "$R/ncu-bwd.log" 2>&1
+  grep -E "^  [a-z_]+|Duration|Throughput|Warp Cycles|Achieved Occ|Registers" "$R/ncu-bwd.log" | head -60
+fi
+if has sanitize; then
+  CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in racecheck memcheck; do
+    timeout 200 $CS --tool $tool --kernel-name kns=sel_bwd_dkdv_dq $P/tests/cuda_backward \
+      --test-threads=1 bwd_fused_selection_path > "$R/sanitize-$tool.log" 2>&1
+    echo "== $tool rc=$?"; tail -5 "$R/sanitize-$tool.log"
+  done
+fi
+if has kw2; then
+  timeout 200 $P/tests/cuda_backward --test-threads=16 > "$R/kw2-suite.log" 2>&1
+  grep -E "test result|panicked|FAILED" "$R/kw2-suite.log" | tail -8
+  for v in two one; do
+    d=$( [[ $v == one ]] && echo -DBW_KM_ONE_WG || echo "" )
+    NSA_CUDA_DEFINES=$d NSA_BWD_OVERLAP=0 timeout 60 $P/bin/cuda_bench_bwd 65536 > "$R/kw2-$v-seq.log" 2>&1
+    NSA_CUDA_DEFINES=$d timeout 80 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/kw2-$v-ov.log" 2>&1
+    echo "== $v key warpgroups"; tail -4 "$R/kw2-$v-seq.log"; tail -5 "$R/kw2-$v-ov.log"
   done
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" results

@@ -105,8 +105,19 @@ struct BwdSmem {
     sel_threads: usize,
     /// key-major kernels: mma.sync `BW_KV_SMEM` (K/V tile, two buffers of 32 rows of q and do),
     /// on sm_90a with dk in {64, 128, 192} and dv in {64, 128} the wgmma `BW_WG_KV_SMEM`
-    /// (unpadded swizzled tiles, buffers of [`wg_kv_rows`] rows).
+    /// (unpadded swizzled tiles, buffers of [`wg_kv_rows`] rows). The selection's.
     kv: usize,
+    /// The compressed and window key-major kernels: `kv` with one K/V tile per key warpgroup
+    /// (`BW_WG_KV_SMEM_KW`).
+    kv_km: usize,
+    /// Their keys per CTA (`BW_KM_KEYS`: 64 per key warpgroup) and threads (128 per warpgroup).
+    km_keys: usize,
+}
+
+impl BwdSmem {
+    fn km_threads(&self) -> usize {
+        2 * self.km_keys
+    }
 }
 
 /// Rows per step of the key-major wgmma kernels (`BW_WG_RT` in kernels/bwd_wgmma.cu): 64, or 32
@@ -126,6 +137,9 @@ struct WgPaths {
     kv: bool,
     /// The saved-statistics row-major dQ kernels (cmp_bwd_dq_saved, win_bwd_dq_saved).
     dq: bool,
+    /// The compressed and window key-major kernels run two key warpgroups per CTA (`BW_KM_KW`):
+    /// with `kv` at 64-row steps (dk 64 / 128), unless `-DBW_KM_ONE_WG`.
+    km_two: bool,
     /// At dk 192: the dQ kernels keep one K/V tile buffer (the default), not two (`-DBW_WG_DQ_2BUF`).
     dq_one_buffer: bool,
 }
@@ -146,6 +160,12 @@ fn wgmma_kernels(arch: &str, dk: usize, dv: usize) -> WgPaths {
     WgPaths {
         kv,
         dq,
+        // (bwd_wgmma.cu's BW_KM_KW: BW_WG, 64-row steps, not switched off)
+        km_two: kv
+            && wg_kv_rows(dk) == 64
+            && !module::define_set("-DBW_KM_ONE_WG")
+            && !module::define_set("-DBWD_NO_WGMMA")
+            && module::define_value("BW_WG_RT").is_none_or(|r| r == 64),
         dq_one_buffer: !module::define_set("-DBW_WG_DQ_2BUF"),
     }
 }
@@ -160,6 +180,17 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wg: WgPath
     let p = plan::sel_positions(g);
     let sel_rows = (p * g).div_ceil(16) * 16;
     let rows64 = plan::BQ_ROWS * (qs + ds) * 2 + stages * kvt;
+    let kv = if wg.kv {
+        // 1 KB of alignment slack, the unpadded swizzled K/V tile and two row buffers
+        1024 + plan::KT * (dk + dv) * 2 + 2 * wg_kv_rows(dk) * ((dk + dv) * 2 + 16)
+    } else {
+        kvt + 2 * (32 * (qs + ds) * 2 + 32 * 16)
+    };
+    let km_wgs = if wg.km_two && wg.kv && wg_kv_rows(dk) == 64 {
+        2
+    } else {
+        1
+    };
     BwdSmem {
         rows64,
         // the wgmma dQ pass: 1 KB of alignment slack, the swizzled Q / dO rows and two swizzled
@@ -173,12 +204,9 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wg: WgPath
         },
         rows_sel: sel_dq_smem(dk, dv, g, nsel, sel_l, p, plan::sel_stages(g, dk, dv)),
         sel_threads: sel_rows * 2,
-        kv: if wg.kv {
-            // 1 KB of alignment slack, the unpadded swizzled K/V tile and two row buffers
-            1024 + plan::KT * (dk + dv) * 2 + 2 * wg_kv_rows(dk) * ((dk + dv) * 2 + 16)
-        } else {
-            kvt + 2 * (32 * (qs + ds) * 2 + 32 * 16)
-        },
+        kv,
+        kv_km: kv + (km_wgs - 1) * plan::KT * (dk + dv) * 2,
+        km_keys: km_wgs * plan::KT,
     }
 }
 
@@ -333,7 +361,7 @@ impl DeviceBackward {
         }
         let wg = wgmma_kernels(&ctx.arch, dk, dv);
         let smem = smem_of(dk, dv, g, nsel, shape.sel_l, wg);
-        let need = smem.rows64_saved.max(smem.rows_sel).max(smem.kv);
+        let need = smem.rows64_saved.max(smem.rows_sel).max(smem.kv_km);
         if need > ctx.max_smem {
             return Err(NsaError::Unsupported(format!(
                 "backward kernels need {need} bytes of shared memory per block, the device offers {}",
@@ -354,7 +382,7 @@ impl DeviceBackward {
             &bwd_smem_limits(shape, smem),
             selb_dq_on || fused_on,
         )?;
-        let p = plan::build(cfg, cu_seqlens);
+        let p = plan::build(cfg, cu_seqlens, smem.km_keys);
         let nb = p.n_blocks;
         let chunk_len = n.div_ceil(256).max(64);
         let nchunks = n.div_ceil(chunk_len).max(1);
@@ -384,8 +412,8 @@ impl DeviceBackward {
             cmp_kv: upload_i32(ctx, &p.cmp_kv)?,
             n_cmp_reduce: p.cmp_reduce.len() / 4,
             cmp_reduce: upload_i32(ctx, &p.cmp_reduce)?,
-            pkc: f(p.cmp_slots * hkv * plan::KT * dk)?,
-            pvc: f(p.cmp_slots * hkv * plan::KT * dv)?,
+            pkc: f(p.cmp_slots * hkv * smem.km_keys * dk)?,
+            pvc: f(p.cmp_slots * hkv * smem.km_keys * dv)?,
             n_win_kv: p.win_kv.len() / 4,
             win_kv: upload_i32(ctx, &p.win_kv)?,
             seqs: upload_i32(ctx, &p.seqs)?,
@@ -622,8 +650,8 @@ fn bwd_smem_limits(shape: &module::Shape, smem: BwdSmem) -> Vec<(&'static str, u
         ("win_bwd_dq_saved", smem.rows64_saved),
         ("sel_bwd_dq", smem.rows_sel),
         ("sel_bwd_dq_saved", smem.rows_sel),
-        ("cmp_bwd_dkdv", smem.kv),
-        ("win_bwd_dkdv", smem.kv),
+        ("cmp_bwd_dkdv", smem.kv_km),
+        ("win_bwd_dkdv", smem.kv_km),
         ("sel_bwd_dkdv", smem.kv),
         ("sel_bwd_dkdv_dq", sel_fused::smem(shape.dk, shape.dv)),
     ]
@@ -1026,6 +1054,7 @@ mod tests {
     const ALL_ON: WgPaths = WgPaths {
         kv: true,
         dq: true,
+        km_two: true,
         dq_one_buffer: false,
     };
 
@@ -1047,6 +1076,19 @@ mod tests {
                 // the key-major wgmma kernels were sized for two CTAs per SM (v11; 32-row
                 // steps at dk 192)
                 assert!(ctas_per_sm(s.kv) >= 2, "{dk}/{dv}: key-major {} B", s.kv);
+                // the compressed / window ones with two key warpgroups (dk 64 / 128): one CTA
+                // of 8 warps, two K/V tiles sharing the row buffers
+                if dk == 192 {
+                    assert_eq!((s.kv_km, s.km_keys), (s.kv, 64), "{dk}/{dv}");
+                } else {
+                    assert_eq!(s.km_keys, 128);
+                    assert_eq!(s.kv_km, s.kv + 64 * (dk + dv) * 2);
+                    assert!(
+                        ctas_per_sm(s.kv_km) >= 1 && s.kv_km <= BLOCK_MAX,
+                        "{dk}/{dv}: {} B",
+                        s.kv_km
+                    );
+                }
                 // the wgmma dQ layout never shrinks the padded mma.sync one it replaces
                 assert!(s.rows64_saved >= s.rows64);
             }
@@ -1092,6 +1134,7 @@ mod tests {
         let off = WgPaths {
             kv: false,
             dq: false,
+            km_two: false,
             dq_one_buffer: false,
         };
         for (dk, dv) in [(128, 128), (192, 128)] {

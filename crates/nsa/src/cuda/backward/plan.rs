@@ -6,7 +6,7 @@ use crate::config::NsaConfig;
 
 /// Rows per row-major CTA of the compressed and window dQ kernels (`BQ_ROWS` in the `.cu`).
 pub const BQ_ROWS: usize = 64;
-/// Keys per key-major CTA (`KT`).
+/// Keys per key tile (`KT`): the selection kernels' key-major CTAs and every row-major tile.
 pub const KT: usize = 64;
 
 /// The work lists (host side).
@@ -15,14 +15,14 @@ pub struct BwdPlan {
     pub rows64: Vec<i32>,
     /// `(start, len, t0, 0)` per `sel_positions` positions (sel_bwd_dq).
     pub rows_sel: Vec<i32>,
-    /// `(start, len, c0, cstart, p0, np, slot, 0)` per (64 compressed tokens, chunk of the
-    /// positions that see them) (cmp_bwd_dkdv); slot -1: the tile's only chunk.
+    /// `(start, len, c0, cstart, p0, np, slot, 0)` per (key-major tile of compressed tokens,
+    /// chunk of the positions that see them) (cmp_bwd_dkdv); slot -1: the tile's only chunk.
     pub cmp_kv: Vec<i32>,
     /// `(first compressed token, nk, first slot, chunks)` per tile cut into chunks (cmp_dkdv_reduce).
     pub cmp_reduce: Vec<i32>,
-    /// Partial-sum slots of the compressed key tiles (each `HKV x 64` keys).
+    /// Partial-sum slots of the compressed key tiles (each `HKV x km_keys` keys).
     pub cmp_slots: usize,
-    /// `(start, len, k0, 0)` per 64 raw tokens (win_bwd_dkdv).
+    /// `(start, len, k0, 0)` per key-major tile of raw tokens (win_bwd_dkdv).
     pub win_kv: Vec<i32>,
     /// `(start, len, cstart, first selection block)` per sequence.
     pub seqs: Vec<i32>,
@@ -87,8 +87,9 @@ pub fn sel_stages_of(dk: usize, dv: usize, one_warp: bool, stages: Option<usize>
     }
 }
 
-/// Builds the lists. `g` is the group size (<= 64).
-pub fn build(cfg: &NsaConfig, cu: &[usize]) -> BwdPlan {
+/// Builds the lists. `g` is the group size (<= 64); `km_keys` the keys per CTA of the compressed
+/// and window key-major kernels (`BW_KM_KEYS`: 64, or 128 with two key warpgroups).
+pub fn build(cfg: &NsaConfig, cu: &[usize], km_keys: usize) -> BwdPlan {
     let g = cfg.group_size();
     let (l, d, lp) = (cfg.cmp_block, cfg.cmp_stride, cfg.sel_block);
     let p64 = BQ_ROWS / g;
@@ -119,14 +120,14 @@ pub fn build(cfg: &NsaConfig, cu: &[usize]) -> BwdPlan {
         for t0 in (0..len).step_by(psel).rev() {
             p.rows_sel.extend([start, len, t0, 0].map(|v| v as i32));
         }
-        // A compressed key tile [c0, c0 + 64) is seen by the positions t >= c0*d + l - 1: cut
+        // A compressed key tile [c0, c0 + km_keys) is seen by the positions t >= c0*d + l - 1: cut
         // them into chunks of max(16384 / G, len / 8) positions (at most 8 per tile, so the
         // partial sums stay O(T)); early tiles (most positions) first.
         let chunk = (16384 / g).max(len.div_ceil(8)).max(1);
-        for c0 in (0..ncmp).step_by(KT) {
+        for c0 in (0..ncmp).step_by(km_keys) {
             let npos = len.saturating_sub(c0 * d + l - 1);
             let nchunks = npos.div_ceil(chunk).max(1);
-            let nk = KT.min(ncmp - c0);
+            let nk = km_keys.min(ncmp - c0);
             if nchunks > 1 {
                 p.cmp_reduce
                     .extend([cstart + c0, nk, p.cmp_slots, nchunks].map(|v| v as i32));
@@ -147,7 +148,7 @@ pub fn build(cfg: &NsaConfig, cu: &[usize]) -> BwdPlan {
                 p.cmp_slots += nchunks;
             }
         }
-        for k0 in (0..len).step_by(KT) {
+        for k0 in (0..len).step_by(km_keys) {
             p.win_kv.extend([start, len, k0, 0].map(|v| v as i32));
         }
         for j in 0..nb {
@@ -212,7 +213,7 @@ mod tests {
                 .build()
                 .unwrap();
             let cu = [0usize, 37, 38, 300, 1301];
-            let p = build(&cfg, &cu);
+            let p = build(&cfg, &cu, 64);
             let psel = sel_positions(cfg.group_size());
             let mut seen = vec![0u32; *cu.last().unwrap()];
             for it in p.rows_sel.chunks(4) {
@@ -223,6 +224,57 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|&c| c == 1), "HQ {hq} HKV {hkv}");
+        }
+    }
+
+    #[test]
+    fn key_major_tiles_cover_every_key_and_position_once() {
+        // varlen batch, both tile widths: the compressed tiles (chunked) see every (compressed
+        // token, position that sees it) pair exactly once, the window tiles every raw token once,
+        // and the partial slots of chunked tiles are numbered without gaps
+        let cfg = NsaConfig::builder().heads(64).kv_heads(4).build().unwrap();
+        let (l, d) = (cfg.cmp_block, cfg.cmp_stride);
+        let cu = [0usize, 37, 38, 3000, 70_001];
+        for km in [64usize, 128] {
+            let p = build(&cfg, &cu, km);
+            let mut slots = Vec::new();
+            let mut cover = std::collections::HashMap::new();
+            for it in p.cmp_kv.chunks(8) {
+                let (start, len, c0, p0, np, slot) = (it[0], it[1], it[2], it[4], it[5], it[6]);
+                let ncmp = crate::blocks::cmp_blocks_in(len as usize, l, d) as i32;
+                let nk = (km as i32).min(ncmp - c0);
+                assert!(nk > 0 && c0 % km as i32 == 0, "km {km}: tile at {c0}");
+                let tlo = c0 * d as i32 + l as i32 - 1 + p0;
+                *cover.entry((start, c0)).or_insert(0) += np;
+                assert!(tlo + np <= len, "km {km}: chunk past the sequence");
+                if slot >= 0 {
+                    slots.push(slot);
+                }
+            }
+            for w in cu.windows(2) {
+                let len = (w[1] - w[0]) as i32;
+                let ncmp = crate::blocks::cmp_blocks_in(len as usize, l, d) as i32;
+                for c0 in (0..ncmp).step_by(km) {
+                    let want = (len - (c0 * d as i32 + l as i32 - 1)).max(0);
+                    assert_eq!(
+                        cover.get(&(w[0] as i32, c0)),
+                        Some(&want),
+                        "km {km}: tile {c0}"
+                    );
+                }
+            }
+            slots.sort_unstable();
+            assert!(slots.iter().enumerate().all(|(i, &s)| s == i as i32));
+            assert_eq!(slots.len(), p.cmp_slots);
+            let mut seen = vec![0u32; *cu.last().unwrap()];
+            for it in p.win_kv.chunks(4) {
+                let (start, len, k0) = (it[0] as usize, it[1] as usize, it[2] as usize);
+                assert_eq!(k0 % km, 0);
+                for s in k0..(k0 + km).min(len) {
+                    seen[start + s] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "km {km}");
         }
     }
 }

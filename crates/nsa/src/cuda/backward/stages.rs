@@ -133,8 +133,10 @@ pub(super) fn cmp_kv(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) -> Re
             .arg(&mut b.dvc)
             .arg(&mut b.pkc)
             .arg(&mut b.pvc);
-        // SAFETY: matches `cmp_bwd_dkdv`; one CTA per (64 compressed tokens, chunk, KV head).
-        unsafe { l.launch(grid(b.n_cmp_kv, hkv, 128, sm.kv)) }.map_err(driver_err)?;
+        // SAFETY: matches `cmp_bwd_dkdv`; one CTA per (key tile of compressed tokens, chunk, KV
+        // head), 128 threads per key warpgroup.
+        unsafe { l.launch(grid(b.n_cmp_kv, hkv, sm.km_threads(), sm.kv_km)) }
+            .map_err(driver_err)?;
     }
     if b.n_cmp_reduce > 0 {
         let f = b.func("cmp_dkdv_reduce")?;
@@ -207,8 +209,8 @@ pub(super) fn win_kv(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) -> Re
         .arg(&b.win_kv)
         .arg(&mut b.dk[2])
         .arg(&mut b.dv[2]);
-    // SAFETY: matches `win_bwd_dkdv`.
-    unsafe { l.launch(grid(b.n_win_kv, hkv, 128, sm.kv)) }.map_err(driver_err)?;
+    // SAFETY: matches `win_bwd_dkdv` (128 threads per key warpgroup).
+    unsafe { l.launch(grid(b.n_win_kv, hkv, sm.km_threads(), sm.kv_km)) }.map_err(driver_err)?;
     Ok(())
 }
 

@@ -34,6 +34,18 @@
 #else
 #define BW_WG_DQ 0
 #endif
+// Key warpgroups per CTA of the compressed and window key-major kernels (cmp_bwd_dkdv,
+// win_bwd_dkdv; NOTES-cuda-bwd.md v19): two on wgmma with 64-row steps, i.e. 128 keys and 256
+// threads per CTA, the two warpgroups sharing each row step's q / do rows in shared memory (half
+// the row traffic per key: those kernels were bound by L2 / DRAM at 64 keys); one otherwise, or
+// with -DBW_KM_ONE_WG (v16's CTAs). The selection kernels keep one. cuda/backward.rs
+// `key_major_keys` mirrors it.
+#if BW_WG && !defined(BW_KM_ONE_WG) && ((defined(BW_WG_RT) && BW_WG_RT == 64) || (!defined(BW_WG_RT) && DK != 192))
+#define BW_KM_KW 2
+#else
+#define BW_KM_KW 1
+#endif
+#define BW_KM_KEYS (64 * BW_KM_KW)
 
 #if BW_WG
 
@@ -162,14 +174,30 @@ __device__ __forceinline__ void bw_wg_frags(u32 (&a)[BW_WG_RT / 16][4], const fl
 #define BW_WG_KV_BYTES (64 * (DK + DV) * 2)
 #define BW_WG_ROW_BYTES (BW_WG_RT * (DK + DV) * 2)
 #define BW_WG_KV_SMEM (1024 + BW_WG_KV_BYTES + 2 * BW_WG_ROW_BYTES + 2 * BW_WG_RT * 16)
+// ... with KW key warpgroups (KW K/V tiles, the same row buffers)
+#define BW_WG_KV_SMEM_KW(KW) (BW_WG_KV_SMEM + ((KW) - 1) * BW_WG_KV_BYTES)
 
 // Loads `nk` keys / values of KV head g (row stride HKV * D in global) into the swizzled K / V
 // tiles at `sm` (1024-aligned); one commit group.
+// With KW key warpgroups (BW_KM_KW) the CTA holds KW such tiles BW_WG_KV_BYTES apart, keys 64w ..
+// 64w + 63 in warpgroup w's, each loaded by its own 128 threads.
+template <int KW = 1>
 __device__ __forceinline__ void bw_wg_load_kv(unsigned char* sm, const bf16_t* __restrict__ k,
                                               const bf16_t* __restrict__ v, i64 first_row, int g, int nk) {
-    load_tile_sw128<64, DK, 128>(sm, k + (first_row * HKV + g) * DK, nk, [&](int r) { return (i64)r * HKV * DK; });
-    load_tile_sw128<64, DV, 128>(sm + 64 * DK * 2, v + (first_row * HKV + g) * DV, nk,
-                                 [&](int r) { return (i64)r * HKV * DV; });
+    if constexpr (KW == 1) {
+        load_tile_sw128<64, DK, 128>(sm, k + (first_row * HKV + g) * DK, nk,
+                                     [&](int r) { return (i64)r * HKV * DK; });
+        load_tile_sw128<64, DV, 128>(sm + 64 * DK * 2, v + (first_row * HKV + g) * DV, nk,
+                                     [&](int r) { return (i64)r * HKV * DV; });
+    } else {
+        const unsigned w = threadIdx.x >> 7, tid = threadIdx.x & 127;
+        const i64 row = first_row + 64 * w;
+        const int n = min(max(nk - 64 * (int)w, 0), 64);
+        unsigned char* t = sm + w * BW_WG_KV_BYTES;
+        load_tile_sw128_by<64, DK, 128>(t, k + (row * HKV + g) * DK, n, [&](int r) { return (i64)r * HKV * DK; }, tid);
+        load_tile_sw128_by<64, DV, 128>(t + 64 * DK * 2, v + (row * HKV + g) * DV, n,
+                                        [&](int r) { return (i64)r * HKV * DV; }, tid);
+    }
     cp_async_commit();
 }
 
@@ -180,11 +208,11 @@ __device__ __forceinline__ void bw_wg_load_kv(unsigned char* sm, const bf16_t* _
 // swizzled [BW_WG_RT x DK] / [BW_WG_RT x DV] tiles at `qdst` / `ddst`, zero-filling the rest
 // (cp.async; the caller commits). With dk = dv one row index serves both tensors (one qrow, i.e.
 // one index-list read in the selection kernel, per row and thread instead of two).
-template <class QRow>
+template <int NT = 128, class QRow>
 __device__ __forceinline__ void bw_wg_load_rows(unsigned char* qdst, unsigned char* ddst, const bf16_t* __restrict__ q,
                                                 const bf16_t* __restrict__ dO, int nrows, QRow qrow) {
     if constexpr (DK == DV) {
-        constexpr int CH = DK / 8, RPI = 128 / CH;   // 16-byte chunks per row, rows per pass
+        constexpr int CH = DK / 8, RPI = NT / CH;   // 16-byte chunks per row, rows per pass
         const int k = threadIdx.x % CH, r0 = threadIdx.x / CH;
 #pragma unroll BW_WG_LOAD_UNROLL
         for (int it = 0; it < BW_WG_RT / RPI; ++it) {
@@ -196,8 +224,8 @@ __device__ __forceinline__ void bw_wg_load_rows(unsigned char* qdst, unsigned ch
             cp_async16(ddst + off, dO + row * DV + k * 8, ok ? 16 : 0);
         }
     } else {
-        load_tile_sw128<BW_WG_RT, DK, 128>(qdst, q, nrows, [&](int r) { return qrow(r) * DK; });
-        load_tile_sw128<BW_WG_RT, DV, 128>(ddst, dO, nrows, [&](int r) { return qrow(r) * DV; });
+        load_tile_sw128<BW_WG_RT, DK, NT>(qdst, q, nrows, [&](int r) { return qrow(r) * DK; });
+        load_tile_sw128<BW_WG_RT, DV, NT>(ddst, dO, nrows, [&](int r) { return qrow(r) * DV; });
     }
 }
 
@@ -210,6 +238,8 @@ __device__ __forceinline__ void bw_wg_load_rows(unsigned char* qdst, unsigned ch
 // thread's columns of S^T are the row pairs nt * 8 + gc, + 1 (one 8-byte load per pair).
 // ds_hook(dst) sees dS^T (f32, this thread's part, layout of S^T) once dK is issued (the fused
 // selection kernel stores it for its dQ; the other callers pass bw_no_ds_hook).
+// In a CTA of two key warpgroups (bw_wg_dkdv_rows<2>) ks / vs are the warpgroup's own tile and
+// the keys ok() sees are the CTA's (warp w: 16w .. 16w + 15, i.e. 64 + .. in the second).
 template <bool DEFER, class Ok, class Mid, class DsHook>
 __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos, const float* rlse,
                                                 const float* rdg, const float* rgate, const int* rt, Ok ok,
@@ -279,8 +309,8 @@ struct BwNoDsHook {
 // Loads the virtual rows [rho0, rho0 + BW_WG_RT) of a key-major walk (row rho = position rho / G,
 // head g * G + rho % G; tok_of(position) its packed token, t_of(token) its seq-local position)
 // into the swizzled q / do buffers at qdst / ddst (one commit group) and their lse, dg, gate and t
-// into the metadata block m (bw_stage_meta).
-template <class TokOf, class TOf>
+// into the metadata block m (bw_stage_meta). NT: the CTA's threads (128 per key warpgroup).
+template <int NT = 128, class TokOf, class TOf>
 __device__ __forceinline__ void bw_wg_stage_rows(unsigned char* qdst, unsigned char* ddst, float* m, const bf16_t* q,
                                                 const bf16_t* dO, const float* lse, const float* dg, const float* gate,
                                                 int g, int rho0, int nrows_total, TokOf tok_of, TOf t_of) {
@@ -289,14 +319,17 @@ __device__ __forceinline__ void bw_wg_stage_rows(unsigned char* qdst, unsigned c
         const int rho = rho0 + r;
         return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
     };
-    bw_wg_load_rows(qdst, ddst, q, dO, nrows, qrow);
+    bw_wg_load_rows<NT>(qdst, ddst, q, dO, nrows, qrow);
     cp_async_commit();
     bw_stage_meta<BW_WG_RT>(m, rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
 }
 
 // bw_dkdv_rows on wgmma: the K/V tile (bw_wg_load_kv, committed before) at `sm`, the same
-// virtual rows in steps of BW_WG_RT, double-buffered, metadata and masks.
-template <class TokOf, class TOf, class Ok>
+// virtual rows in steps of BW_WG_RT, double-buffered, metadata and masks. With KW = 2 key
+// warpgroups (BW_KM_KW) the CTA's 256 threads share the row buffers (after the KW K/V tiles):
+// warpgroup w runs the step on its own tile (keys 64w .. 64w + 63 of the CTA's, as ok() and
+// bw_store_kv number them: warp w' owns keys 16w' ..).
+template <int KW = 1, class TokOf, class TOf, class Ok>
 __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t* __restrict__ q,
                                                 const bf16_t* __restrict__ dO, const float* __restrict__ lse,
                                                 const float* __restrict__ dg, const float* __restrict__ gate,
@@ -305,16 +338,18 @@ __device__ __forceinline__ void bw_wg_dkdv_rows(unsigned char* sm, const bf16_t*
     constexpr int RT = BW_WG_RT;
     u32 dyn_smem;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
-    if (dyn_smem < BW_WG_KV_SMEM) __trap();   // the host's footprint (smem_of) is out of date
-    unsigned char* rowbuf = sm + BW_WG_KV_BYTES;
-    const int tid = threadIdx.x;
+    if (dyn_smem < BW_WG_KV_SMEM_KW(KW)) __trap();   // the host's footprint (smem_of) is out of date
+    unsigned char* rowbuf = sm + KW * BW_WG_KV_BYTES;
     auto Qb = [&](int b) { return rowbuf + b * BW_WG_ROW_BYTES; };
     auto dOb = [&](int b) { return Qb(b) + RT * DK * 2; };
     auto meta = [&](int b) { return (float*)(rowbuf + 2 * BW_WG_ROW_BYTES + b * RT * 16); };
     auto stage = [&](int rho0, int b) {
-        bw_wg_stage_rows(Qb(b), dOb(b), meta(b), q, dO, lse, dg, gate, g, rho0, nrows_total, tok_of, t_of);
+        bw_wg_stage_rows<128 * KW>(Qb(b), dOb(b), meta(b), q, dO, lse, dg, gate, g, rho0, nrows_total, tok_of,
+                                   t_of);
     };
-    const u32 ks = smem_addr(sm), vs = ks + 64 * DK * 2;
+    const int w = KW == 1 ? 0 : threadIdx.x >> 7;
+    const u32 ks = smem_addr(sm) + w * BW_WG_KV_BYTES, vs = ks + 64 * DK * 2;
+
     if (nrows_total > 0) stage(0, 0);
 #ifndef BW_WG_NO_DEFER
     // (default; -DBW_WG_NO_DEFER: the v7 order, every step's products waited for at its end)

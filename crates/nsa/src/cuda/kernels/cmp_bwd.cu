@@ -5,9 +5,10 @@
 //               tokens (block i visible iff i*d + l - 1 <= t), writes lse and dg_cmp = do . o_cmp;
 //               pass 2 accumulates dQ over the same tiles and writes dq (first branch: `=`).
 //               Rows with no visible block (t < l - 1) get lse = +inf, dg = 0, dq = 0: no NaN.
-// cmp_bwd_dkdv  key-major: one CTA = KV group g and 64 compressed tokens [c0, c0 + 64) of one
-//               sequence and one chunk of the positions t >= c0*d + l - 1 that see them; it walks
-//               the (position, head of g) rows and writes dKcmp, dVcmp (f32 scratch) of its 64
+// cmp_bwd_dkdv  key-major: one CTA = KV group g and BW_KM_KEYS compressed tokens [c0, c0 + 128)
+//               (two key warpgroups on wgmma, bwd_wgmma.cu; 64 and one otherwise) of one sequence
+//               and one chunk of the positions t >= c0*d + l - 1 that see them; it walks the
+//               (position, head of g) rows and writes dKcmp, dVcmp (f32 scratch) of its
 //               compressed tokens, or a partial sum that cmp_dkdv_reduce adds up in chunk order.
 //               No atomics. Its products run on wgmma where bwd_wgmma.cu enables it (BW_WG).
 // cmp_mean_bwd  phi = mean backward: raw token s of a sequence belongs to the compressed blocks
@@ -141,7 +142,7 @@ __device__ __forceinline__ void cmp_bwd_dq_wg(const bf16_t* __restrict__ q, cons
 // position that sees token c0). A key tile's positions are cut into at most a few chunks so that
 // the tiles of early tokens (seen by every later position) do not outlast the others; slot < 0:
 // the only chunk, written to dKcmp/dVcmp directly; else a partial sum in slot `slot`.
-extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dkdv(
+extern "C" __global__ void __launch_bounds__(128 * BW_KM_KW) cmp_bwd_dkdv(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const float* __restrict__ lse,
     const float* __restrict__ dg, const int4* __restrict__ items, float* __restrict__ dkc,
@@ -151,8 +152,9 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dkdv(
     const int start = it.x, len = it.y, c0 = it.z, cstart = it.w;
     const int p0 = it2.x, np = it2.y, slot = it2.z;
     const int g = blockIdx.y;
+    if (blockDim.x != 128 * BW_KM_KW) __trap();   // the host (BwdSmem::km_threads) disagrees
     const int ncmp_seq = len >= CMP_L ? (len - CMP_L) / CMP_D + 1 : 0;
-    const int nk = min(KT, ncmp_seq - c0);
+    const int nk = min(BW_KM_KEYS, ncmp_seq - c0);
     const int tlo = c0 * CMP_D + CMP_L - 1 + p0;
     float dk[DK / 8][4], dv[DV / 8][4];
     bw_zero<DK>(dk);
@@ -162,8 +164,8 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dkdv(
     auto ok = [&](int key, int t) { return key < nk && (c0 + key) * CMP_D + CMP_L - 1 <= t; };
 #if BW_WG
     unsigned char* sm = align1024(smem);
-    bw_wg_load_kv(sm, kc, vc, (i64)(cstart + c0), g, nk);
-    bw_wg_dkdv_rows(sm, q, dO, lse, dg, gate, g, np * G, tok_of, t_of, ok, dk, dv);
+    bw_wg_load_kv<BW_KM_KW>(sm, kc, vc, (i64)(cstart + c0), g, nk);
+    bw_wg_dkdv_rows<BW_KM_KW>(sm, q, dO, lse, dg, gate, g, np * G, tok_of, t_of, ok, dk, dv);
 #else
     bw_load_kv(smem, kc, vc, (i64)(cstart + c0), g, nk);
     bw_dkdv_rows(smem, q, dO, lse, dg, gate, g, np * G, tok_of, t_of, ok, dk, dv);
@@ -174,7 +176,7 @@ extern "C" __global__ void __launch_bounds__(128) cmp_bwd_dkdv(
             dk, dv, nk, SCALE_NAT, [&](int key) { return dkc + ((i64)(cstart + c0 + key) * HKV + g) * DK; },
             [&](int key) { return dvc + ((i64)(cstart + c0 + key) * HKV + g) * DV; });
     } else {
-        const i64 at = ((i64)slot * HKV + g) * KT;
+        const i64 at = ((i64)slot * HKV + g) * BW_KM_KEYS;
         bw_store_kv(
             dk, dv, nk, SCALE_NAT, [&](int key) { return pk + (at + key) * DK; },
             [&](int key) { return pv + (at + key) * DV; });
@@ -192,10 +194,10 @@ extern "C" __global__ void cmp_dkdv_reduce(const int4* __restrict__ items, const
         const int key = e / (DK + DV), c = e % (DK + DV);
         float acc = 0.f;
         if (c < DK) {
-            for (int k = 0; k < it.w; ++k) acc += pk[(((i64)(it.z + k) * HKV + g) * KT + key) * DK + c];
+            for (int k = 0; k < it.w; ++k) acc += pk[(((i64)(it.z + k) * HKV + g) * BW_KM_KEYS + key) * DK + c];
             dkc[((i64)(it.x + key) * HKV + g) * DK + c] = acc;
         } else {
-            for (int k = 0; k < it.w; ++k) acc += pv[(((i64)(it.z + k) * HKV + g) * KT + key) * DV + c - DK];
+            for (int k = 0; k < it.w; ++k) acc += pv[(((i64)(it.z + k) * HKV + g) * BW_KM_KEYS + key) * DV + c - DK];
             dvc[((i64)(it.x + key) * HKV + g) * DV + c - DK] = acc;
         }
     }

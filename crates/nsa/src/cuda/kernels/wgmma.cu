@@ -70,20 +70,29 @@ __device__ __forceinline__ void load_rows_sw128(unsigned char* dst, const bf16_t
 // compile-time constants, no per-chunk index arithmetic, at the price of more live registers
 // (cmp_attn: 8.2 instead of 10.2 ms at 64k; cmp_topn keeps the loop above: its 157 registers
 // allow 3 CTAs per SM, 194 only 2).
+// (The first form takes the loading thread's index among NTHREADS: a warpgroup of a wider CTA
+// loading its own tile.)
+template <int ROWS, int D, int NTHREADS, class RowOff>
+__device__ __forceinline__ void load_tile_sw128_by(unsigned char* dst, const bf16_t* base, int nrows,
+                                                   RowOff row_off, unsigned tid) {
+    constexpr int CHUNKS = D / 8;
+    static_assert(NTHREADS % CHUNKS == 0 && ROWS % (NTHREADS / CHUNKS) == 0, "one chunk column per thread");
+    constexpr int RPI = NTHREADS / CHUNKS;   // rows per iteration
+    const int k = tid % CHUNKS, r0 = tid / CHUNKS;
+#pragma unroll
+    for (int it = 0; it < ROWS / RPI; ++it) {
+        const int r = r0 + it * RPI;
+        const bool ok = r < nrows;
+        const bf16_t* src = ok ? base + row_off(r) + k * 8 : base;
+        cp_async16(dst + sw128_off<ROWS>(r, k), src, ok ? 16 : 0);
+    }
+}
 template <int ROWS, int D, int NTHREADS, class RowOff>
 __device__ __forceinline__ void load_tile_sw128(unsigned char* dst, const bf16_t* base, int nrows,
                                                 RowOff row_off) {
     constexpr int CHUNKS = D / 8;
     if constexpr (NTHREADS % CHUNKS == 0 && ROWS % (NTHREADS / CHUNKS) == 0) {
-        constexpr int RPI = NTHREADS / CHUNKS;   // rows per iteration
-        const int k = threadIdx.x % CHUNKS, r0 = threadIdx.x / CHUNKS;
-#pragma unroll
-        for (int it = 0; it < ROWS / RPI; ++it) {
-            const int r = r0 + it * RPI;
-            const bool ok = r < nrows;
-            const bf16_t* src = ok ? base + row_off(r) + k * 8 : base;
-            cp_async16(dst + sw128_off<ROWS>(r, k), src, ok ? 16 : 0);
-        }
+        load_tile_sw128_by<ROWS, D, NTHREADS>(dst, base, nrows, row_off, threadIdx.x);
     } else {
         load_rows_sw128<ROWS, D, NTHREADS>(dst, base, nrows, row_off);
     }

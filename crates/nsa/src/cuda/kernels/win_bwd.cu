@@ -3,9 +3,10 @@
 //
 // win_bwd_dq    row-major: one CTA = KV group g and 64 / G positions; pass 1 recomputes o_win and
 //               lse, writes lse and dg_win; pass 2 adds the window's dQ into dq.
-// win_bwd_dkdv  key-major: one CTA = KV group g and 64 keys [k0, k0 + 64) of a sequence; the rows
-//               are the positions t in [k0, k0 + 64 + w - 1) that can see one of them (products
-//               on wgmma where bwd_wgmma.cu enables it, BW_WG).
+// win_bwd_dkdv  key-major: one CTA = KV group g and BW_KM_KEYS keys [k0, k0 + 128) of a sequence
+//               (two key warpgroups on wgmma, 64 keys otherwise; bwd_wgmma.cu); the rows are the
+//               positions t in [k0, k0 + nk + w - 1) that can see one of them (products on wgmma
+//               where bwd_wgmma.cu enables it, BW_WG).
 
 #define BQ_ROWS 64
 #define BQ_P (BQ_ROWS / G)
@@ -130,7 +131,7 @@ __device__ __forceinline__ void win_bwd_dq_wg(const bf16_t* __restrict__ q, cons
 #endif
 
 // items[b] = (seq start, seq len, k0, 0)
-extern "C" __global__ void __launch_bounds__(128) win_bwd_dkdv(
+extern "C" __global__ void __launch_bounds__(128 * BW_KM_KW) win_bwd_dkdv(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kw, const bf16_t* __restrict__ vw,
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const float* __restrict__ lse,
     const float* __restrict__ dg, const int4* __restrict__ items, float* __restrict__ dk_out,
@@ -139,7 +140,8 @@ extern "C" __global__ void __launch_bounds__(128) win_bwd_dkdv(
     const int4 it = items[blockIdx.x];
     const int start = it.x, len = it.y, k0 = it.z;
     const int g = blockIdx.y;
-    const int nk = min(KT, len - k0);
+    if (blockDim.x != 128 * BW_KM_KW) __trap();   // the host (BwdSmem::km_threads) disagrees
+    const int nk = min(BW_KM_KEYS, len - k0);
     const int tend = min(len, k0 + nk - 1 + WIN);   // last position that sees a key, + 1
     const int npos = tend - k0;
     float dk[DK / 8][4], dv[DV / 8][4];
@@ -153,8 +155,8 @@ extern "C" __global__ void __launch_bounds__(128) win_bwd_dkdv(
     };
 #if BW_WG
     unsigned char* sm = align1024(smem);
-    bw_wg_load_kv(sm, kw, vw, (i64)(start + k0), g, nk);
-    bw_wg_dkdv_rows(sm, q, dO, lse, dg, gate, g, npos * G, tok_of, t_of, ok, dk, dv);
+    bw_wg_load_kv<BW_KM_KW>(sm, kw, vw, (i64)(start + k0), g, nk);
+    bw_wg_dkdv_rows<BW_KM_KW>(sm, q, dO, lse, dg, gate, g, npos * G, tok_of, t_of, ok, dk, dv);
 #else
     bw_load_kv(smem, kw, vw, (i64)(start + k0), g, nk);
     bw_dkdv_rows(smem, q, dO, lse, dg, gate, g, npos * G, tok_of, t_of, ok, dk, dv);
