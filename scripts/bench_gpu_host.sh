@@ -30,6 +30,8 @@
 #   kw2     the two-key-warpgroup compressed / window dK/dV kernels (NOTES-cuda-bwd.md v19): the
 #           backward suite, then the 64k backward per kernel (sequential) and overlapped, with
 #           them (default) and with -DBW_KM_ONE_WG (v16's CTAs), back to back (~5 min)
+#   stage   the fused selection backward with asynchronous staging (NOTES-cuda-bwd.md v20): the
+#           whole GPU suite, then the 64k backward per kernel (sequential) and overlapped (~6 min)
 # Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
 # (override with PEERS_GPU / PEERS_GPU_BWD / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB). Peer
 # forward+backward times are the sums of their forward and backward medians (`nsa bench` adds
@@ -196,5 +198,12 @@ if has kw2; then
     NSA_CUDA_DEFINES=$d timeout 80 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/kw2-$v-ov.log" 2>&1
     echo "== $v key warpgroups"; tail -4 "$R/kw2-$v-seq.log"; tail -5 "$R/kw2-$v-ov.log"
   done
+fi
+if has stage; then
+  OUT=$R timeout 330 bash $P/run_gpu.sh tests > "$R/gpu-tests.log" 2>&1
+  grep -E "test result|FAILED|panicked" "$R/gpu-tests.log" | head -20
+  NSA_BWD_OVERLAP=0 timeout 60 $P/bin/cuda_bench_bwd 65536 > "$R/stage-seq.log" 2>&1
+  timeout 80 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/stage-ov.log" 2>&1
+  tail -3 "$R/stage-seq.log"; tail -4 "$R/stage-ov.log"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" results

@@ -299,6 +299,9 @@ pub struct DeviceBackward {
     pslot_base: CudaSlice<i32>,
     summary: CudaSlice<i32>,
     list: CudaSlice<i32>,
+    /// The rank of each list entry's block in its token's selection (fused path only: one entry
+    /// otherwise), written by `sel_index_fill` next to `list`.
+    list_rank: CudaSlice<i32>,
     pk: CudaSlice<f32>,
     pv: CudaSlice<f32>,
     pslot_cap: usize,
@@ -433,6 +436,7 @@ impl DeviceBackward {
             pslot_base: i(npairs)?,
             summary: i(4)?,
             list: i(entries)?,
+            list_rank: i(if fused_on { entries } else { 1 })?,
             pk: f(1)?,
             pv: f(1)?,
             pslot_cap: 0,

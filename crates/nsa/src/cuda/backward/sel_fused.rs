@@ -36,9 +36,14 @@ pub(super) fn available(wg_kv: bool, dk: usize, dv: usize, sel_l: usize, nsel: u
 
 /// Dynamic shared memory of `sel_bwd_dkdv_dq` (`SEL_FUSED_SMEM`): the key-major wgmma layout at
 /// 64-row steps (1 KB of alignment slack, the K / V tile, two buffers of q / do rows and their
-/// lse, dg, gate, t), then the two buffers' partial slots and the dS tile.
+/// lse, dg, gate, t), then the two buffers' partial slots, the dS tile and the two rings of a
+/// step's list entries (token, rank; 64 each).
 pub(super) fn smem(dk: usize, dv: usize) -> usize {
-    1024 + 64 * (dk + dv) * 2 + 2 * 64 * ((dk + dv) * 2 + 16) + 2 * 64 * 4 + 64 * DS_STRIDE * 2
+    1024 + 64 * (dk + dv) * 2
+        + 2 * 64 * ((dk + dv) * 2 + 16)
+        + 2 * 64 * 4
+        + 64 * DS_STRIDE * 2
+        + 4 * 64 * 4
 }
 
 /// KV-head ranges `(first head, heads)` whose partial slots (`n * heads * g * nsel`, of
@@ -85,6 +90,8 @@ pub(super) struct FusedArgs<'a> {
     pub seg_base: &'a CudaSlice<i32>,
     pub pslot_base: &'a CudaSlice<i32>,
     pub list: &'a CudaSlice<i32>,
+    /// each list entry's rank in its token's selection (`sel_index_fill` with ranks)
+    pub list_rank: &'a CudaSlice<i32>,
     /// `seg_base` on the host (`npairs + 1` entries)
     pub seg_base_host: &'a [i32],
     pub nb: usize,
@@ -180,7 +187,7 @@ impl SelFusedDq {
                     .arg(a.pslot_base)
                     .arg(a.list)
                     .arg(&seg_len)
-                    .arg(r.sel_idx)
+                    .arg(a.list_rank)
                     .arg(&seg0)
                     .arg(&ga32)
                     .arg(&n)
@@ -252,7 +259,8 @@ mod tests {
             let b = smem(dk, dv);
             assert!(2 * (b + 1024) <= 233_472, "dk {dk} dv {dv}: {b} bytes");
         }
-        assert_eq!(smem(128, 128), 1024 + 32768 + 2 * 64 * 528 + 512 + 9216);
+        // ..., the slots, the dS tile and the rings of list entries (token, rank)
+        assert_eq!(smem(128, 128), 1024 + 32768 + 2 * 64 * 528 + 512 + 9216 + 1024);
     }
 
     #[test]

@@ -269,7 +269,9 @@ pub(super) fn sel_index(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) ->
         // SAFETY: matches `sel_index_scan`; exactly one CTA of 1024 threads.
         unsafe { l.launch(grid(1, 1, 1024, 0)) }.map_err(driver_err)?;
     }
+    let fused = saved.is_some() && b.fused_on;
     {
+        let with_rank = i32::from(fused);
         let f = b.func("sel_index_fill")?;
         let mut l = s.launch_builder(&f);
         l.arg(&x.sel_idx)
@@ -280,12 +282,14 @@ pub(super) fn sel_index(r: &Run, b: &mut DeviceBackward, s: &Arc<CudaStream>) ->
             .arg(&nb)
             .arg(&mut b.cnt)
             .arg(&b.base)
-            .arg(&mut b.list);
-        // SAFETY: matches `sel_index_fill`; one warp per (chunk, KV head).
+            .arg(&mut b.list)
+            .arg(&with_rank)
+            .arg(&mut b.list_rank);
+        // SAFETY: matches `sel_index_fill`; one warp per (chunk, KV head); list_rank has an
+        // entry per list entry when with_rank is set (the fused path).
         unsafe { l.launch(grid(b.nchunks, hkv, 32, 0)) }.map_err(driver_err)?;
     }
     let summary = s.clone_dtoh(&b.summary).map_err(driver_err)?;
-    let fused = saved.is_some() && b.fused_on;
     let seg_base_host = if fused {
         s.clone_dtoh(&b.seg_base).map_err(driver_err)?
     } else {
@@ -382,6 +386,7 @@ pub(super) fn sel_dkdv(
             seg_base: &b.seg_base,
             pslot_base: &b.pslot_base,
             list: &b.list,
+            list_rank: &b.list_rank,
             seg_base_host: &ix.seg_base_host,
             nb: b.nb,
             seg_len: b.seg_len,

@@ -234,6 +234,8 @@ __device__ __forceinline__ void bw_wg_load_rows(unsigned char* qdst, unsigned ch
 // complete. DEFER = true: after issuing S^T / dP^T it waits for the previous step's dV / dK
 // (wg_wait<2>) and calls mid() (a barrier, then the next rows' loads into that step's buffer);
 // returns with this step's dV / dK still in flight (the caller waits after the last step).
+// DEFER = false calls mid() right after issuing S^T / dP^T (the fused selection kernel stages its
+// next rows there).
 // Row metadata (lse, dg, gate, t; BW_WG_RT each) is read from shared memory where it is used: the
 // thread's columns of S^T are the row pairs nt * 8 + gc, + 1 (one 8-byte load per pair).
 // ds_hook(dst) sees dS^T (f32, this thread's part, layout of S^T) once dK is issued (the fused
@@ -254,10 +256,8 @@ __device__ __forceinline__ void bw_wg_dkdv_step(u32 ks, u32 vs, u32 qs, u32 dos,
     wg_commit();
     bw_wg_nt<DV>(dpt, vs, dos);
     wg_commit();
-    if (DEFER) {
-        wg_wait<2>();   // the previous step's dV / dK (older groups complete first)
-        mid();
-    }
+    if (DEFER) wg_wait<2>();   // the previous step's dV / dK (older groups complete first)
+    mid();
     wg_wait<1>();
     wg_pin(st);
 #pragma unroll

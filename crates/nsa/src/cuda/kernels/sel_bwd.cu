@@ -235,10 +235,12 @@ extern "C" __global__ void __launch_bounds__(1024) sel_index_scan(const int* __r
 }
 
 // One warp per (chunk, g): the chunk's tokens in ascending order, one lane per slot (the blocks
-// of one token are distinct, so the lanes never share a counter).
+// of one token are distinct, so the lanes never share a counter). with_rank: list_rank gets the
+// entry's rank in its token's selection (the lane), which the fused kernel's dQ slots need.
 extern "C" __global__ void sel_index_fill(const int* __restrict__ sel_idx, const int4* __restrict__ seqs,
                                           int nseq, int ntok, int chunk_len, int nb, int* __restrict__ cnt,
-                                          const int* __restrict__ base, int* __restrict__ list) {
+                                          const int* __restrict__ base, int* __restrict__ list, int with_rank,
+                                          int* __restrict__ list_rank) {
     const int c = blockIdx.x, g = blockIdx.y, lane = threadIdx.x;
     const int t_end = min(ntok, (c + 1) * chunk_len);
     const int npairs = HKV * nb;
@@ -250,6 +252,7 @@ extern "C" __global__ void sel_index_fill(const int* __restrict__ sel_idx, const
             const int at = ccnt[p];
             ccnt[p] = at + 1;
             list[base[p] + at] = tok;
+            if (with_rank) list_rank[base[p] + at] = lane;   // the fused kernel's dQ slot
         }
         __syncwarp();
     }
@@ -384,17 +387,23 @@ extern "C" __global__ void sel_dkdv_reduce(const int4* __restrict__ blocks, int 
 #if BW_WG && BW_WG_RT == 64 && SEL_L <= KT
 #define SEL_FUSED 1
 #define SEL_FUSED_DS_STRIDE (64 + 8)   // dS row stride (bf16): conflict-free stores and fragment loads
-// BW_WG_KV_SMEM, then the slots of the two row buffers and the dS tile
-#define SEL_FUSED_SMEM (BW_WG_KV_SMEM + 2 * 64 * 4 + 64 * SEL_FUSED_DS_STRIDE * 2)
+// BW_WG_KV_SMEM, then the slots of the two row buffers, the dS tile, and the two rings of list
+// entries (token, rank) of a step's positions
+#define SEL_FUSED_SMEM (BW_WG_KV_SMEM + 2 * 64 * 4 + 64 * SEL_FUSED_DS_STRIDE * 2 + 4 * 64 * 4)
 
 // bw_wg_dkdv_rows' walk (without the deferred dV / dK: dQ follows each step) with the dQ
-// partials of every row; j: the block's index in its sequence (what sel_idx holds).
-template <class TokOf, class TOf, class Ok>
+// partials of every row. Every global read of a step's staging is a cp.async (v20): the list
+// entries (token, rank) of step s + 1 travel with step s's rows into a two-slot ring, so staging
+// step s + 1 (issued once step s's S^T / dP^T are in flight) computes its row addresses, t and
+// dQ slots from shared memory, and its lse / dg / gate arrive by 4-byte cp.async: no thread waits
+// on a global load in the loop. tokens: list + lbeg (packed token indices); ranks: the entries'
+// ranks in their token's selection (sel_index_fill with ranks); start: the sequence's first token.
+template <class Ok>
 __device__ __forceinline__ void sel_wg_fused_rows(unsigned char* sm, const bf16_t* __restrict__ q,
                                                   const bf16_t* __restrict__ dO, const float* __restrict__ lse,
                                                   const float* __restrict__ dg, const float* __restrict__ gate,
-                                                  const int* __restrict__ sel_idx, int g, int j, int ga, int n_tok,
-                                                  int nrows_total, TokOf tok_of, TOf t_of, Ok ok,
+                                                  const int* __restrict__ tokens, const int* __restrict__ ranks,
+                                                  int start, int g, int ga, int n_tok, int nrows_total, Ok ok,
                                                   float (&dk)[DK / 8][4], float (&dv)[DV / 8][4],
                                                   dqpart_t* __restrict__ part_dq, float* __restrict__ part_scale) {
     constexpr int RT = 64;
@@ -408,45 +417,79 @@ __device__ __forceinline__ void sel_wg_fused_rows(unsigned char* sm, const bf16_
     auto meta = [&](int b) { return (float*)(rowbuf + 2 * BW_WG_ROW_BYTES + b * RT * 16); };
     int* slots = (int*)(rowbuf + 2 * BW_WG_ROW_BYTES + 2 * RT * 16);   // [2][RT], -1: no row
     bf16_t* dss = (bf16_t*)(slots + 2 * RT);                            // [64 rows][SEL_FUSED_DS_STRIDE]
-    auto stage = [&](int rho0, int b) {
-        bw_wg_stage_rows(Qb(b), dOb(b), meta(b), q, dO, lse, dg, gate, g, rho0, nrows_total, tok_of, t_of);
-        const int nrows = min(RT, nrows_total - rho0);
-        if (tid < RT) {
-            int sl = -1;
-            if (tid < nrows) {
-                const int rho = rho0 + tid, tok = tok_of(rho / G);
-                const int* si = sel_idx + ((i64)tok * HKV + g) * NSEL;
-                int rank = 0;
-#pragma unroll
-                for (int r = 0; r < NSEL; ++r) rank = si[r] == j ? r : rank;
-                sl = (((g - ga) * n_tok + tok) * G + rho % G) * NSEL + rank;
-            }
-            slots[b * RT + tid] = sl;
+    int* ptok = (int*)(dss + 64 * SEL_FUSED_DS_STRIDE);                 // [2][RT] tokens of step s's positions
+    int* prank = ptok + 2 * RT;                                         // [2][RT] their ranks
+    // step s: rows [RT s, RT s + RT), positions rho / G from p0 = RT s / G (at most RT of them)
+    auto first_pos = [&](int s) { return s * RT / G; };
+    auto fetch_list = [&](int s) {   // step s's list entries into ring slot s & 1 (no commit)
+        const int r0 = s * RT, r1 = min(r0 + RT, nrows_total), p0 = first_pos(s);
+        const int np = r1 > r0 ? (r1 - 1) / G - p0 + 1 : 0;
+        for (int e = tid; e < np; e += 128) {
+            cp_async4(ptok + (s & 1) * RT + e, tokens + p0 + e);
+            cp_async4(prank + (s & 1) * RT + e, ranks + p0 + e);
         }
     };
+    // step s's rows, metadata and slots (its list entries visible in ring slot s & 1), and step
+    // s + 1's list entries: one commit group
+    auto stage = [&](int s) {
+        const int b = s & 1, rho0 = s * RT, nrows = min(RT, nrows_total - rho0), p0 = first_pos(s);
+        const int* tk = ptok + b * RT;
+        auto qrow = [&](int r) {
+            const int rho = rho0 + r;
+            return (i64)tk[rho / G - p0] * HQ + g * G + rho % G;
+        };
+        bw_wg_load_rows(Qb(b), dOb(b), q, dO, nrows, qrow);
+        float* m = meta(b);
+        if (tid < RT) {
+            if (tid < nrows) {
+                const int rho = rho0 + tid, p = rho / G - p0, tok = tk[p];
+                const i64 qr = (i64)tok * HQ + g * G + rho % G;
+                cp_async4(m + tid, lse + qr);
+                cp_async4(m + RT + tid, dg + qr);
+                cp_async4(m + 2 * RT + tid, gate + qr);
+                ((int*)m)[3 * RT + tid] = tok - start;
+                slots[b * RT + tid] = (((g - ga) * n_tok + tok) * G + rho % G) * NSEL + prank[b * RT + p];
+            } else {
+                m[tid] = 0.f;
+                m[RT + tid] = 0.f;
+                m[2 * RT + tid] = 0.f;
+                ((int*)m)[3 * RT + tid] = -1;
+                slots[b * RT + tid] = -1;
+            }
+        }
+        if (rho0 + RT < nrows_total) fetch_list(s + 1);
+        cp_async_commit();
+    };
     const u32 ks = smem_addr(sm), vs = ks + 64 * DK * 2;
-    if (nrows_total > 0) stage(0, 0);
+    if (nrows_total > 0) {
+        fetch_list(0);
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();   // step 0's list entries are visible
+        stage(0);
+    }
     for (int i = 0, rho0 = 0; rho0 < nrows_total; ++i, rho0 += RT) {
         const int b = i & 1;
-        if (rho0 + RT < nrows_total) {
-            stage(rho0 + RT, b ^ 1);
-            bw_cp_async_wait_1();
-        } else {
-            cp_async_wait_all();
-        }
+        cp_async_wait_all();
         fence_proxy_async();   // this thread's cp.async writes, before the wgmmas read them
-        __syncthreads();       // step i's rows, metadata and slots are visible
+        __syncthreads();       // step i's rows, metadata, slots and step i + 1's list entries are visible
         const float* m = meta(b);
-        // dV / dK of the step; dS^T (this warp's keys 16 warp .. + 15, all 64 rows) into dss as dS
-        bw_wg_dkdv_step<false>(ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + RT, m + 2 * RT,
-                               (const int*)(m + 3 * RT), ok, []() {}, dk, dv, [&](const float (&dst)[8][4]) {
+        // dV / dK of the step (step i + 1 staged once S^T / dP^T are issued: its buffer, slots and
+        // metadata were last read in step i - 1, its ring slot by step i's staging); dS^T (this
+        // warp's keys 16 warp .. + 15, all 64 rows) into dss as dS
+        bw_wg_dkdv_step<false>(
+            ks, vs, smem_addr(Qb(b)), smem_addr(dOb(b)), m, m + RT, m + 2 * RT, (const int*)(m + 3 * RT), ok,
+            [&]() {
+                if (rho0 + RT < nrows_total) stage(i + 1);
+            },
+            dk, dv, [&](const float (&dst)[8][4]) {
 #pragma unroll
-                                   for (int nt = 0; nt < 8; ++nt)
+                for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-                                       for (int e = 0; e < 4; ++e)
-                                           dss[(nt * 8 + gc + (e & 1)) * SEL_FUSED_DS_STRIDE + warp * 16 + gr +
-                                               8 * (e >> 1)] = f32_to_bf16(dst[nt][e]);
-                               });
+                    for (int e = 0; e < 4; ++e)
+                        dss[(nt * 8 + gc + (e & 1)) * SEL_FUSED_DS_STRIDE + warp * 16 + gr + 8 * (e >> 1)] =
+                            f32_to_bf16(dst[nt][e]);
+            });
         __syncthreads();   // every warp's keys of dS are stored
         u32 a[4][4];
 #pragma unroll
@@ -482,7 +525,7 @@ extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv_dq(
     const bf16_t* __restrict__ dO, const float* __restrict__ gate, const float* __restrict__ lse,
     const float* __restrict__ dg, const int4* __restrict__ blocks, int nb, const int* __restrict__ total,
     const int* __restrict__ base, const int* __restrict__ seg_base, const int* __restrict__ pslot_base,
-    const int* __restrict__ list, int seg_len, const int* __restrict__ sel_idx, int seg0, int ga, int n_tok,
+    const int* __restrict__ list, int seg_len, const int* __restrict__ list_rank, int seg0, int ga, int n_tok,
     float* __restrict__ dk_out, float* __restrict__ dv_out, float* __restrict__ pk, float* __restrict__ pv,
     dqpart_t* __restrict__ part_dq, float* __restrict__ part_scale) {
 #if SEL_FUSED
@@ -495,12 +538,10 @@ extern "C" __global__ void __launch_bounds__(128) sel_bwd_dkdv_dq(
     float dk[DK / 8][4], dv[DV / 8][4];
     bw_zero<DK>(dk);
     bw_zero<DV>(dv);
-    auto tok_of = [&](int pos) { return list[lbeg + pos]; };
-    auto t_of = [&](int tok) { return tok - start; };
     auto ok = [&](int key, int t) { return key < nk && kfirst + key <= t; };
     bw_wg_load_kv(sm, ks, vs, (i64)(start + kfirst), g, nk);
-    sel_wg_fused_rows(sm, q, dO, lse, dg, gate, sel_idx, g, j, ga, n_tok, npos * G, tok_of, t_of, ok, dk, dv,
-                      part_dq, part_scale);
+    sel_wg_fused_rows(sm, q, dO, lse, dg, gate, list + lbeg, list_rank + lbeg, start, g, ga, n_tok, npos * G, ok,
+                      dk, dv, part_dq, part_scale);
     cp_async_wait_all();
     sel_store_dkdv(dk, dv, sg, 0, nk, pslot_base, dk_out, dv_out, pk, pv);
 #else
