@@ -32,6 +32,9 @@
 #           them (default) and with -DBW_KM_ONE_WG (v16's CTAs), back to back (~5 min)
 #   stage   the fused selection backward with asynchronous staging (NOTES-cuda-bwd.md v20): the
 #           whole GPU suite, then the 64k backward per kernel (sequential) and overlapped (~6 min)
+#   meta    the key-major kernels' row metadata by cp.async (NOTES-cuda-bwd.md v21): the backward
+#           suite, then the 64k backward per kernel (sequential) and overlapped, with it (default)
+#           and with -DBW_WG_SYNC_META, back to back (~5 min)
 # Peer records: the ones this call measured, else the newest bench/results/peers-{gpu,decode,cpu-*}-*.json
 # (override with PEERS_GPU / PEERS_GPU_BWD / PEERS_DECODE / PEERS_CPU_FWD / PEERS_CPU_FB). Peer
 # forward+backward times are the sums of their forward and backward medians (`nsa bench` adds
@@ -205,5 +208,15 @@ if has stage; then
   NSA_BWD_OVERLAP=0 timeout 60 $P/bin/cuda_bench_bwd 65536 > "$R/stage-seq.log" 2>&1
   timeout 80 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/stage-ov.log" 2>&1
   tail -3 "$R/stage-seq.log"; tail -4 "$R/stage-ov.log"
+fi
+if has meta; then
+  timeout 200 $P/tests/cuda_backward --test-threads=16 > "$R/meta-suite.log" 2>&1
+  grep -E "test result|panicked|FAILED" "$R/meta-suite.log" | tail -8
+  for v in async sync; do
+    d=$( [[ $v == sync ]] && echo -DBW_WG_SYNC_META || echo "" )
+    NSA_CUDA_DEFINES=$d NSA_BWD_OVERLAP=0 timeout 60 $P/bin/cuda_bench_bwd 65536 > "$R/meta-$v-seq.log" 2>&1
+    NSA_CUDA_DEFINES=$d timeout 80 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/meta-$v-ov.log" 2>&1
+    echo "== $v metadata"; tail -1 "$R/meta-$v-seq.log"; tail -3 "$R/meta-$v-ov.log"
+  done
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" results

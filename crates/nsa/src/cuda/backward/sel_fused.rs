@@ -260,7 +260,10 @@ mod tests {
             assert!(2 * (b + 1024) <= 233_472, "dk {dk} dv {dv}: {b} bytes");
         }
         // ..., the slots, the dS tile and the rings of list entries (token, rank)
-        assert_eq!(smem(128, 128), 1024 + 32768 + 2 * 64 * 528 + 512 + 9216 + 1024);
+        assert_eq!(
+            smem(128, 128),
+            1024 + 32768 + 2 * 64 * 528 + 512 + 9216 + 1024
+        );
     }
 
     #[test]

@@ -320,8 +320,29 @@ __device__ __forceinline__ void bw_wg_stage_rows(unsigned char* qdst, unsigned c
         return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
     };
     bw_wg_load_rows<NT>(qdst, ddst, q, dO, nrows, qrow);
+#ifdef BW_WG_SYNC_META
     cp_async_commit();
     bw_stage_meta<BW_WG_RT>(m, rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
+#else
+    // lse, dg, gate by 4-byte cp.async in the rows' group (v21; -DBW_WG_SYNC_META: plain loads,
+    // which stalled the staging threads, and with them their warpgroup's next wgmma, on every step)
+    const int tid = threadIdx.x;
+    if (tid < BW_WG_RT) {
+        if (tid < nrows) {
+            const i64 qr = qrow(tid);
+            cp_async4(m + tid, lse + qr);
+            cp_async4(m + BW_WG_RT + tid, dg + qr);
+            cp_async4(m + 2 * BW_WG_RT + tid, gate + qr);
+            ((int*)m)[3 * BW_WG_RT + tid] = t_of(tok_of((rho0 + tid) / G));
+        } else {
+            m[tid] = 0.f;
+            m[BW_WG_RT + tid] = 0.f;
+            m[2 * BW_WG_RT + tid] = 0.f;
+            ((int*)m)[3 * BW_WG_RT + tid] = -1;
+        }
+    }
+    cp_async_commit();
+#endif
 }
 
 // bw_dkdv_rows on wgmma: the K/V tile (bw_wg_load_kv, committed before) at `sm`, the same
