@@ -192,16 +192,19 @@ if has sanitize; then
     echo "== $tool rc=$?"; tail -5 "$R/sanitize-$tool.log"
   done
 fi
-if has kw2; then
-  timeout 200 $P/tests/cuda_backward --test-threads=16 > "$R/kw2-suite.log" 2>&1
-  grep -E "test result|panicked|FAILED" "$R/kw2-suite.log" | tail -8
-  for v in two one; do
-    d=$( [[ $v == one ]] && echo -DBW_KM_ONE_WG || echo "" )
-    NSA_CUDA_DEFINES=$d NSA_BWD_OVERLAP=0 timeout 60 $P/bin/cuda_bench_bwd 65536 > "$R/kw2-$v-seq.log" 2>&1
-    NSA_CUDA_DEFINES=$d timeout 80 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/kw2-$v-ov.log" 2>&1
-    echo "== $v key warpgroups"; tail -4 "$R/kw2-$v-seq.log"; tail -5 "$R/kw2-$v-ov.log"
+# bwd_ab NAME DEFINE: the backward suite, then the 64k backward per kernel (sequential) and
+# overlapped (G = 16, 4, 1), by default and with NSA_CUDA_DEFINES=DEFINE, back to back
+bwd_ab() {
+  timeout 200 $P/tests/cuda_backward --test-threads=16 > "$R/$1-suite.log" 2>&1
+  grep -E "test result|panicked|FAILED" "$R/$1-suite.log" | tail -8
+  for d in "" "$2"; do
+    v=$( [[ -z $d ]] && echo default || echo "${d#-D}" )
+    NSA_CUDA_DEFINES=$d NSA_BWD_OVERLAP=0 timeout 60 $P/bin/cuda_bench_bwd 65536 > "$R/$1-$v-seq.log" 2>&1
+    NSA_CUDA_DEFINES=$d timeout 80 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/$1-$v-ov.log" 2>&1
+    echo "== $1 $v"; tail -1 "$R/$1-$v-seq.log"; tail -3 "$R/$1-$v-ov.log"
   done
-fi
+}
+if has kw2; then bwd_ab kw2 -DBW_KM_ONE_WG; fi
 if has stage; then
   OUT=$R timeout 330 bash $P/run_gpu.sh tests > "$R/gpu-tests.log" 2>&1
   grep -E "test result|FAILED|panicked" "$R/gpu-tests.log" | head -20
@@ -209,14 +212,5 @@ if has stage; then
   timeout 80 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/stage-ov.log" 2>&1
   tail -3 "$R/stage-seq.log"; tail -4 "$R/stage-ov.log"
 fi
-if has meta; then
-  timeout 200 $P/tests/cuda_backward --test-threads=16 > "$R/meta-suite.log" 2>&1
-  grep -E "test result|panicked|FAILED" "$R/meta-suite.log" | tail -8
-  for v in async sync; do
-    d=$( [[ $v == sync ]] && echo -DBW_WG_SYNC_META || echo "" )
-    NSA_CUDA_DEFINES=$d NSA_BWD_OVERLAP=0 timeout 60 $P/bin/cuda_bench_bwd 65536 > "$R/meta-$v-seq.log" 2>&1
-    NSA_CUDA_DEFINES=$d timeout 80 $P/bin/cuda_bench_bwd 65536 --g-list=16,4,1 > "$R/meta-$v-ov.log" 2>&1
-    echo "== $v metadata"; tail -1 "$R/meta-$v-seq.log"; tail -3 "$R/meta-$v-ov.log"
-  done
-fi
+if has meta; then bwd_ab meta -DBW_WG_SYNC_META; fi
 tar czf "$OUT/results.tgz" -C "$OUT" results
