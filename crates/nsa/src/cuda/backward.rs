@@ -137,8 +137,9 @@ struct WgPaths {
     kv: bool,
     /// The saved-statistics row-major dQ kernels (cmp_bwd_dq_saved, win_bwd_dq_saved).
     dq: bool,
-    /// The compressed and window key-major kernels run two key warpgroups per CTA (`BW_KM_KW`):
-    /// with `kv` at 64-row steps (dk 64 / 128), unless `-DBW_KM_ONE_WG`.
+    /// The compressed and window key-major kernels may run two key warpgroups per CTA
+    /// (`BW_KM_KW`: not switched off by `-DBW_KM_ONE_WG`, `-DBWD_NO_WGMMA` or `-DBW_WG_RT=32`);
+    /// they do where `kv` runs 64-row steps (dk 64 / 128, see `smem_of`).
     km_two: bool,
     /// At dk 192: the dQ kernels keep one K/V tile buffer (the default), not two (`-DBW_WG_DQ_2BUF`).
     dq_one_buffer: bool,
@@ -160,10 +161,7 @@ fn wgmma_kernels(arch: &str, dk: usize, dv: usize) -> WgPaths {
     WgPaths {
         kv,
         dq,
-        // (bwd_wgmma.cu's BW_KM_KW: BW_WG, 64-row steps, not switched off)
-        km_two: kv
-            && wg_kv_rows(dk) == 64
-            && !module::define_set("-DBW_KM_ONE_WG")
+        km_two: !module::define_set("-DBW_KM_ONE_WG")
             && !module::define_set("-DBWD_NO_WGMMA")
             && module::define_value("BW_WG_RT").is_none_or(|r| r == 64),
         dq_one_buffer: !module::define_set("-DBW_WG_DQ_2BUF"),
@@ -186,6 +184,7 @@ fn smem_of(dk: usize, dv: usize, g: usize, nsel: usize, sel_l: usize, wg: WgPath
     } else {
         kvt + 2 * (32 * (qs + ds) * 2 + 32 * 16)
     };
+    // two key warpgroups (bwd_wgmma.cu's BW_KM_KW) on the wgmma path at 64-row steps
     let km_wgs = if wg.km_two && wg.kv && wg_kv_rows(dk) == 64 {
         2
     } else {

@@ -330,7 +330,9 @@ __device__ __forceinline__ void bw_dkdv_tile(const bf16_t* Ks, const bf16_t* Vs,
 // The metadata of a key-major row step, read where the step uses it: for its RT rows (row r:
 // virtual row rho0 + r, [N, HQ] row qrow(r)) the lse, dg = do . o and gate, then the position
 // (as int); rows past nrows get zeros and position -1. Threads tid < RT write one row each.
-template <int RT, class QRow, class TokOf, class TOf>
+// ASYNC: lse, dg and gate by 4-byte cp.async (the caller commits them with its row loads), so the
+// staging threads do not wait on them; else plain loads.
+template <int RT, bool ASYNC = false, class QRow, class TokOf, class TOf>
 __device__ __forceinline__ void bw_stage_meta(float* m, int rho0, int nrows, QRow qrow, TokOf tok_of, TOf t_of,
                                               const float* __restrict__ lse, const float* __restrict__ dg,
                                               const float* __restrict__ gate) {
@@ -338,9 +340,15 @@ __device__ __forceinline__ void bw_stage_meta(float* m, int rho0, int nrows, QRo
     if (tid < RT) {
         if (tid < nrows) {
             const i64 qr = qrow(tid);
-            m[tid] = lse[qr];
-            m[RT + tid] = dg[qr];
-            m[2 * RT + tid] = gate[qr];
+            if constexpr (ASYNC) {
+                cp_async4(m + tid, lse + qr);
+                cp_async4(m + RT + tid, dg + qr);
+                cp_async4(m + 2 * RT + tid, gate + qr);
+            } else {
+                m[tid] = lse[qr];
+                m[RT + tid] = dg[qr];
+                m[2 * RT + tid] = gate[qr];
+            }
             ((int*)m)[3 * RT + tid] = t_of(tok_of((rho0 + tid) / G));
         } else {
             m[tid] = 0.f;

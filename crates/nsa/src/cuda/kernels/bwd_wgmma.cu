@@ -38,8 +38,8 @@
 // win_bwd_dkdv; NOTES-cuda-bwd.md v19): two on wgmma with 64-row steps, i.e. 128 keys and 256
 // threads per CTA, the two warpgroups sharing each row step's q / do rows in shared memory (half
 // the row traffic per key: those kernels were bound by L2 / DRAM at 64 keys); one otherwise, or
-// with -DBW_KM_ONE_WG (v16's CTAs). The selection kernels keep one. cuda/backward.rs
-// `key_major_keys` mirrors it.
+// with -DBW_KM_ONE_WG (v16's CTAs). The selection kernels keep one. cuda/backward.rs mirrors it
+// (`WgPaths::km_two`, the key warpgroups in `smem_of`).
 #if BW_WG && !defined(BW_KM_ONE_WG) && ((defined(BW_WG_RT) && BW_WG_RT == 64) || (!defined(BW_WG_RT) && DK != 192))
 #define BW_KM_KW 2
 #else
@@ -326,21 +326,7 @@ __device__ __forceinline__ void bw_wg_stage_rows(unsigned char* qdst, unsigned c
 #else
     // lse, dg, gate by 4-byte cp.async in the rows' group (v21; -DBW_WG_SYNC_META: plain loads,
     // which stalled the staging threads, and with them their warpgroup's next wgmma, on every step)
-    const int tid = threadIdx.x;
-    if (tid < BW_WG_RT) {
-        if (tid < nrows) {
-            const i64 qr = qrow(tid);
-            cp_async4(m + tid, lse + qr);
-            cp_async4(m + BW_WG_RT + tid, dg + qr);
-            cp_async4(m + 2 * BW_WG_RT + tid, gate + qr);
-            ((int*)m)[3 * BW_WG_RT + tid] = t_of(tok_of((rho0 + tid) / G));
-        } else {
-            m[tid] = 0.f;
-            m[BW_WG_RT + tid] = 0.f;
-            m[2 * BW_WG_RT + tid] = 0.f;
-            ((int*)m)[3 * BW_WG_RT + tid] = -1;
-        }
-    }
+    bw_stage_meta<BW_WG_RT, true>(m, rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
     cp_async_commit();
 #endif
 }

@@ -433,29 +433,19 @@ __device__ __forceinline__ void sel_wg_fused_rows(unsigned char* sm, const bf16_
     // s + 1's list entries: one commit group
     auto stage = [&](int s) {
         const int b = s & 1, rho0 = s * RT, nrows = min(RT, nrows_total - rho0), p0 = first_pos(s);
-        const int* tk = ptok + b * RT;
+        auto tok_of = [&](int pos) { return ptok[b * RT + pos - p0]; };
+        auto t_of = [&](int tok) { return tok - start; };
         auto qrow = [&](int r) {
             const int rho = rho0 + r;
-            return (i64)tk[rho / G - p0] * HQ + g * G + rho % G;
+            return (i64)tok_of(rho / G) * HQ + g * G + rho % G;
         };
         bw_wg_load_rows(Qb(b), dOb(b), q, dO, nrows, qrow);
-        float* m = meta(b);
+        bw_stage_meta<RT, true>(meta(b), rho0, nrows, qrow, tok_of, t_of, lse, dg, gate);
         if (tid < RT) {
-            if (tid < nrows) {
-                const int rho = rho0 + tid, p = rho / G - p0, tok = tk[p];
-                const i64 qr = (i64)tok * HQ + g * G + rho % G;
-                cp_async4(m + tid, lse + qr);
-                cp_async4(m + RT + tid, dg + qr);
-                cp_async4(m + 2 * RT + tid, gate + qr);
-                ((int*)m)[3 * RT + tid] = tok - start;
-                slots[b * RT + tid] = (((g - ga) * n_tok + tok) * G + rho % G) * NSEL + prank[b * RT + p];
-            } else {
-                m[tid] = 0.f;
-                m[RT + tid] = 0.f;
-                m[2 * RT + tid] = 0.f;
-                ((int*)m)[3 * RT + tid] = -1;
-                slots[b * RT + tid] = -1;
-            }
+            const int rho = rho0 + tid, p = rho / G - p0;
+            slots[b * RT + tid] = tid < nrows ? (((g - ga) * n_tok + ptok[b * RT + p]) * G + rho % G) * NSEL +
+                                                    prank[b * RT + p]
+                                              : -1;
         }
         if (rho0 + RT < nrows_total) fetch_list(s + 1);
         cp_async_commit();
